@@ -1,0 +1,242 @@
+"""``routehead-rag`` command line: thin wrappers over the library, no logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Re-rank passages with an LLM's own attention (ICR, static heads, routed heads).",
+)
+console = Console(stderr=True)
+out = Console()
+
+
+class Strategy(str, Enum):
+    bm25 = "bm25"
+    all = "all"
+    static = "static"
+
+
+@app.callback()
+def _quiet_loading() -> None:
+    """The CLI owns its process: keep transformers' loading bars out of the output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _heads_option(heads: Optional[str]):
+    if heads is None:
+        return "all"
+    return heads if Path(heads).exists() else [h for h in heads.replace(",", " ").split() if h]
+
+
+@app.command()
+def rerank(
+    query: str = typer.Argument(..., help="The query."),
+    passages: list[str] = typer.Argument(None, help="Passages in first-stage order (best first)."),
+    file: Optional[Path] = typer.Option(
+        None, "--file", "-f", help="Read passages from a file: JSONL with 'text' (and 'id'), or one per line."
+    ),
+    model: str = typer.Option("smollm2-135m", help="Backbone: 'smollm2-135m', a Hugging Face id or a folder."),
+    heads: Optional[str] = typer.Option(None, help="Heads file, or heads like 'L12.H5,L3.H1' (default: all)."),
+    top_k: Optional[int] = typer.Option(None, help="Keep the best K."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+):
+    """Re-rank passages for a query and print the ranking."""
+    from .reranker import RouteHeadReranker
+
+    documents: list = list(passages or [])
+    if file is not None:
+        documents += _read_passages(file)
+    if not documents:
+        raise typer.BadParameter("give passages as arguments or with --file")
+    reranker = RouteHeadReranker(model=model, heads=_heads_option(heads))
+    with console.status(f"loading {model} and scoring {len(documents)} passages"):
+        results = reranker.rank(query, documents, top_k=top_k)
+    if as_json:
+        for r in results:
+            typer.echo(json.dumps({"rank": r.rank, "id": r.id, "score": r.score, "text": r.text}))
+        return
+    table = Table(title=f"Query: {query}")
+    for column in ("rank", "id", "score", "passage"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        table.add_row(str(r.rank), str(r.id), f"{r.score:+.4f}", r.text[:200])
+    out.print(table)
+
+
+def _read_passages(path: Path) -> list:
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} is not a file")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    documents: list = []
+    for number, line in enumerate(lines, start=1):
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise typer.BadParameter(f"{path}:{number}: invalid JSON ({err})") from None
+            if "text" not in record:
+                raise typer.BadParameter(f"{path}:{number}: a JSON line needs a 'text' field")
+            documents.append((record["id"], record["text"]) if "id" in record else record["text"])
+        else:
+            documents.append(line)
+    return documents
+
+
+@app.command("eval")
+def evaluate_command(
+    data_dir: str = typer.Argument(..., help="A BEIR-layout folder, or a set name under the data dir."),
+    strategy: Strategy = typer.Option(Strategy.all, help="bm25 (first stage), all (ICR) or static (--heads)."),
+    heads: Optional[str] = typer.Option(None, help="Heads file or list for --strategy static."),
+    model: str = typer.Option("smollm2-135m", help="Backbone for the attention strategies."),
+    top_k: int = typer.Option(20, help="Candidates per query."),
+    max_queries: Optional[int] = typer.Option(None, help="First N judged queries (ids sorted as strings)."),
+    split: str = typer.Option("test", help="qrels split: test or train."),
+    max_words: int = typer.Option(100, help="Cut passages to their first N words (title included)."),
+    output: Optional[Path] = typer.Option(None, help="Write the metrics as JSON here."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
+):
+    """Evaluate a strategy on a labelled BEIR-layout set (nDCG@10, recall@20 of the candidates)."""
+    from .data import PROTOCOL, bm25_order, build_candidates, load_beir, select_queries
+    from .metrics import candidate_recall, evaluate
+
+    if strategy is Strategy.static and not heads:
+        raise typer.BadParameter("--strategy static needs --heads FILE (or 'L12.H5,L3.H1')")
+    if strategy is not Strategy.static and heads:
+        raise typer.BadParameter("--heads only goes with --strategy static")
+    dataset = load_beir(data_dir, split=split)
+    qids = select_queries(dataset, max_queries)
+    candidates = build_candidates(dataset, qids, top_k)
+    if strategy is Strategy.bm25:
+        from .evaluation import order_run
+
+        run = order_run(bm25_order(dataset, qids, top_k))
+    else:
+        run = _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir)
+    metrics = evaluate(run, dataset.qrels, ["nDCG@10"], qids=qids)
+    recall = candidate_recall(
+        candidates, dataset.qrels, k=top_k, rel=PROTOCOL.spec(dataset.name).binary_rel, qids=qids
+    )
+    result = {
+        "dataset": dataset.name,
+        "strategy": strategy.value,
+        "model": model if strategy is not Strategy.bm25 else None,
+        "heads": heads,
+        "split": split,
+        "queries": len(qids),
+        "top_k": top_k,
+        "ndcg@10": metrics["nDCG@10"],
+        "recall@20": recall,
+    }
+    table = Table(title=f"{dataset.name} ({len(qids)} queries)")
+    for column in ("strategy", "nDCG@10", f"recall@{top_k} (candidates)"):
+        table.add_column(column)
+    table.add_row(strategy.value, f"{result['ndcg@10']:.4f}", f"{recall:.4f}")
+    out.print(table)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        console.print(f"wrote {output}")
+
+
+def _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir):
+    from rich.progress import Progress
+
+    from .backbone import default_cache_dir, load_backbone
+    from .evaluation import extract, strategy_run
+    from .heads import validate_heads
+    from .reranker import RouteHeadReranker
+    from .scoring import AttentionScorer
+
+    head_list = None
+    if strategy is Strategy.static:
+        head_list = RouteHeadReranker._resolve_heads(_heads_option(heads))
+    with console.status(f"loading {model}"):
+        backbone = load_backbone(model)
+    if head_list is not None:
+        validate_heads(head_list, backbone.num_layers, backbone.num_heads)
+    scorer = AttentionScorer(backbone)
+    with Progress(console=console) as progress:
+        task = progress.add_task("extracting attention", total=len(candidates))
+        extractions = extract(
+            scorer,
+            dataset.name,
+            dataset.queries,
+            candidates,
+            lambda ids: dataset.passages(ids, max_words),
+            cache_dir or default_cache_dir(),
+            progress=lambda n: progress.advance(task, n),
+            key_extra={"max_words": max_words, "path": str(dataset.path.resolve())},
+        )
+    return strategy_run(extractions, head_list)
+
+
+@app.command("select-heads")
+def select_heads(
+    data_dirs: list[str] = typer.Argument(..., help="Labelled BEIR-layout folders or set names."),
+    k: int = typer.Option(4, help="How many heads to keep."),
+    out_file: Path = typer.Option(..., "--out", help="Write the heads (JSON) here."),
+    model: str = typer.Option("smollm2-135m", help="Backbone."),
+    split: str = typer.Option("test", help="qrels split to learn from (use a fit split)."),
+    top_k: int = typer.Option(20, help="Candidates per query."),
+    max_queries: Optional[int] = typer.Option(None, help="First N judged queries of each set."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
+):
+    """QRHead-style static heads: the top-k heads by single-head nDCG@10 on labelled data."""
+    from rich.progress import Progress
+
+    from .backbone import default_cache_dir, load_backbone
+    from .data import build_candidates, load_beir, select_queries
+    from .evaluation import extract
+    from .scoring import AttentionScorer, rank_heads_by_ndcg
+
+    if k < 1:
+        raise typer.BadParameter(f"--k must be at least 1, got {k}")
+    backbone = load_backbone(model)
+    scorer = AttentionScorer(backbone)
+    scores, doc_ids, qrels = {}, {}, {}
+    for data_dir in data_dirs:
+        dataset = load_beir(data_dir, split=split)
+        qids = select_queries(dataset, max_queries)
+        candidates = build_candidates(dataset, qids, top_k)
+        with Progress(console=console) as progress:
+            task = progress.add_task(f"extracting {dataset.name}", total=len(qids))
+            extractions = extract(
+                scorer, dataset.name, dataset.queries, candidates, lambda ids: dataset.passages(ids, 100),
+                cache_dir or default_cache_dir(), progress=lambda n: progress.advance(task, n),
+                key_extra={"max_words": 100, "path": str(dataset.path.resolve())},
+            )
+        for qid, extraction in extractions.items():
+            key = f"{dataset.name}/{qid}"
+            scores[key] = extraction.calibrated
+            doc_ids[key] = extraction.doc_ids
+            qrels[key] = dataset.qrels.get(qid, {})
+    ranked = rank_heads_by_ndcg(scores, doc_ids, qrels)
+    chosen = ranked[:k]
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(
+        json.dumps({"heads": [str(h) for h, _ in chosen], "ndcg@10": [v for _, v in chosen],
+                    "sets": list(data_dirs), "split": split, "queries": len(scores)}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    out.print(", ".join(f"{h} ({v:.3f})" for h, v in chosen))
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="routehead-rag")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

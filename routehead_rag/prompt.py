@@ -1,0 +1,185 @@
+"""The in-context re-ranking prompt and the token span of every passage and of the query part.
+
+Layout (ICR's, wrapped in the backbone's chat template when it has one)::
+
+    <template head> Here are some paragraphs:          \
+    \n\n[1] <passage>                                   |  prefix: shared by the real
+    \n\n[2] <passage>                                   |  and the content-free query,
+    ...                                                 |  computed once (KV cache)
+    \n\n                                                /
+    Please find information ... paragraphs above.      \
+    \n\nQuery: <query><template tail>                   /  query part (suffix)
+
+Ids are built piece by piece and every span is recorded while they are built,
+so spans are exact by construction; nothing is ever re-derived by tokenising
+the whole prompt again.  The query part (every suffix token, as in ICR) is what
+attends to the passages; the query text itself is never cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_SENTINEL = "\u2063ROUTEHEAD_USER_CONTENT\u2063"
+
+
+class PromptConfig(BaseModel):
+    """How the re-ranking prompt is laid out.  Every field is recorded with a fitted router."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    header: str = Field(
+        "Here are some paragraphs:", description="instruction before the passages (ICR's wording)"
+    )
+    task_instruction: str = Field(
+        "Please find information that are relevant to the following query in the paragraphs above.",
+        description="instruction after the passages; ICR's 'IE' wording, which works for QA too",
+    )
+    query_label: str = Field("Query:", description="label the query text follows")
+    separator: str = Field("\n\n", description="between header, passages and the query part")
+    passage_order: Literal["rank1_nearest_query", "rank1_first"] = Field(
+        "rank1_nearest_query",
+        description="first-stage rank 1 placed last, next to the query (ICR found this best), or first",
+    )
+    max_passage_words: int | None = Field(
+        100, ge=1, description="cut each passage to its first N whitespace-separated words (None: no cut)"
+    )
+    max_passage_tokens: int | None = Field(
+        None, ge=1, description="cut each passage to its first N tokens, after the word cut (None: no cut)"
+    )
+    use_chat_template: bool = Field(True, description="wrap the prompt as one user turn of the chat template")
+    calibration_query: str = Field("N/A", min_length=1, description="content-free query used for calibration")
+
+
+@dataclass(frozen=True)
+class Span:
+    """Half-open token range ``[start, end)`` in the full prompt."""
+
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class QueryPart:
+    """The suffix that follows the shared prefix, for one query (real or content-free)."""
+
+    ids: list[int]
+    span: Span  # the attending query part: all suffix tokens, in full-prompt positions
+    text_span: Span  # the query text alone, in full-prompt positions
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """A prompt over a list of passages, ready for any query."""
+
+    prefix_ids: list[int]
+    passage_spans: list[Span]  # indexed by the caller's passage index (not by prompt position)
+    prompt_order: list[int]  # prompt position -> caller's passage index
+    passage_token_counts: list[int]  # tokens of each passage text as cut, by caller's index
+
+    @property
+    def prefix_length(self) -> int:
+        return len(self.prefix_ids)
+
+
+class PromptBuilder:
+    """Builds token ids for the re-ranking prompt of one tokenizer and one :class:`PromptConfig`."""
+
+    def __init__(self, tokenizer, config: PromptConfig | None = None):
+        self.tokenizer = tokenizer
+        self.config = config or PromptConfig()
+        start_ids, template_head, self._template_tail = self._split_chat_template()
+        self._head_ids = start_ids + self._encode(template_head + self.config.header)
+        self._separator_ids = self._encode(self.config.separator)
+        self._instruction_ids = self._encode(
+            self.config.task_instruction + self.config.separator + self.config.query_label
+        )
+        self._tail_ids = self._encode(self._template_tail)
+
+    # -- pieces --------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _split_chat_template(self) -> tuple[list[int], str, str]:
+        """(start ids, text before, text after) the user content of a one-turn chat with generation prompt."""
+        tokenizer = self.tokenizer
+        if self.config.use_chat_template and getattr(tokenizer, "chat_template", None):
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
+            )
+            if rendered.count(_SENTINEL) != 1:
+                raise ValueError(
+                    "the tokenizer's chat template does not place the user message verbatim; "
+                    "pass PromptConfig(use_chat_template=False)"
+                )
+            head, tail = rendered.split(_SENTINEL)
+            return [], head, tail
+        # No template: start the way the tokenizer starts a sequence (BOS if it adds one).
+        with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+        without = tokenizer("x", add_special_tokens=False)["input_ids"]
+        start = with_special[: len(with_special) - len(without)] if with_special[-len(without) :] == without else []
+        return list(start), "", ""
+
+    def cut_passage(self, text: str) -> list[int]:
+        """Token ids of one passage after the word and token cuts (the ``[i]`` label not included)."""
+        if self.config.max_passage_words is not None:
+            text = " ".join(text.split()[: self.config.max_passage_words])
+        ids = self._encode(text)
+        if self.config.max_passage_tokens is not None:
+            ids = ids[: self.config.max_passage_tokens]
+        return ids
+
+    def fixed_token_count(self, query: str) -> int:
+        """Tokens of everything but the passages, for the longer of the real and content-free query."""
+        longest = max((self.query_part(query, 0).ids, self.query_part(self.config.calibration_query, 0).ids), key=len)
+        return len(self._head_ids) + len(longest)
+
+    def passage_cost(self, passage_ids: list[int], position: int) -> int:
+        """Tokens one passage adds at 1-based prompt position ``position`` (separator and label included)."""
+        return len(self._separator_ids) + len(self._encode(f"[{position}] ")) + len(passage_ids)
+
+    # -- prompt ----------------------------------------------------------------------
+    def layout(self, passages: list[str], passage_ids: list[list[int]] | None = None) -> PromptLayout:
+        """Lay out ``passages`` (given in first-stage order, best first) into the shared prefix."""
+        if passage_ids is None:
+            passage_ids = [self.cut_passage(text) for text in passages]
+        n = len(passage_ids)
+        order = list(range(n))
+        if self.config.passage_order == "rank1_nearest_query":
+            order.reverse()
+        ids: list[int] = list(self._head_ids)
+        spans: list[Span | None] = [None] * n
+        for position, index in enumerate(order, start=1):
+            ids += self._separator_ids
+            start = len(ids)
+            # "[i] " is part of the passage span, as in ICR.
+            ids += self._encode(f"[{position}] ") + passage_ids[index]
+            spans[index] = Span(start, len(ids))
+        ids += self._separator_ids
+        return PromptLayout(
+            prefix_ids=ids,
+            passage_spans=[span for span in spans if span is not None],
+            prompt_order=order,
+            passage_token_counts=[len(p) for p in passage_ids],
+        )
+
+    def query_part(self, query: str, prefix_length: int) -> QueryPart:
+        """Suffix ids for ``query`` following a prefix of ``prefix_length`` tokens.  The query is never cut."""
+        ids = list(self._instruction_ids)
+        text_start = len(ids)
+        ids += self._encode(" " + query.strip())
+        text_end = len(ids)
+        ids += self._tail_ids
+        return QueryPart(
+            ids=ids,
+            span=Span(prefix_length, prefix_length + len(ids)),
+            text_span=Span(prefix_length + text_start, prefix_length + text_end),
+        )
