@@ -29,14 +29,16 @@ from routehead_rag.data import PROTOCOL, Role, bm25_order, build_candidates, loa
 from routehead_rag.evaluation import extract, order_run, strategy_run
 from routehead_rag.first_stage import DenseRetriever
 from routehead_rag.metrics import candidate_recall, evaluate, per_query, ranking_to_run
-from routehead_rag.scoring import AttentionScorer, rank_heads_by_ndcg
+from routehead_rag.prompt import INSTRUCTIONS, prompt_config_for
+from routehead_rag.scoring import AttentionScorer, ScoringConfig, rank_heads_by_ndcg
 
 console = Console(stderr=True)
 K_GRID = [1, 2, 4, 8, 16, 32, 64]
 
 
-def load_set(name, role, data_dir, max_queries, scorer, cache_dir):
+def load_set(name, role, data_dir, max_queries, scorers, cache_dir):
     dataset, qids = load_protocol_set(name, role, data_dir)
+    scorer = scorers[PROTOCOL.spec(name).instruction]  # ICR's wording per set: relevance or question
     if max_queries is not None:
         qids = qids[:max_queries]
     candidates = build_candidates(dataset, qids, PROTOCOL.top_k)
@@ -67,12 +69,12 @@ def main() -> int:
     started = time.time()
     cache_dir = args.cache_dir or default_cache_dir()
     backbone = load_backbone(args.model, dtype=args.dtype)
-    scorer = AttentionScorer(backbone)
+    scorers = {name: AttentionScorer(backbone, ScoringConfig(prompt=prompt_config_for(name))) for name in INSTRUCTIONS}
 
     # ---- fit: choose k and the static heads --------------------------------------------------
     fit = {}
     for entry in PROTOCOL.entries_for(Role.FIT):
-        fit[entry.name] = load_set(entry.name, Role.FIT, args.data_dir, args.fit_max_queries, scorer, cache_dir)
+        fit[entry.name] = load_set(entry.name, Role.FIT, args.data_dir, args.fit_max_queries, scorers, cache_dir)
     pooled_scores, pooled_ids, pooled_qrels = {}, {}, {}
     for name, (dataset, qids, _, extractions) in fit.items():
         for qid in qids:
@@ -99,11 +101,12 @@ def main() -> int:
 
     # ---- test ---------------------------------------------------------------------------------
     dense = None if args.no_dense else DenseRetriever()
-    rows = []
+    rows, test_sets = [], {}
     for entry in PROTOCOL.entries_for(Role.IN_DOMAIN_TEST) + PROTOCOL.entries_for(Role.CROSS_DOMAIN_TEST):
         dataset, qids, candidates, extractions = load_set(
-            entry.name, entry.role, args.data_dir, args.test_max_queries, scorer, cache_dir
+            entry.name, entry.role, args.data_dir, args.test_max_queries, scorers, cache_dir
         )
+        test_sets[entry.name] = (dataset, qids, candidates, extractions)
         runs = {
             "BM25": order_run(bm25_order(dataset, qids, PROTOCOL.top_k)),
             "ICR (all heads)": strategy_run(extractions, None),
@@ -124,6 +127,7 @@ def main() -> int:
         rows.append(row)
         console.print(row)
 
+    reference = reference_check(fit, test_sets)
     strategies = list(rows[0]["ndcg@10"])
     averages = {s: statistics.mean(r["ndcg@10"][s] for r in rows) for s in strategies}
     result = {
@@ -138,6 +142,7 @@ def main() -> int:
                  "static_heads": [str(h) for h in static_heads],
                  "head_ranking_top16": [[str(h), v] for h, v in ranked_heads[:16]]},
         "test": rows,
+        "reference_check": reference,
         "average": averages,
         "seconds": round(time.time() - started, 1),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads()},
@@ -148,6 +153,47 @@ def main() -> int:
     plot(result, args.out / "quality.png")
     console.print(f"wrote {args.out}/quality.{{json,md,png}}")
     return 0
+
+
+REFERENCE = {  # data/README.md, SmolLM2-135M fp32, same inputs
+    "trec-dl-2019": {"queries": 43, "first-stage": 0.5456, "ICR authors masked N/A": 0.5422, "ICR authors plain N/A": 0.5433,
+                     "no calibration": 0.4829, "independent re-implementation": 0.5350, "best 4 static heads LOO": 0.5643},
+    "musique-ans-migres200": {"queries": 60, "first-stage": 0.2814, "ICR authors masked N/A": 0.5658,
+                              "ICR authors plain N/A": 0.5848, "no calibration": 0.3041,
+                              "independent re-implementation": 0.5905, "best 4 static heads LOO": 0.6981},
+}
+
+
+def leave_one_out_static(extractions, qids, dataset, k=4):
+    """Each query scored with the best k heads chosen on the other queries of the same set."""
+    values = []
+    doc_ids = {q: extractions[q].doc_ids for q in qids}
+    for qid in qids:
+        rest = {q: extractions[q].calibrated for q in qids if q != qid}
+        heads = [h for h, _ in rank_heads_by_ndcg(rest, doc_ids, dataset.qrels)[:k]]
+        values.append(per_query(strategy_run({qid: extractions[qid]}, heads), dataset.qrels, "nDCG@10", qids=[qid])[qid])
+    return statistics.mean(values)
+
+
+def reference_check(fit, test_sets):
+    """Our numbers on the exact inputs of data/README.md's reference table."""
+    checks = {}
+    for name, source in (("trec-dl-2019", fit), ("musique-ans-migres200", test_sets)):
+        if name not in source:
+            continue
+        dataset, qids, candidates, extractions = source[name]
+        qids = sorted(qids)[: REFERENCE[name]["queries"]]
+        sub = {q: extractions[q] for q in qids}
+        ours = {
+            "queries": len(qids),
+            "first-stage": evaluate(order_run({q: candidates[q] for q in qids}), dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"],
+            "ICR plain N/A (ours)": evaluate(strategy_run(sub, None), dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"],
+            "no calibration (ours)": evaluate(strategy_run(sub, None, calibrate=False), dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"],
+            "best 4 static heads LOO (ours)": leave_one_out_static(extractions, qids, dataset),
+        }
+        checks[name] = {"ours": ours, "reference": REFERENCE[name]}
+        console.print(name, ours)
+    return checks
 
 
 def write_markdown(result, path: Path) -> None:
@@ -167,6 +213,24 @@ def write_markdown(result, path: Path) -> None:
         cells = [f"**{v:.4f}**" if v == best else f"{v:.4f}" for v in row["ndcg@10"].values()]
         lines.append(f"| {row['dataset']} | {row['role']} | {row['queries']} | {row['recall@20']:.4f} | " + " | ".join(cells) + " |")
     lines.append("| **average** | | | | " + " | ".join(f"{result['average'][s]:.4f}" for s in strategies) + " |")
+    lines += ["", "## Reference check (data/README.md inputs)", "",
+              "| set | queries | first stage | ICR ours (plain N/A) | ICR authors (plain / masked) | no calibration ours / ref | best 4 static LOO ours / ref |",
+              "|---|---|---|---|---|---|---|"]
+    for name, check in result["reference_check"].items():
+        o, r = check["ours"], check["reference"]
+        lines.append(
+            f"| {name} | {o['queries']} | {o['first-stage']:.4f} | {o['ICR plain N/A (ours)']:.4f} | "
+            f"{r['ICR authors plain N/A']:.4f} / {r['ICR authors masked N/A']:.4f} | "
+            f"{o['no calibration (ours)']:.4f} / {r['no calibration']:.4f} | "
+            f"{o['best 4 static heads LOO (ours)']:.4f} / {r['best 4 static heads LOO']:.4f} |"
+        )
+    fit = result["fit"]
+    lines += ["", "## Choosing k on the fit splits", "",
+              f"Fit queries: {fit['queries']} (first N ids per set when capped). ICR on fit: "
+              + ", ".join(f"{n} {v:.4f}" for n, v in fit["icr"].items()) + ".", "",
+              "| k | mean fit nDCG@10 |", "|---|---|"]
+    for k, v in fit["k_grid"].items():
+        lines.append(f"| {k} | {v['mean']:.4f}{' (chosen)' if int(k) == fit['chosen_k'] else ''} |")
     lines += ["", f"Produced by `python benchmarks/quality.py` in {result['seconds']:.0f} s."]
     path.write_text("\n".join(lines) + "\n")
 

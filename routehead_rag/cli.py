@@ -27,6 +27,29 @@ class Strategy(str, Enum):
     static = "static"
 
 
+class Instruction(str, Enum):
+    auto = "auto"
+    relevance = "relevance"
+    question = "question"
+
+
+INSTRUCTION_HELP = (
+    "Prompt wording: 'relevance' (search queries), 'question' (QA); 'auto' takes the protocol's "
+    "choice for a known set, else 'relevance'."
+)
+
+
+def _scoring_config(instruction: "Instruction", dataset_name: str | None = None):
+    from .data import PROTOCOL
+    from .prompt import prompt_config_for
+    from .scoring import ScoringConfig
+
+    name = instruction.value
+    if name == "auto":
+        name = PROTOCOL.spec(dataset_name).instruction if dataset_name else "relevance"
+    return ScoringConfig(prompt=prompt_config_for(name))
+
+
 @app.callback()
 def _quiet_loading() -> None:
     """The CLI owns its process: keep transformers' loading bars out of the output."""
@@ -51,6 +74,7 @@ def rerank(
     model: str = typer.Option("smollm2-135m", help="Backbone: 'smollm2-135m', a Hugging Face id or a folder."),
     heads: Optional[str] = typer.Option(None, help="Heads file, or heads like 'L12.H5,L3.H1' (default: all)."),
     top_k: Optional[int] = typer.Option(None, help="Keep the best K."),
+    instruction: Instruction = typer.Option(Instruction.relevance, help=INSTRUCTION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
 ):
     """Re-rank passages for a query and print the ranking."""
@@ -61,7 +85,8 @@ def rerank(
         documents += _read_passages(file)
     if not documents:
         raise typer.BadParameter("give passages as arguments or with --file")
-    reranker = RouteHeadReranker(model=model, heads=_heads_option(heads))
+    config = _scoring_config(instruction)
+    reranker = RouteHeadReranker(model=model, heads=_heads_option(heads), prompt=config.prompt)
     with console.status(f"loading {model} and scoring {len(documents)} passages"):
         results = reranker.rank(query, documents, top_k=top_k)
     if as_json:
@@ -107,6 +132,7 @@ def evaluate_command(
     max_words: int = typer.Option(100, help="Cut passages to their first N words (title included)."),
     output: Optional[Path] = typer.Option(None, help="Write the metrics as JSON here."),
     cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
+    instruction: Instruction = typer.Option(Instruction.auto, help=INSTRUCTION_HELP),
 ):
     """Evaluate a strategy on a labelled BEIR-layout set (nDCG@10, recall@20 of the candidates)."""
     from .data import PROTOCOL, bm25_order, build_candidates, load_beir, select_queries
@@ -119,12 +145,13 @@ def evaluate_command(
     dataset = load_beir(data_dir, split=split)
     qids = select_queries(dataset, max_queries)
     candidates = build_candidates(dataset, qids, top_k)
+    config = _scoring_config(instruction, dataset.name)
     if strategy is Strategy.bm25:
         from .evaluation import order_run
 
         run = order_run(bm25_order(dataset, qids, top_k))
     else:
-        run = _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir)
+        run = _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir, config)
     metrics = evaluate(run, dataset.qrels, ["nDCG@10"], qids=qids)
     recall = candidate_recall(
         candidates, dataset.qrels, k=top_k, rel=PROTOCOL.spec(dataset.name).binary_rel, qids=qids
@@ -135,6 +162,7 @@ def evaluate_command(
         "model": model if strategy is not Strategy.bm25 else None,
         "heads": heads,
         "split": split,
+        "instruction": config.prompt.task_instruction if strategy is not Strategy.bm25 else None,
         "queries": len(qids),
         "top_k": top_k,
         "ndcg@10": metrics["nDCG@10"],
@@ -151,7 +179,7 @@ def evaluate_command(
         console.print(f"wrote {output}")
 
 
-def _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir):
+def _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir, config):
     from rich.progress import Progress
 
     from .backbone import default_cache_dir, load_backbone
@@ -167,7 +195,7 @@ def _attention_run(dataset, qids, candidates, strategy, heads, model, max_words,
         backbone = load_backbone(model)
     if head_list is not None:
         validate_heads(head_list, backbone.num_layers, backbone.num_heads)
-    scorer = AttentionScorer(backbone)
+    scorer = AttentionScorer(backbone, config)
     with Progress(console=console) as progress:
         task = progress.add_task("extracting attention", total=len(candidates))
         extractions = extract(
@@ -193,6 +221,7 @@ def select_heads(
     top_k: int = typer.Option(20, help="Candidates per query."),
     max_queries: Optional[int] = typer.Option(None, help="First N judged queries of each set."),
     cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
+    instruction: Instruction = typer.Option(Instruction.auto, help=INSTRUCTION_HELP),
 ):
     """QRHead-style static heads: the top-k heads by single-head nDCG@10 on labelled data."""
     from rich.progress import Progress
@@ -205,10 +234,10 @@ def select_heads(
     if k < 1:
         raise typer.BadParameter(f"--k must be at least 1, got {k}")
     backbone = load_backbone(model)
-    scorer = AttentionScorer(backbone)
     scores, doc_ids, qrels = {}, {}, {}
     for data_dir in data_dirs:
         dataset = load_beir(data_dir, split=split)
+        scorer = AttentionScorer(backbone, _scoring_config(instruction, dataset.name))
         qids = select_queries(dataset, max_queries)
         candidates = build_candidates(dataset, qids, top_k)
         with Progress(console=console) as progress:

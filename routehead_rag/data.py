@@ -529,6 +529,7 @@ class SetSpec:
     name: str
     binary_rel: int = 1  # lowest grade that counts as relevant in binary measures (recall)
     drop_self_match: bool = False  # drop a retrieved doc whose id equals the query id
+    instruction: str = "relevance"  # prompt wording: "question" for QA sets, as ICR's code does
 
 
 @dataclass(frozen=True)
@@ -608,9 +609,9 @@ PROTOCOL = Protocol(
             SetSpec("trec-dl-2020", binary_rel=2),
             SetSpec("beir-arguana", drop_self_match=True),  # as MTEB does
             SetSpec("beir-scifact"),
-            SetSpec("hotpotqa-distractor-dev500"),
-            SetSpec("musique-ans-migres200"),
-            SetSpec("musique-ans-train100"),
+            SetSpec("hotpotqa-distractor-dev500", instruction="question"),  # multi-hop QA
+            SetSpec("musique-ans-migres200", instruction="question"),
+            SetSpec("musique-ans-train100", instruction="question"),
             SetSpec("cacm"),
             SetSpec("npl"),
         )

@@ -25,6 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 _SENTINEL = "\u2063ROUTEHEAD_USER_CONTENT\u2063"
 
+RELEVANCE_INSTRUCTION = (
+    "Please find information that are relevant to the following query in the paragraphs above."
+)
+"""ICR's 'IE' wording: for search queries (the default)."""
+QUESTION_INSTRUCTION = "Please answer the following question based on the information in the paragraphs above."
+"""ICR's 'QA' wording: for questions whose answer the passages hold (ICR uses it for multi-hop QA)."""
+INSTRUCTIONS = {"relevance": RELEVANCE_INSTRUCTION, "question": QUESTION_INSTRUCTION}
+
 
 class PromptConfig(BaseModel):
     """How the re-ranking prompt is laid out.  Every field is recorded with a fitted router."""
@@ -35,8 +43,9 @@ class PromptConfig(BaseModel):
         "Here are some paragraphs:", description="instruction before the passages (ICR's wording)"
     )
     task_instruction: str = Field(
-        "Please find information that are relevant to the following query in the paragraphs above.",
-        description="instruction after the passages; ICR's 'IE' wording, which works for QA too",
+        RELEVANCE_INSTRUCTION,
+        description="instruction after the passages: RELEVANCE_INSTRUCTION (ICR's 'IE', for search "
+        "queries) or QUESTION_INSTRUCTION (ICR's 'QA', for questions), or your own",
     )
     query_label: str = Field("Query:", description="label the query text follows")
     separator: str = Field("\n\n", description="between header, passages and the query part")
@@ -51,7 +60,19 @@ class PromptConfig(BaseModel):
         None, ge=1, description="cut each passage to its first N tokens, after the word cut (None: no cut)"
     )
     use_chat_template: bool = Field(True, description="wrap the prompt as one user turn of the chat template")
+    system_prompt: str | None = Field(
+        None,
+        description="None: no system turn, not even a template's default one (as ICR prompts); "
+        "a string: that system message",
+    )
     calibration_query: str = Field("N/A", min_length=1, description="content-free query used for calibration")
+
+
+def prompt_config_for(instruction: str, **overrides) -> PromptConfig:
+    """A :class:`PromptConfig` with a named instruction: ``"relevance"`` or ``"question"``."""
+    if instruction not in INSTRUCTIONS:
+        raise ValueError(f"instruction must be one of {sorted(INSTRUCTIONS)}, got {instruction!r}")
+    return PromptConfig(task_instruction=INSTRUCTIONS[instruction], **overrides)
 
 
 @dataclass(frozen=True)
@@ -108,25 +129,55 @@ class PromptBuilder:
             return []
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def _render(self, messages, generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
     def _split_chat_template(self) -> tuple[list[int], str, str]:
         """(start ids, text before, text after) the user content of a one-turn chat with generation prompt."""
         tokenizer = self.tokenizer
         if self.config.use_chat_template and getattr(tokenizer, "chat_template", None):
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
-            )
+            user = {"role": "user", "content": _SENTINEL}
+            if self.config.system_prompt is not None:
+                rendered = self._render([{"role": "system", "content": self.config.system_prompt}, user], True)
+            else:
+                rendered = self._render([user], True)
             if rendered.count(_SENTINEL) != 1:
                 raise ValueError(
                     "the tokenizer's chat template does not place the user message verbatim; "
                     "pass PromptConfig(use_chat_template=False)"
                 )
             head, tail = rendered.split(_SENTINEL)
+            if self.config.system_prompt is None:
+                head = self._without_system_turn(head)
             return [], head, tail
         # No template: start the way the tokenizer starts a sequence (BOS if it adds one).
         with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
         without = tokenizer("x", add_special_tokens=False)["input_ids"]
         start = with_special[: len(with_special) - len(without)] if with_special[-len(without) :] == without else []
         return list(start), "", ""
+
+    def _without_system_turn(self, head: str) -> str:
+        """Drop a default system turn a template inserts by itself, keeping the conversation's start token.
+
+        The user-turn header is read off the template as the text a later user turn starts
+        with (after one user/assistant exchange); whatever precedes it in ``head`` is a
+        default system turn, except a leading BOS that is not itself the header's start.
+        """
+        exchange = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        try:
+            before = self._render(exchange, False)
+            after = self._render(exchange + [{"role": "user", "content": _SENTINEL}], True)
+        except Exception:  # a template that refuses the exchange: keep its default
+            return head
+        if not after.startswith(before) or _SENTINEL not in after:
+            return head
+        user_header = after[len(before) : after.index(_SENTINEL)]
+        if not user_header or not head.endswith(user_header):
+            return head
+        preamble = head[: len(head) - len(user_header)]
+        bos = self.tokenizer.bos_token or ""
+        keep = bos if bos and preamble.startswith(bos) and not user_header.startswith(bos) else ""
+        return keep + user_header
 
     def cut_passage(self, text: str) -> list[int]:
         """Token ids of one passage after the word and token cuts (the ``[i]`` label not included)."""

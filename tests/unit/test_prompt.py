@@ -51,8 +51,12 @@ def test_query_part_follows_prefix_and_query_is_never_cut(builder):
 def test_chat_template_wraps_the_prompt(builder):
     layout = builder.layout(PASSAGES)
     text = decode(builder.tokenizer, layout.prefix_ids)
-    assert text.startswith("<|im_start|>system\n")
-    assert "<|im_end|>\n<|im_start|>user\nHere are some paragraphs:\n\n[1] " in text
+    # no system turn by default, not even the template's default one (ICR's prompt)
+    assert text.startswith("<|im_start|>user\nHere are some paragraphs:\n\n[1] ")
+    with_system = PromptBuilder(builder.tokenizer, PromptConfig(system_prompt="Be brief.")).layout(PASSAGES)
+    assert decode(builder.tokenizer, with_system.prefix_ids).startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHere are some paragraphs:"
+    )
     plain = PromptBuilder(builder.tokenizer, PromptConfig(use_chat_template=False)).layout(PASSAGES)
     assert decode(builder.tokenizer, plain.prefix_ids).startswith("Here are some paragraphs:")
 
@@ -77,3 +81,39 @@ def test_real_and_content_free_parts_share_the_prefix(builder):
 def test_config_rejects_unknown_fields():
     with pytest.raises(Exception, match="extra"):
         PromptConfig(pasage_order="rank1_first")
+
+
+def test_named_instructions():
+    from routehead_rag.prompt import QUESTION_INSTRUCTION, RELEVANCE_INSTRUCTION, prompt_config_for
+
+    assert prompt_config_for("question").task_instruction == QUESTION_INSTRUCTION
+    assert prompt_config_for("relevance", max_passage_words=50).max_passage_words == 50
+    assert PromptConfig().task_instruction == RELEVANCE_INSTRUCTION
+    with pytest.raises(ValueError, match="instruction must be one of"):
+        prompt_config_for("qa")
+
+
+GEMMA_LIKE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+DEFAULT_SYSTEM_LIKE = (
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|sys|>Default rules.<|end|>{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, bos, expected_head, expected_tail",
+    [
+        (GEMMA_LIKE, "<|endoftext|>", "<|endoftext|><start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n"),
+        (DEFAULT_SYSTEM_LIKE, "<|endoftext|>", "<|endoftext|><|user|>", "<|end|><|assistant|>"),
+    ],
+)
+def test_template_split_keeps_bos_and_drops_default_system_turn(template, bos, expected_head, expected_tail):
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = template
+    tokenizer.bos_token = bos
+    start, head, tail = PromptBuilder(tokenizer)._split_chat_template()
+    assert (start, head, tail) == ([], expected_head, expected_tail)

@@ -137,3 +137,37 @@ def test_lazy_loading(monkeypatch):
     with pytest.raises(RuntimeError, match="loaded"):
         reranker.rank("q", ["d"])
     assert len(calls) == 1
+
+
+def test_generator_sharing_the_model_is_unaffected_while_ranking(shared):
+    """One thread ranks repeatedly while another uses the same model as a generator would."""
+    import threading
+
+    model, tokenizer = shared
+    reranker = RouteHeadReranker(model=model, tokenizer=tokenizer)
+    ids = torch.tensor([tokenizer.encode("the moon pulls the sea and the tides follow")])
+    with torch.no_grad():
+        expected = model(ids).logits
+    expected_ranking = [r.index for r in reranker.rank("sea", DOCS)]
+    stop = threading.Event()
+    rankings, errors = [], []
+
+    def rank_loop():
+        try:
+            while not stop.is_set():
+                rankings.append([r.index for r in reranker.rank("sea", DOCS)])
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    thread = threading.Thread(target=rank_loop)
+    thread.start()
+    try:
+        for _ in range(20):
+            with torch.no_grad():
+                torch.testing.assert_close(model(ids).logits, expected, atol=1e-6, rtol=0)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert rankings and all(r == expected_ranking for r in rankings)
+    assert model.config._attn_implementation == "sdpa"
