@@ -216,13 +216,25 @@ def icr_trec_latency(args):
                                   "ndcg@10": ndcg}), flush=True)
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def spawn(args, **overrides):
     command = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--repeats", str(args.repeats),
                "--icr-queries", str(args.icr_queries)]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     for key, value in overrides.items():
-        command += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        command += [flag] if value is True else [flag, str(value)]
     print("running", " ".join(command[2:]), file=sys.stderr, flush=True)
     output = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     for line in output.stdout.splitlines():
@@ -236,10 +248,11 @@ def main():
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--icr-queries", type=int, default=43)
     parser.add_argument("--dtypes", default=None, help="comma list; default float32,bfloat16")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--render", action="store_true", help="only re-render md/png from the JSON in --out")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
@@ -248,17 +261,25 @@ def main():
     if args.worker:
         return icr_trec_latency(args) if args.method == "icr-trec-dl-2019" else worker(args)
 
+    suffix = "" if args.device == "cpu" else f"-{args.device}"
+    if args.render:
+        result = json.loads((args.out / f"speed{suffix}.json").read_text())
+        write_markdown(result, args.out / f"speed{suffix}.md")
+        plot(result, args.out / f"speed{suffix}.png")
+        return 0
     started = time.time()
     dtypes = (args.dtypes or "float32,bfloat16").split(",")
     rows = []
     for dtype in dtypes:
         for case in ("20x100w", "100x100w"):
-            methods = ["naive", "ours-all", "ours-static4"]
+            # The naive reference runs in float32 only (it takes minutes per query on a CPU);
+            # every row's ratio is against it.
+            methods = (["naive"] if dtype == dtypes[0] else []) + ["ours-all", "ours-static4"]
             for method in methods:
                 rows.append(spawn(args, worker=True, method=method, case=case, dtype=dtype).copy())
     icr = [spawn(args, worker=True, method="icr-trec-dl-2019", dtype=dtype) for dtype in dtypes]
     for row in rows:
-        naive = next(r for r in rows if r["method"] == "naive" and r["case"] == row["case"] and r["dtype"] == row["dtype"])
+        naive = next(r for r in rows if r["method"] == "naive" and r["case"] == row["case"])
         row["latency_vs_naive"] = row["median_s"] / naive["median_s"]
         row["rss_growth_vs_naive"] = row["rss_growth_mb"] / naive["rss_growth_mb"] if naive["rss_growth_mb"] > 0 else None
     for entry in icr:
@@ -269,7 +290,7 @@ def main():
         "benchmark": "speed",
         "model": args.model,
         "device": args.device,
-        "card": rows[0].get("card") or platform.processor() or platform.machine(),
+        "card": rows[0].get("card") or cpu_name(),
         "threads": rows[0]["threads"],
         "cases": {"20x100w": "3 trec-dl-2019 queries x 20 passages of exactly 100 words",
                   "100x100w": "1 query x 100 passages of exactly 100 words (windows of <= 4096 tokens)"},
@@ -279,7 +300,6 @@ def main():
         "seconds": round(time.time() - started, 1),
         "torch": torch.__version__,
     }
-    suffix = "" if args.device == "cpu" else f"-{args.device}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"speed{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, args.out / f"speed{suffix}.md")
@@ -291,7 +311,8 @@ def write_markdown(result, path):
     lines = [
         f"# Speed and memory ({result['model']}, {result['device']}: {result['card']}, {result['threads']} threads)",
         "",
-        "Naive reference = two full eager passes with `output_attentions=True` (LM head included).",
+        "Naive reference = two full eager passes with `output_attentions=True` (LM head included), in float32;",
+        "every ratio is against it (same inputs, same run).",
         "Peak-RSS growth is measured over the loaded model, in a fresh process per row.",
         "",
         "| case | dtype | method | prompt tokens | median s | s / 1k tokens | x naive latency | peak RSS growth MB | x naive memory |",
@@ -324,6 +345,7 @@ def plot(result, path):
     labels = [f"{r['case']}\n{r['dtype']}\n{r['method']}" for r in result["rows"]]
     axes[0].bar(range(len(labels)), [r["median_s"] for r in result["rows"]], color="tab:blue")
     axes[0].set_ylabel("median seconds per query")
+    axes[0].set_yscale("log")
     axes[1].bar(range(len(labels)), [r["rss_growth_mb"] for r in result["rows"]], color="tab:orange")
     axes[1].set_ylabel("peak RSS growth (MB)")
     axes[1].set_yscale("log")

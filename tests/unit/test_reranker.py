@@ -171,3 +171,33 @@ def test_generator_sharing_the_model_is_unaffected_while_ranking(shared):
     assert not errors, errors
     assert rankings and all(r == expected_ranking for r in rankings)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_generate_while_ranking_gives_the_same_tokens(shared):
+    """greedy generate() in one thread while another thread ranks with the same model."""
+    import threading
+
+    model, tokenizer = shared
+    reranker = RouteHeadReranker(model=model, tokenizer=tokenizer)
+    ids = torch.tensor([tokenizer.encode("the moon pulls")])
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = model.generate(ids, **settings)
+    stop = threading.Event()
+    errors = []
+
+    def rank_loop():
+        try:
+            while not stop.is_set():
+                reranker.rank("sea", DOCS)
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    thread = threading.Thread(target=rank_loop)
+    thread.start()
+    try:
+        for _ in range(5):
+            assert torch.equal(model.generate(ids, **settings), expected)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors

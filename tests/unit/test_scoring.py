@@ -126,3 +126,18 @@ def test_rank_heads_by_ndcg_finds_the_planted_head():
     assert ranked[0][0] == Head(1, 2)
     assert ranked[0][1] == pytest.approx(1.0)
     assert len(ranked) == 6
+
+
+def test_outlier_mask_follows_icr_rule():
+    """Tokens whose calibrated score is below mean - 2 std within the passage are dropped."""
+    from routehead_rag.prompt import PromptLayout, Span
+    from routehead_rag.scoring import _masked_passage_scores
+
+    real = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -20.0, 2.0, 3.0])
+    free = torch.zeros_like(real)
+    layout = PromptLayout(prefix_ids=[0] * 13, passage_spans=[Span(1, 11), Span(11, 13)], prompt_order=[0, 1],
+                          passage_token_counts=[10, 2])
+    scores = _masked_passage_scores(real, free, layout)
+    # passage 0: the -20 outlier is masked (mean - 2 std > -20), nine ones remain
+    assert scores[0].item() == pytest.approx(9.0)
+    assert scores[1].item() == pytest.approx(5.0)  # nothing below the threshold
