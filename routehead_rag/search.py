@@ -1,0 +1,286 @@
+"""Offline head search: per-query pseudo-labels (the best small head set) from labelled data.
+
+Input: calibrated per-head scores ``[layer, head, passage]`` of many labelled queries (one
+extraction pass, see :mod:`routehead_rag.evaluation`).  Steps:
+
+1. **pool** — rank every head by its single-head nDCG@10 over the whole set and keep the
+   ``pool_size`` best (K);
+2. **per query** — greedy forward selection of up to ``max_heads`` (P) heads from the pool,
+   maximising nDCG@10 of the summed scores, then swap refinement (replace one chosen head
+   by a pool head while that helps);
+3. ties prefer fewer heads, then globally stronger heads (lower pool rank);
+4. robustness — one query's 20 passages are easy to overfit, so a head is only added or
+   swapped in when it improves the query's nDCG@10 by at least ``margin``, and the
+   objective blends in the heads' pool-wide quality with weight ``pool_weight``.
+
+Everything is vectorised over queries and pool heads: the metric is a batched nDCG@10 with
+linear gain, the ideal ranking over every judged document of the query (as ir_measures
+computes it; :func:`batched_ndcg` is checked against ir_measures in the tests), and ties
+in the summed scores keep candidate order (as :func:`routehead_rag.metrics.ranking_to_run`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .heads import Head
+
+
+class SearchConfig(BaseModel):
+    """Settings of the head search; recorded with a fitted router."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pool_size: int = Field(64, ge=1, description="K: heads kept by single-head quality over the set")
+    max_heads: int = Field(8, ge=1, description="P: most heads in one query's label")
+    depth: int = Field(10, ge=1, description="nDCG cut-off")
+    margin: float = Field(0.01, ge=0.0, description="least nDCG gain for adding or swapping in a head")
+    pool_weight: float = Field(
+        0.1, ge=0.0, description="weight of the heads' mean pool-wide quality in the per-query objective"
+    )
+    swap_rounds: int = Field(2, ge=0, description="passes of swap refinement")
+    starts: int = Field(4, ge=0, description="extra greedy restarts, seeded with each of the best pool heads")
+
+
+@dataclass
+class LabelledSet:
+    """Padded tensors of a labelled set, ready for batched search.
+
+    ``scores`` ``[query, head, passage]`` (heads flattened as ``layer * num_heads + head``),
+    ``gains`` ``[query, passage]`` relevance grades (0 for padding), ``valid`` ``[query, passage]``
+    marks real passages, ``ideal_dcg`` ``[query]`` the ideal DCG over every judged document.
+    """
+
+    qids: list[str]
+    scores: torch.Tensor
+    gains: torch.Tensor
+    valid: torch.Tensor
+    ideal_dcg: torch.Tensor
+    num_layers: int
+    num_heads: int
+
+    def head(self, flat_index: int) -> Head:
+        return Head(flat_index // self.num_heads, flat_index % self.num_heads)
+
+
+def discounts(depth: int, length: int) -> torch.Tensor:
+    """``1 / log2(rank + 1)`` for ranks 1..``length``, zero past ``depth``: ``[length]``."""
+    ranks = torch.arange(1, length + 1, dtype=torch.float64)
+    weights = 1.0 / torch.log2(ranks + 1.0)
+    weights[depth:] = 0.0
+    return weights
+
+
+def build_labelled_set(
+    per_query_scores: Mapping[str, torch.Tensor],
+    doc_ids: Mapping[str, Sequence[str]],
+    qrels: Mapping[str, Mapping[str, int]],
+    depth: int = 10,
+) -> LabelledSet:
+    """Pad per-query ``[layer, head, passage]`` tensors into a :class:`LabelledSet`.
+
+    Queries without any relevant judged document are left out (no head can help them).
+    """
+    qids = [q for q in per_query_scores if any(g > 0 for g in qrels.get(q, {}).values())]
+    if not qids:
+        raise ValueError("no query has a relevant judged document: nothing to search heads on")
+    first = per_query_scores[qids[0]]
+    num_layers, num_heads = first.shape[:2]
+    width = max(per_query_scores[q].shape[-1] for q in qids)
+    scores = torch.zeros(len(qids), num_layers * num_heads, width, dtype=torch.float64)
+    gains = torch.zeros(len(qids), width, dtype=torch.float64)
+    valid = torch.zeros(len(qids), width, dtype=torch.bool)
+    ideal = torch.zeros(len(qids), dtype=torch.float64)
+    weights = discounts(depth, max(width, depth))
+    for row, qid in enumerate(qids):
+        tensor = per_query_scores[qid]
+        if tensor.shape[:2] != (num_layers, num_heads):
+            raise ValueError(f"query {qid!r} has scores of shape {tuple(tensor.shape)}, others {tuple(first.shape)}")
+        count = tensor.shape[-1]
+        scores[row, :, :count] = tensor.reshape(num_layers * num_heads, count).double()
+        judged = qrels.get(qid, {})
+        gains[row, :count] = torch.tensor([float(max(judged.get(d, 0), 0)) for d in doc_ids[qid]], dtype=torch.float64)
+        valid[row, :count] = True
+        best = sorted((max(g, 0) for g in judged.values()), reverse=True)[:depth]
+        ideal[row] = sum(g * float(weights[i]) for i, g in enumerate(best))
+    return LabelledSet(qids, scores, gains, valid, ideal, num_layers, num_heads)
+
+
+def batched_ndcg(
+    scores: torch.Tensor,  # [..., passage]
+    gains: torch.Tensor,  # [..., passage] (broadcastable)
+    valid: torch.Tensor,  # [..., passage] bool (broadcastable)
+    ideal_dcg: torch.Tensor,  # [...] (broadcastable)
+    depth: int = 10,
+) -> torch.Tensor:
+    """nDCG@``depth`` of rankings by ``scores`` (descending, ties in passage order): ``[...]``."""
+    masked = scores.masked_fill(~valid, float("-inf"))
+    order = torch.argsort(masked, dim=-1, descending=True, stable=True)
+    ranked_gains = torch.gather(gains.expand_as(masked), -1, order)
+    ranked_valid = torch.gather(valid.expand_as(masked), -1, order)
+    weights = discounts(depth, scores.shape[-1]).to(scores.device)
+    dcg = (ranked_gains * ranked_valid * weights).sum(dim=-1)
+    return torch.where(ideal_dcg > 0, dcg / ideal_dcg.clamp_min(1e-12), torch.zeros_like(dcg))
+
+
+def single_head_quality(data: LabelledSet, depth: int = 10) -> torch.Tensor:
+    """Mean single-head nDCG@``depth`` over the set: ``[head]`` (flattened)."""
+    per_query = batched_ndcg(
+        data.scores, data.gains[:, None, :], data.valid[:, None, :], data.ideal_dcg[:, None], depth
+    )  # [query, head]
+    return per_query.mean(dim=0)
+
+
+@dataclass
+class SearchResult:
+    """Per-query labels over the flattened heads, and what the search saw."""
+
+    qids: list[str]
+    labels: torch.Tensor  # [query, head] multi-hot (flattened heads)
+    query_ndcg: torch.Tensor  # [query] nDCG@depth of each query's own label
+    pool: list[int]  # flattened head indices, best first
+    pool_quality: torch.Tensor  # [pool] mean single-head nDCG
+    num_layers: int
+    num_heads: int
+
+    def heads_of(self, row: int) -> list[Head]:
+        flat = self.labels[row].nonzero().flatten().tolist()
+        return [Head(i // self.num_heads, i % self.num_heads) for i in flat]
+
+
+def search_heads(data: LabelledSet, config: SearchConfig | None = None) -> SearchResult:
+    """Forward selection + swap refinement of at most ``max_heads`` pool heads per query.
+
+    Greedy selection from an empty set can lock onto a head that ranks one query's relevant
+    passage first by chance; so the search also restarts from each of the ``starts`` globally
+    strongest pool heads and keeps, per query, the best objective (ties: fewer heads, then
+    the earlier start).
+    """
+    config = config or SearchConfig()
+    quality = single_head_quality(data, config.depth)  # [head]
+    pool_size = min(config.pool_size, quality.numel())
+    # stable: equal quality keeps lower head index first
+    pool = torch.argsort(quality, descending=True, stable=True)[:pool_size]  # [pool]
+    searcher = _PoolSearch(data, pool, quality[pool], config)
+    best = searcher.run(seed=None)
+    for seed in range(min(config.starts, pool_size)):
+        candidate = searcher.run(seed=seed)
+        better = (candidate.value > best.value + 1e-12) | (
+            (candidate.value > best.value - 1e-12) & (candidate.count < best.count)
+        )
+        best = best.where(better, candidate)
+
+    labels = torch.zeros(data.scores.shape[0], data.scores.shape[1], dtype=torch.bool)
+    labels[:, pool] = best.chosen
+    final = batched_ndcg(best.summed, data.gains, data.valid, data.ideal_dcg, config.depth)
+    return SearchResult(
+        qids=list(data.qids), labels=labels, query_ndcg=final, pool=pool.tolist(), pool_quality=quality[pool],
+        num_layers=data.num_layers, num_heads=data.num_heads,
+    )
+
+
+@dataclass
+class _State:
+    chosen: torch.Tensor  # [query, pool] bool
+    summed: torch.Tensor  # [query, passage] summed scores of the chosen heads
+    quality_sum: torch.Tensor  # [query]
+    count: torch.Tensor  # [query]
+    value: torch.Tensor  # [query] objective
+
+    def where(self, take: torch.Tensor, other: "_State") -> "_State":
+        """Per query: ``other`` where ``take`` else ``self``."""
+        return _State(
+            chosen=torch.where(take[:, None], other.chosen, self.chosen),
+            summed=torch.where(take[:, None], other.summed, self.summed),
+            quality_sum=torch.where(take, other.quality_sum, self.quality_sum),
+            count=torch.where(take, other.count, self.count),
+            value=torch.where(take, other.value, self.value),
+        )
+
+
+class _PoolSearch:
+    """Greedy forward selection and swap refinement over a pool, batched over queries."""
+
+    def __init__(self, data: LabelledSet, pool: torch.Tensor, pool_quality: torch.Tensor, config: SearchConfig):
+        self.config = config
+        self.scores = data.scores[:, pool, :]  # [query, pool, passage]
+        self.quality = pool_quality  # [pool]
+        self.gains = data.gains[:, None, :]
+        self.valid = data.valid[:, None, :]
+        self.ideal = data.ideal_dcg[:, None]
+        # a tiny preference for globally stronger (earlier) pool heads breaks exact ties
+        self.tie_break = -torch.arange(pool.numel(), dtype=torch.float64) * 1e-9  # [pool]
+
+    def objective(self, ndcg, quality_sum, size):
+        return ndcg + self.config.pool_weight * quality_sum / size.clamp_min(1)
+
+    def run(self, seed: int | None) -> _State:
+        config, scores, quality = self.config, self.scores, self.quality
+        n_query, pool_size, width = scores.shape
+        state = _State(
+            chosen=torch.zeros(n_query, pool_size, dtype=torch.bool),
+            summed=torch.zeros(n_query, width, dtype=scores.dtype),
+            quality_sum=torch.zeros(n_query, dtype=torch.float64),
+            count=torch.zeros(n_query, dtype=torch.long),
+            value=torch.zeros(n_query, dtype=torch.float64),
+        )
+        if seed is not None:
+            state.chosen[:, seed] = True
+            state.summed += scores[:, seed]
+            state.quality_sum += quality[seed]
+            state.count += 1
+            ndcg = batched_ndcg(state.summed, self.gains[:, 0], self.valid[:, 0], self.ideal[:, 0], config.depth)
+            state.value = self.objective(ndcg, state.quality_sum, state.count)
+        self._forward(state)
+        self._swap(state)
+        return state
+
+    def _forward(self, state: _State) -> None:
+        config, scores, quality = self.config, self.scores, self.quality
+        while int(state.count.min()) < config.max_heads:
+            trial = state.summed[:, None, :] + scores  # [query, pool, passage]
+            ndcg = batched_ndcg(trial, self.gains, self.valid, self.ideal, config.depth)  # [query, pool]
+            value = self.objective(ndcg, state.quality_sum[:, None] + quality[None, :], (state.count + 1)[:, None])
+            value = value.masked_fill(state.chosen, float("-inf")) + self.tie_break
+            best_value, best = value.max(dim=1)  # [query]
+            grow = ((best_value - state.value > config.margin) | (state.count == 0)) & (state.count < config.max_heads)
+            if not grow.any():
+                return
+            rows, new = grow.nonzero().flatten(), best[grow]
+            state.chosen[rows, new] = True
+            state.summed[rows] += scores[rows, new]
+            state.quality_sum[rows] += quality[new]
+            state.count[rows] += 1
+            state.value[rows] = best_value[rows] - self.tie_break[new]
+
+    def _swap(self, state: _State) -> None:
+        config, scores, quality = self.config, self.scores, self.quality
+        for _ in range(config.swap_rounds):
+            changed = False
+            for slot in range(scores.shape[1]):
+                rows = state.chosen[:, slot].nonzero().flatten()  # queries whose label holds pool head `slot`
+                if rows.numel() == 0:
+                    continue
+                base = state.summed[rows] - scores[rows, slot]  # [rows, passage]
+                trial = base[:, None, :] + scores[rows]  # [rows, pool, passage]
+                ndcg = batched_ndcg(trial, self.gains[rows], self.valid[rows], self.ideal[rows], config.depth)
+                qsum = state.quality_sum[rows, None] - quality[slot] + quality[None, :]
+                value = self.objective(ndcg, qsum, state.count[rows, None])
+                value = value.masked_fill(state.chosen[rows], float("-inf")) + self.tie_break
+                best_value, best = value.max(dim=1)
+                better = best_value - state.value[rows] > config.margin
+                if not better.any():
+                    continue
+                changed = True
+                sel, new = rows[better], best[better]
+                state.chosen[sel, slot] = False
+                state.chosen[sel, new] = True
+                state.summed[sel] = base[better] + scores[sel, new]
+                state.quality_sum[sel] += quality[new] - quality[slot]
+                state.value[sel] = best_value[better] - self.tie_break[new]
+            if not changed:
+                return
