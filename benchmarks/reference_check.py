@@ -1,0 +1,64 @@
+"""Check ICR against the reference figures of data/README.md, on their exact inputs, in float32.
+
+trec-dl-2019 (43 queries) and musique-ans-migres200 (first 60 ids): first 20 candidates,
+passages cut to 100 words, first-stage rank 1 next to the query, SmolLM2-135M in fp32;
+the wording follows ICR's code per set (relevance for trec-dl, question for musique).
+
+    python benchmarks/reference_check.py     # writes benchmarks/results/reference_check.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from quality import REFERENCE, load_set, reference_check
+
+from routehead_rag.backbone import default_cache_dir, load_backbone
+from routehead_rag.data import Role
+from routehead_rag.prompt import INSTRUCTIONS, prompt_config_for
+from routehead_rag.scoring import AttentionScorer, ScoringConfig
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    started = time.time()
+    backbone = load_backbone(args.model, dtype=args.dtype)
+    scorers = {n: AttentionScorer(backbone, ScoringConfig(prompt=prompt_config_for(n))) for n in INSTRUCTIONS}
+    cache = default_cache_dir()
+    fit = {"trec-dl-2019": load_set("trec-dl-2019", Role.FIT, args.data_dir, None, scorers, cache)}
+    test = {"musique-ans-migres200": load_set("musique-ans-migres200", Role.CROSS_DOMAIN_TEST, args.data_dir,
+                                              REFERENCE["musique-ans-migres200"]["queries"], scorers, cache)}
+    checks = reference_check(fit, test)
+    result = {"benchmark": "reference_check", "model": args.model, "dtype": args.dtype, "checks": checks,
+              "seconds": round(time.time() - started, 1)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "reference_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Reference check ({args.model}, {args.dtype})", "",
+             "Same inputs as data/README.md's reference table (ICR plain N/A calibration, all heads).", "",
+             "| set | queries | figure | ours | reference | ours - reference |", "|---|---|---|---|---|---|"]
+    pairs = [("first-stage", "first-stage"), ("ICR plain N/A (ours)", "ICR authors plain N/A"),
+             ("no calibration (ours)", "no calibration"), ("best 4 static heads LOO (ours)", "best 4 static heads LOO")]
+    for name, check in checks.items():
+        for ours_key, ref_key in pairs:
+            ours, ref = check["ours"][ours_key], check["reference"][ref_key]
+            lines.append(f"| {name} | {check['ours']['queries']} | {ref_key} | {ours:.4f} | {ref:.4f} | {ours - ref:+.4f} |")
+        other = check["reference"]
+        lines.append(f"| {name} | | ICR authors masked N/A / independent re-implementation | | "
+                     f"{other['ICR authors masked N/A']:.4f} / {other['independent re-implementation']:.4f} | |")
+    lines += ["", f"Produced by `python benchmarks/reference_check.py` in {result['seconds']:.0f} s."]
+    (args.out / "reference_check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The router: a query embedding in, a score per attention head out.
+
+Architecture (small on purpose: well under 5 MB saved, well under 1 ms per query on CPU)::
+
+    q   = query embedding                         # [hidden]   frozen LLM, mean-pooled (see query_embedding.py)
+    z   = W2 · gelu(W1 · layernorm(q))            # [dim]      a small projection
+    s_h = <z, e_h> / sqrt(dim) + b_h              # [head]     one learnable embedding e_h and bias b_h per head
+
+Selection at inference: the top ``k`` heads, or every head whose probability
+``sigmoid(s_h)`` passes ``threshold``, clamped to ``[min_heads, max_heads]``.
+Training lives in :mod:`routehead_rag.training`; this module never imports it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from .heads import Head
+
+
+class RouterConfig(BaseModel):
+    """Shape of a router; saved in the artifact's ``config.json``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_dim: int = Field(..., ge=1, description="size of the query embedding (the backbone's hidden size)")
+    num_layers: int = Field(..., ge=1)
+    num_heads: int = Field(..., ge=1, description="query heads per layer")
+    dim: int = Field(64, ge=1, description="width of the projection and of each head embedding")
+    hidden: int = Field(256, ge=1, description="hidden width of the projection MLP")
+
+
+class SelectionConfig(BaseModel):
+    """How many heads a query gets at inference."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["top_k", "threshold"] = "top_k"
+    k: int = Field(4, ge=1, description="heads per query in top_k mode")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="least probability in threshold mode")
+    min_heads: int = Field(1, ge=1)
+    max_heads: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "SelectionConfig":
+        if self.min_heads > self.max_heads:
+            raise ValueError(f"min_heads ({self.min_heads}) must not exceed max_heads ({self.max_heads})")
+        return self
+
+
+class Router(nn.Module):
+    """Scores every head of a backbone for a query embedding."""
+
+    def __init__(self, config: RouterConfig):
+        super().__init__()
+        self.config = config
+        total = config.num_layers * config.num_heads
+        self.norm = nn.LayerNorm(config.input_dim)
+        self.project = nn.Sequential(
+            nn.Linear(config.input_dim, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.dim)
+        )
+        self.head_embeddings = nn.Parameter(torch.randn(total, config.dim) * 0.02)  # [head, dim]
+        self.head_bias = nn.Parameter(torch.zeros(total))  # [head]
+
+    @property
+    def num_total_heads(self) -> int:
+        return self.head_bias.numel()
+
+    def forward(self, query_embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, head]`` (heads flattened as ``layer * num_heads + head``) for ``[batch, input_dim]``."""
+        if query_embeddings.shape[-1] != self.config.input_dim:
+            raise ValueError(
+                f"query embeddings have size {query_embeddings.shape[-1]}, this router takes {self.config.input_dim}"
+            )
+        z = self.project(self.norm(query_embeddings.float()))  # [batch, dim]
+        return z @ self.head_embeddings.T / math.sqrt(self.config.dim) + self.head_bias  # [batch, head]
+
+    def flat_to_head(self, index: int) -> Head:
+        return Head(index // self.config.num_heads, index % self.config.num_heads)
+
+    @torch.no_grad()
+    def select(self, query_embedding: torch.Tensor, selection: SelectionConfig) -> list[Head]:
+        """The routed heads for one query embedding ``[input_dim]``, strongest first."""
+        logits = self(query_embedding.reshape(1, -1))[0]  # [head]
+        order = torch.argsort(logits, descending=True, stable=True)
+        if selection.mode == "top_k":
+            count = selection.k
+        else:
+            count = int((torch.sigmoid(logits) >= selection.threshold).sum())
+        count = max(selection.min_heads, min(count, selection.max_heads, self.num_total_heads))
+        return [self.flat_to_head(int(i)) for i in order[:count]]
