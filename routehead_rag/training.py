@@ -1,0 +1,142 @@
+"""Router training: labels from the head search, early stopping and model choice on dev nDCG@10.
+
+Never imported by inference code.  Steps, all seeded:
+
+1. split the labelled queries into train and dev (``dev_fraction``, shuffled with ``seed``);
+2. for each sparsity weight, train the router with BCE on the pseudo-labels plus
+   ``sparsity * mean(sigmoid(logits))``; every ``eval_every`` epochs score the *routed
+   aggregation* on dev (for every candidate ``k``: sum the calibrated scores of each dev
+   query's top-k routed heads, nDCG@10) and keep the best state;
+3. choose (sparsity weight, k, epoch) by dev nDCG@10 — never by the loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .router import Router, RouterConfig
+from .search import LabelledSet, batched_ndcg
+
+
+class TrainingConfig(BaseModel):
+    """Router training settings; recorded with a fitted router."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int = 0
+    dev_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    epochs: int = Field(300, ge=1, description="full-batch epochs per candidate setting")
+    eval_every: int = Field(10, ge=1)
+    patience: int = Field(8, ge=1, description="evaluations without dev improvement before stopping")
+    learning_rate: float = Field(3e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    sparsity_weights: tuple[float, ...] = Field((0.0, 0.01, 0.1), description="candidates, chosen on dev")
+    ks: tuple[int, ...] = Field((1, 2, 4, 8), description="candidate heads per query, chosen on dev")
+    dim: int = Field(64, ge=1)
+    hidden: int = Field(256, ge=1)
+
+
+def split_train_dev(num_queries: int, dev_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded shuffle split: ``(train indices, dev indices)``, both non-empty."""
+    if num_queries < 2:
+        raise ValueError(f"need at least 2 labelled queries to split train/dev, got {num_queries}")
+    order = torch.randperm(num_queries, generator=torch.Generator().manual_seed(seed))
+    n_dev = min(max(1, round(num_queries * dev_fraction)), num_queries - 1)
+    return order[n_dev:], order[:n_dev]
+
+
+def routed_ndcg(logits: torch.Tensor, data: LabelledSet, rows: torch.Tensor, k: int, depth: int = 10) -> torch.Tensor:
+    """Per-query nDCG@``depth`` of summing each query's top-``k`` heads by ``logits`` ``[rows, head]``."""
+    top = torch.topk(logits, k=min(k, logits.shape[1]), dim=1).indices  # [rows, k]
+    picked = torch.gather(data.scores[rows], 1, top[:, :, None].expand(-1, -1, data.scores.shape[2]))
+    summed = picked.sum(dim=1)  # [rows, passage]
+    return batched_ndcg(summed, data.gains[rows], data.valid[rows], data.ideal_dcg[rows], depth)
+
+
+@dataclass
+class TrainingResult:
+    router: Router
+    k: int
+    sparsity: float
+    epoch: int
+    dev_ndcg: float
+    dev_static_ndcg: float  # the best static top-k over train, on the same dev queries
+    train_rows: list[int]
+    dev_rows: list[int]
+    history: list[dict] = field(default_factory=list)
+
+
+def train_router(
+    embeddings: torch.Tensor,  # [query, input_dim], rows aligned with data.qids
+    labels: torch.Tensor,  # [query, head] multi-hot from the head search
+    data: LabelledSet,
+    config: TrainingConfig | None = None,
+) -> TrainingResult:
+    """Fit a router and choose its k and sparsity weight on dev nDCG@10 of the routed aggregation."""
+    config = config or TrainingConfig()
+    if embeddings.shape[0] != labels.shape[0] or labels.shape[0] != len(data.qids):
+        raise ValueError("embeddings, labels and the labelled set must have one row per query, in the same order")
+    train_rows, dev_rows = split_train_dev(len(data.qids), config.dev_fraction, config.seed)
+    x = embeddings.float()
+    y = labels.float()
+    router_config = RouterConfig(
+        input_dim=x.shape[1], num_layers=data.num_layers, num_heads=data.num_heads, dim=config.dim, hidden=config.hidden
+    )
+    best: dict | None = None
+    history: list[dict] = []
+    for sparsity in config.sparsity_weights:
+        torch.manual_seed(config.seed)
+        router = Router(router_config)
+        optimizer = torch.optim.AdamW(router.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        best_here, stale = -1.0, 0
+        for epoch in range(1, config.epochs + 1):
+            router.train()
+            optimizer.zero_grad()
+            logits = router(x[train_rows])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[train_rows])
+            loss = loss + sparsity * torch.sigmoid(logits).mean()
+            loss.backward()
+            optimizer.step()
+            if epoch % config.eval_every and epoch != config.epochs:
+                continue
+            router.eval()
+            with torch.no_grad():
+                dev_logits = router(x[dev_rows]).double()
+            for k in config.ks:
+                value = float(routed_ndcg(dev_logits, data, dev_rows, k).mean())
+                history.append({"sparsity": sparsity, "epoch": epoch, "k": k, "dev_ndcg": value, "loss": float(loss.detach())})
+                if best is None or value > best["dev_ndcg"] + 1e-12:
+                    best = {"dev_ndcg": value, "k": k, "sparsity": sparsity, "epoch": epoch,
+                            "state": copy.deepcopy(router.state_dict())}
+            top = max(h["dev_ndcg"] for h in history if h["sparsity"] == sparsity and h["epoch"] == epoch)
+            if top > best_here + 1e-12:
+                best_here, stale = top, 0
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+    assert best is not None  # at least one evaluation ran
+    router = Router(router_config)
+    router.load_state_dict(best["state"])
+    router.eval()
+    return TrainingResult(
+        router=router, k=best["k"], sparsity=best["sparsity"], epoch=best["epoch"], dev_ndcg=best["dev_ndcg"],
+        dev_static_ndcg=static_dev_ndcg(data, train_rows, dev_rows, best["k"]),
+        train_rows=train_rows.tolist(), dev_rows=dev_rows.tolist(), history=history,
+    )
+
+
+def static_dev_ndcg(data: LabelledSet, train_rows: torch.Tensor, dev_rows: torch.Tensor, k: int) -> float:
+    """Dev nDCG@10 of the k heads with the best single-head quality on train (the static baseline)."""
+    quality = batched_ndcg(
+        data.scores[train_rows], data.gains[train_rows, None, :], data.valid[train_rows, None, :],
+        data.ideal_dcg[train_rows, None],
+    ).mean(dim=0)  # [head]
+    heads = torch.argsort(quality, descending=True, stable=True)[:k]
+    logits = torch.full((len(dev_rows), data.scores.shape[1]), -1.0, dtype=torch.float64)
+    logits[:, heads] = 1.0
+    return float(routed_ndcg(logits, data, dev_rows, k).mean())
