@@ -46,7 +46,7 @@ def load_set(name, role, data_dir, max_queries, scorers, cache_dir):
         task = progress.add_task(f"{name} ({role.value}): extracting", total=len(qids))
         extractions = extract(
             scorer, dataset.name, dataset.queries, candidates,
-            lambda ids: dataset.passages(ids, PROTOCOL.max_words), cache_dir,
+            lambda qid, ids: dataset.passages(ids, PROTOCOL.max_words), cache_dir,
             progress=lambda n: progress.advance(task, n),
             key_extra={"max_words": PROTOCOL.max_words, "path": str(dataset.path.resolve())},
         )

@@ -25,6 +25,7 @@ class Strategy(str, Enum):
     bm25 = "bm25"
     all = "all"
     static = "static"
+    routed = "routed"
 
 
 class Instruction(str, Enum):
@@ -123,8 +124,11 @@ def _read_passages(path: Path) -> list:
 @app.command("eval")
 def evaluate_command(
     data_dir: str = typer.Argument(..., help="A BEIR-layout folder, or a set name under the data dir."),
-    strategy: Strategy = typer.Option(Strategy.all, help="bm25 (first stage), all (ICR) or static (--heads)."),
+    strategy: Strategy = typer.Option(
+        Strategy.all, help="bm25 (first stage), all (ICR), static (--heads, or --router's baseline) or routed (--router)."
+    ),
     heads: Optional[str] = typer.Option(None, help="Heads file or list for --strategy static."),
+    router: Optional[Path] = typer.Option(None, help="Router directory (routehead-rag fit) for routed or static."),
     model: str = typer.Option("smollm2-135m", help="Backbone for the attention strategies."),
     top_k: int = typer.Option(20, help="Candidates per query."),
     max_queries: Optional[int] = typer.Option(None, help="First N judged queries (ids sorted as strings)."),
@@ -138,20 +142,29 @@ def evaluate_command(
     from .data import PROTOCOL, bm25_order, build_candidates, load_beir, select_queries
     from .metrics import candidate_recall, evaluate
 
-    if strategy is Strategy.static and not heads:
-        raise typer.BadParameter("--strategy static needs --heads FILE (or 'L12.H5,L3.H1')")
+    if strategy is Strategy.static and not (heads or router):
+        raise typer.BadParameter("--strategy static needs --heads FILE (or 'L12.H5,L3.H1') or --router DIR")
     if strategy is not Strategy.static and heads:
         raise typer.BadParameter("--heads only goes with --strategy static")
+    if strategy is Strategy.routed and router is None:
+        raise typer.BadParameter("--strategy routed needs --router DIR (written by routehead-rag fit)")
+    router_config = None
+    if router is not None:
+        from .artifact import read_artifact_config
+
+        router_config = read_artifact_config(router)
+        if strategy is Strategy.static and not heads:
+            heads = ",".join(router_config.static_heads)
     dataset = load_beir(data_dir, split=split)
     qids = select_queries(dataset, max_queries)
     candidates = build_candidates(dataset, qids, top_k)
-    config = _scoring_config(instruction, dataset.name)
+    config = router_config.scoring if router_config is not None else _scoring_config(instruction, dataset.name)
     if strategy is Strategy.bm25:
         from .evaluation import order_run
 
         run = order_run(bm25_order(dataset, qids, top_k))
     else:
-        run = _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir, config)
+        run = _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir, config, router)
     metrics = evaluate(run, dataset.qrels, ["nDCG@10"], qids=qids)
     recall = candidate_recall(
         candidates, dataset.qrels, k=top_k, rel=PROTOCOL.spec(dataset.name).binary_rel, qids=qids
@@ -161,6 +174,7 @@ def evaluate_command(
         "strategy": strategy.value,
         "model": model if strategy is not Strategy.bm25 else None,
         "heads": heads,
+        "router": str(router) if router is not None else None,
         "split": split,
         "instruction": config.prompt.task_instruction if strategy is not Strategy.bm25 else None,
         "queries": len(qids),
@@ -179,7 +193,7 @@ def evaluate_command(
         console.print(f"wrote {output}")
 
 
-def _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir, config):
+def _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir, config, router=None):
     from rich.progress import Progress
 
     from .backbone import default_cache_dir, load_backbone
@@ -203,11 +217,23 @@ def _attention_run(dataset, qids, candidates, strategy, heads, model, max_words,
             dataset.name,
             dataset.queries,
             candidates,
-            lambda ids: dataset.passages(ids, max_words),
+            lambda qid, ids: dataset.passages(ids, max_words),
             cache_dir or default_cache_dir(),
             progress=lambda n: progress.advance(task, n),
             key_extra={"max_words": max_words, "path": str(dataset.path.resolve())},
         )
+    if strategy is Strategy.routed:
+        from .artifact import load_artifact
+        from .metrics import ranking_to_run
+        from .query_embedding import embed_query
+        from .scoring import aggregate
+
+        routed, artifact = load_artifact(router, backbone.fingerprint())
+        run = {}
+        for qid, extraction in extractions.items():
+            chosen = routed.select(embed_query(backbone, dataset.queries[qid], artifact.query_embedding), artifact.selection)
+            run.update(ranking_to_run(qid, extraction.doc_ids, aggregate(extraction.calibrated, chosen).tolist()))
+        return run
     return strategy_run(extractions, head_list)
 
 
@@ -243,7 +269,7 @@ def select_heads(
         with Progress(console=console) as progress:
             task = progress.add_task(f"extracting {dataset.name}", total=len(qids))
             extractions = extract(
-                scorer, dataset.name, dataset.queries, candidates, lambda ids: dataset.passages(ids, 100),
+                scorer, dataset.name, dataset.queries, candidates, lambda qid, ids: dataset.passages(ids, 100),
                 cache_dir or default_cache_dir(), progress=lambda n: progress.advance(task, n),
                 key_extra={"max_words": 100, "path": str(dataset.path.resolve())},
             )
@@ -261,6 +287,58 @@ def select_heads(
         encoding="utf-8",
     )
     out.print(", ".join(f"{h} ({v:.3f})" for h, v in chosen))
+
+
+@app.command()
+def fit(
+    data: list[str] = typer.Argument(..., help="BEIR-layout folders (their fit split) or JSONL query logs."),
+    out: Path = typer.Option(..., help="Write the router artifact here (a directory)."),
+    model: str = typer.Option("smollm2-135m", help="Backbone."),
+    top_k: int = typer.Option(20, help="Candidates per query for BEIR folders."),
+    max_queries: Optional[int] = typer.Option(None, help="First N fit queries of each source."),
+    seed: int = typer.Option(0, help="Seed of the train/dev split and of training."),
+    epochs: int = typer.Option(300, help="Most training epochs per candidate setting (early stopping on dev)."),
+    layer: Optional[int] = typer.Option(None, help="Query-embedding layer (default: the middle layer)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
+    instruction: Instruction = typer.Option(Instruction.relevance, help=INSTRUCTION_HELP),
+):
+    """Fit a router: extract (cached, resumable), search head labels, train, write the artifact + report."""
+    import shlex
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .backbone import default_cache_dir, load_backbone
+    from .fit import beir_source, read_query_log, run_fit
+    from .query_embedding import QueryEmbeddingConfig
+    from .training import TrainingConfig
+
+    sources = []
+    for item in data:
+        path = Path(item)
+        if path.is_file() and path.suffix in (".jsonl", ".json"):
+            sources.append(read_query_log(path, max_queries))
+        else:
+            sources.append(beir_source(item, top_k, max_queries))
+    backbone = load_backbone(model)
+    embedding = QueryEmbeddingConfig(layer=backbone.num_layers // 2 if layer is None else layer)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        result = run_fit(
+            backbone, sources, out, scoring=_scoring_config(instruction), query_embedding=embedding,
+            training=TrainingConfig(seed=seed, epochs=epochs), cache_dir=cache_dir or default_cache_dir(),
+            command="routehead-rag fit " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None,
+            progress=report,
+        )
+    metrics = result.config.dev_metrics
+    console.print(f"wrote {result.artifact} (report {result.report}, heatmap {result.heatmap})")
+    typer.echo(json.dumps({"artifact": str(result.artifact), "k": result.config.selection.k, **metrics}))
 
 
 def main() -> None:  # pragma: no cover

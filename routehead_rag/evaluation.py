@@ -89,14 +89,14 @@ def extract(
     dataset_name: str,
     queries: dict[str, str],
     candidates: dict[str, list[str]],
-    passages_of: Callable[[list[str]], list[str]],
+    passages_of: Callable[[str, list[str]], list[str]],
     cache_dir: Path | None,
     progress: Callable[[int], None] | None = None,
     key_extra: dict | None = None,
 ) -> dict[str, QueryExtraction]:
     """All-head scores of every query's candidates, from the cache where present.
 
-    ``passages_of(doc_ids)`` returns the passage texts (already cut as the protocol says;
+    ``passages_of(qid, doc_ids)`` returns the passage texts (already cut as the protocol says;
     the scorer's own word cut then changes nothing).  ``progress(n)`` is called after
     each query.
     """
@@ -108,7 +108,7 @@ def extract(
     for qid, doc_ids in candidates.items():
         cached = _load_query_file(_query_file(folder, qid), qid, doc_ids) if folder else None
         if cached is None:
-            scores = scorer.head_scores(queries[qid], passages_of(doc_ids), heads=None)
+            scores = scorer.head_scores(queries[qid], passages_of(qid, doc_ids), heads=None)
             content_free = scores.content_free if scores.content_free is not None else torch.zeros_like(scores.real)
             cached = QueryExtraction(qid, list(doc_ids), scores.real, content_free)
             if folder is not None:

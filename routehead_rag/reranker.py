@@ -99,7 +99,9 @@ class RouteHeadReranker:
         model: ``"smollm2-135m"`` (embedded default), a Hugging Face id or folder, or a loaded
             model object shared with your generator (then pass ``tokenizer`` too).
         heads: ``"all"`` (ICR: every head), a list of heads (``["L12.H5", ...]`` or ``Head``),
-            or the path of a heads file (JSON list or one ``L12.H5`` per line).
+            the path of a heads file (JSON list or one ``L12.H5`` per line), or a router
+            directory written by ``routehead-rag fit`` (routed heads per query; its prompt and
+            scoring settings are used, and its backbone fingerprint must match).
         tokenizer: required with a model object.
         prompt: prompt layout (:class:`PromptConfig`).
         max_prompt_tokens: token budget of one prompt; longer candidate lists go in windows.
@@ -130,13 +132,26 @@ class RouteHeadReranker:
         self.dtype = dtype
         self.device = device
         self.use_adapters = use_adapters
-        self.heads: list[Head] | None = self._resolve_heads(heads)
-        self.config = ScoringConfig(
-            prompt=prompt or PromptConfig(),
-            max_prompt_tokens=max_prompt_tokens,
-            calibrate=calibrate,
-            mask_outliers=mask_outliers,
-        )
+        self.router_dir: Path | None = None
+        self.router_config = None
+        if isinstance(heads, (str, Path)) and Path(heads).is_dir():
+            from .artifact import read_artifact_config
+
+            self.router_dir = Path(heads)
+            self.router_config = read_artifact_config(self.router_dir)  # validated now; weights load lazily
+            self.heads: list[Head] | None = None
+        else:
+            self.heads = self._resolve_heads(heads)
+        if self.router_config is not None and prompt is None:
+            self.config = self.router_config.scoring  # route with the settings the router was fitted on
+        else:
+            self.config = ScoringConfig(
+                prompt=prompt or PromptConfig(),
+                max_prompt_tokens=max_prompt_tokens,
+                calibrate=calibrate,
+                mask_outliers=mask_outliers,
+            )
+        self._router = None
         self._scorer: AttentionScorer | None = None
         self._lock = threading.Lock()
 
@@ -146,11 +161,6 @@ class RouteHeadReranker:
             return None
         if isinstance(heads, (str, Path)):
             path = Path(heads)
-            if path.is_dir():
-                raise ValueError(
-                    f"{str(path)!r} is a directory: routed heads from a router directory are not supported by "
-                    "this version; pass heads='all', a list like ['L12.H5'], or a heads file"
-                )
             if not path.exists():
                 raise ValueError(
                     f"heads={str(heads)!r} is neither 'all' nor an existing heads file; pass 'all', "
@@ -181,7 +191,21 @@ class RouteHeadReranker:
             )
             if self.heads is not None:
                 validate_heads(self.heads, backbone.num_layers, backbone.num_heads)
+            if self.router_dir is not None:
+                from .artifact import load_artifact
+
+                self._router, _ = load_artifact(self.router_dir, backbone.fingerprint())
             self._scorer = AttentionScorer(backbone, self.config)
+
+    def heads_for(self, query: str) -> list[Head] | None:
+        """The heads ``query`` is scored with: routed per query with a router, else the fixed choice."""
+        if self.router_dir is None:
+            return self.heads
+        from .query_embedding import embed_query
+
+        scorer = self.scorer
+        embedding = embed_query(scorer.backbone, query, self.router_config.query_embedding)
+        return self._router.select(embedding, self.router_config.selection)
 
     @property
     def scorer(self) -> AttentionScorer:
@@ -209,7 +233,7 @@ class RouteHeadReranker:
         scores = [EMPTY_PASSAGE_SCORE] * len(pairs)
         live = [i for i, (_, text) in enumerate(pairs) if text.strip()]
         if live:
-            computed = self.scorer.passage_scores(query, [pairs[i][1] for i in live], self.heads)
+            computed = self.scorer.passage_scores(query, [pairs[i][1] for i in live], self.heads_for(query))
             for i, score in zip(live, computed.tolist()):
                 scores[i] = float(score) if math.isfinite(score) else EMPTY_PASSAGE_SCORE
         # Stable: ties keep first-stage order.

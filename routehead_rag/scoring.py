@@ -20,7 +20,6 @@ Long candidate lists are scored in windows (see :func:`plan_windows`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 

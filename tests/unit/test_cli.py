@@ -88,3 +88,31 @@ def test_static_without_heads_is_a_usage_error(beir_dir):
     result = runner.invoke(app, ["eval", str(beir_dir), "--strategy", "static"])
     assert result.exit_code != 0
     assert "--heads" in result.output
+
+
+def test_fit_then_routed_and_static_eval(model_dir, beir_dir, tmp_path):
+    from tests.unit.test_fit import write_log
+
+    log = write_log(tmp_path / "log.jsonl")
+    router = tmp_path / "router"
+    cache = str(tmp_path / "cache")
+    result = runner.invoke(app, ["fit", str(log), "--out", str(router), "--model", str(model_dir), "--layer", "0",
+                                 "--epochs", "20", "--cache-dir", cache])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["artifact"] == str(router) and "routed_ndcg@10" in summary
+    for strategy in ("routed", "static"):
+        output = tmp_path / f"{strategy}.json"
+        result = runner.invoke(app, [
+            "eval", str(beir_dir), "--strategy", strategy, "--router", str(router), "--model", str(model_dir),
+            "--top-k", "5", "--output", str(output), "--cache-dir", cache,
+        ])
+        assert result.exit_code == 0, result.output
+        data = json.loads(output.read_text())
+        assert data["strategy"] == strategy and data["router"] == str(router)
+
+
+def test_routed_without_router_is_a_usage_error(beir_dir):
+    result = runner.invoke(app, ["eval", str(beir_dir), "--strategy", "routed"])
+    assert result.exit_code != 0
+    assert "--router" in result.output

@@ -27,7 +27,7 @@ def scorer():
     return CountingScorer(tiny_backbone("llama"))
 
 
-def passages_of(ids):
+def passages_of(qid, ids):
     return [CORPUS[i] for i in ids]
 
 

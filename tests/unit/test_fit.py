@@ -1,0 +1,132 @@
+"""fit -> artifact -> routed inference on a tiny model and a tiny query log."""
+
+import json
+
+import pytest
+import torch
+
+from routehead_rag.artifact import RouterArtifactError, load_artifact, read_artifact_config
+from routehead_rag.fit import read_query_log, run_fit
+from routehead_rag.query_embedding import QueryEmbeddingConfig, embed_query
+from routehead_rag.reranker import RouteHeadReranker
+from routehead_rag.scoring import aggregate
+from routehead_rag.search import SearchConfig
+from routehead_rag.training import TrainingConfig
+from tests.tiny_models import tiny_backbone
+
+TOPICS = ["moon tides sea", "stock market prices", "basketball players court", "bread bananas recipe", "rain clouds storm"]
+
+
+def write_log(path, count=20):
+    lines = []
+    for q in range(count):
+        topic = TOPICS[q % len(TOPICS)]
+        candidates = [{"id": f"d{i}", "text": f"{TOPICS[i]} passage number {q}"} for i in range(len(TOPICS))]
+        lines.append(json.dumps({"id": f"q{q}", "query": f"tell me about {topic}", "candidates": candidates,
+                                 "relevance": {f"d{q % len(TOPICS)}": 1}}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fit")
+    backbone = tiny_backbone("llama")
+    source = read_query_log(write_log(folder / "log.jsonl"))
+    result = run_fit(
+        backbone, [source], folder / "router", query_embedding=QueryEmbeddingConfig(layer=0),
+        search=SearchConfig(pool_size=8, max_heads=3), training=TrainingConfig(epochs=30, ks=(1, 2)),
+        cache_dir=folder / "cache", command="routehead-rag fit log.jsonl --out router",
+    )
+    return backbone, source, result, folder
+
+
+def test_artifact_files_and_config(fitted):
+    backbone, _, result, folder = fitted
+    assert {p.name for p in result.artifact.iterdir()} == {"config.json", "router.safetensors", "README.md"}
+    config = read_artifact_config(result.artifact)
+    assert config.backbone_fingerprint == backbone.fingerprint()
+    assert config.selection.k in (1, 2) and len(config.static_heads) == config.selection.k
+    assert 0.0 <= config.dev_metrics["routed_ndcg@10"] <= 1.0
+    assert result.report.is_file() and result.heatmap.is_file()
+    assert "routehead-rag fit log.jsonl" in (result.artifact / "README.md").read_text()
+    assert (result.artifact / "router.safetensors").stat().st_size < 5 * 2**20
+
+
+def test_routed_reranker_scores_with_the_routed_heads(fitted):
+    backbone, source, result, _ = fitted
+    reranker = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=result.artifact)
+    query = source.queries["q0"]
+    passages = source.passages("q0", source.candidates["q0"])
+    heads = reranker.heads_for(query)
+    router, config = load_artifact(result.artifact, backbone.fingerprint())
+    assert heads == router.select(embed_query(backbone, query, config.query_embedding), config.selection)
+    # routed scoring equals static scoring over the same heads
+    static = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=heads, prompt=config.scoring.prompt)
+    routed_results = reranker.rank(query, passages)
+    static_results = static.rank(query, passages)
+    assert [r.index for r in routed_results] == [r.index for r in static_results]
+    for a, b in zip(routed_results, static_results):
+        assert a.score == pytest.approx(b.score, abs=1e-6)
+    everything = reranker.scorer.head_scores(query, passages)
+    expected = aggregate(everything.calibrated, heads)
+    for r in routed_results:
+        assert r.score == pytest.approx(float(expected[r.index]), abs=1e-5)
+
+
+def test_router_on_another_backbone_is_a_clear_error(fitted):
+    _, _, result, _ = fitted
+    other = tiny_backbone("qwen2")
+    with pytest.raises(RouterArtifactError, match="fingerprint"):
+        load_artifact(result.artifact, other.fingerprint())
+    reranker = RouteHeadReranker(model=other.model, tokenizer=other.tokenizer, heads=result.artifact)
+    with pytest.raises(RouterArtifactError, match="fitted on backbone"):
+        reranker.rank("sea", ["a passage"])
+
+
+def test_corrupt_and_partial_artifacts_are_errors(fitted, tmp_path):
+    import shutil
+
+    _, _, result, _ = fitted
+    broken = tmp_path / "broken"
+    shutil.copytree(result.artifact, broken)
+    (broken / "router.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RouterArtifactError, match="corrupt"):
+        load_artifact(broken)
+    (broken / "router.safetensors").unlink()
+    with pytest.raises(RouterArtifactError, match="partial"):
+        load_artifact(broken)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(RouterArtifactError, match="not valid JSON"):
+        read_artifact_config(broken)
+    (broken / "config.json").write_text(json.dumps({"format": 1}))
+    with pytest.raises(RouterArtifactError, match="not a valid router config"):
+        read_artifact_config(broken)
+    (broken / "config.json").unlink()
+    with pytest.raises(RouterArtifactError, match="no config.json"):
+        read_artifact_config(broken)
+
+
+def test_refit_reuses_the_extraction_cache(fitted, monkeypatch):
+    backbone, source, _, folder = fitted
+    import routehead_rag.scoring as scoring
+
+    calls = []
+    original = scoring.AttentionScorer.head_scores
+    monkeypatch.setattr(scoring.AttentionScorer, "head_scores", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    run_fit(
+        backbone, [source], folder / "router2", query_embedding=QueryEmbeddingConfig(layer=0),
+        search=SearchConfig(pool_size=8, max_heads=3), training=TrainingConfig(epochs=5, ks=(1,)),
+        cache_dir=folder / "cache",
+    )
+    assert calls == []  # every query came from the per-query cache (an interrupted fit resumes the same way)
+
+
+def test_query_log_errors_name_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q", "candidates": [{"id": "a", "text": "x"}], "relevance": {"zzz": 1}}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: 'relevance' names ids"):
+        read_query_log(bad)
+    bad.write_text('{"query": "", "candidates": []}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_query_log(bad)
