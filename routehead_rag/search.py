@@ -258,17 +258,25 @@ class _PoolSearch:
             state.value[rows] = best_value[rows] - self.tie_break[new]
 
     def _swap(self, state: _State) -> None:
+        """Try replacing each chosen head (by label position, all queries at once) by a better pool head."""
         config, scores, quality = self.config, self.scores, self.quality
+        n_query = scores.shape[0]
         for _ in range(config.swap_rounds):
+            # members[q, j]: pool index of query q's j-th chosen head, -1 past its count
+            members = torch.full((n_query, config.max_heads), -1, dtype=torch.long)
+            for q_index, row in enumerate(state.chosen):
+                picked = row.nonzero().flatten()
+                members[q_index, : picked.numel()] = picked
             changed = False
-            for slot in range(scores.shape[1]):
-                rows = state.chosen[:, slot].nonzero().flatten()  # queries whose label holds pool head `slot`
+            for position in range(config.max_heads):
+                rows = (members[:, position] >= 0).nonzero().flatten()
                 if rows.numel() == 0:
                     continue
+                slot = members[rows, position]  # [rows]
                 base = state.summed[rows] - scores[rows, slot]  # [rows, passage]
                 trial = base[:, None, :] + scores[rows]  # [rows, pool, passage]
                 ndcg = batched_ndcg(trial, self.gains[rows], self.valid[rows], self.ideal[rows], config.depth)
-                qsum = state.quality_sum[rows, None] - quality[slot] + quality[None, :]
+                qsum = state.quality_sum[rows, None] - quality[slot][:, None] + quality[None, :]
                 value = self.objective(ndcg, qsum, state.count[rows, None])
                 value = value.masked_fill(state.chosen[rows], float("-inf")) + self.tie_break
                 best_value, best = value.max(dim=1)
@@ -276,11 +284,12 @@ class _PoolSearch:
                 if not better.any():
                     continue
                 changed = True
-                sel, new = rows[better], best[better]
-                state.chosen[sel, slot] = False
+                sel, old, new = rows[better], slot[better], best[better]
+                state.chosen[sel, old] = False
                 state.chosen[sel, new] = True
+                members[sel, position] = new
                 state.summed[sel] = base[better] + scores[sel, new]
-                state.quality_sum[sel] += quality[new] - quality[slot]
+                state.quality_sum[sel] += quality[new] - quality[old]
                 state.value[sel] = best_value[better] - self.tie_break[new]
             if not changed:
                 return
