@@ -29,20 +29,26 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--instruction", choices=["protocol", *INSTRUCTIONS], default="protocol",
+                        help="prompt wording: the protocol's per set (ICR's code: question for multi-hop), or one for all")
+    parser.add_argument("--name", default="reference_check", help="output file stem")
     args = parser.parse_args()
     started = time.time()
     backbone = load_backbone(args.model, dtype=args.dtype)
     scorers = {n: AttentionScorer(backbone, ScoringConfig(prompt=prompt_config_for(n))) for n in INSTRUCTIONS}
+    if args.instruction != "protocol":
+        scorers = {n: scorers[args.instruction] for n in INSTRUCTIONS}
     cache = default_cache_dir()
     fit = {"trec-dl-2019": load_set("trec-dl-2019", Role.FIT, args.data_dir, None, scorers, cache)}
     test = {"musique-ans-migres200": load_set("musique-ans-migres200", Role.CROSS_DOMAIN_TEST, args.data_dir,
                                               REFERENCE["musique-ans-migres200"]["queries"], scorers, cache)}
     checks = reference_check(fit, test)
-    result = {"benchmark": "reference_check", "model": args.model, "dtype": args.dtype, "checks": checks,
+    result = {"benchmark": "reference_check", "model": args.model, "dtype": args.dtype, "instruction": args.instruction,
+              "checks": checks,
               "seconds": round(time.time() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reference_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Reference check ({args.model}, {args.dtype})", "",
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Reference check ({args.model}, {args.dtype}, instruction: {args.instruction})", "",
              "Same inputs as data/README.md's reference table (ICR plain N/A calibration, all heads).", "",
              "| set | queries | figure | ours | reference | ours - reference |", "|---|---|---|---|---|---|"]
     pairs = [("first-stage", "first-stage"), ("ICR plain N/A (ours)", "ICR authors plain N/A"),
@@ -54,8 +60,10 @@ def main() -> int:
         other = check["reference"]
         lines.append(f"| {name} | | ICR authors masked N/A / independent re-implementation | | "
                      f"{other['ICR authors masked N/A']:.4f} / {other['independent re-implementation']:.4f} | |")
-    lines += ["", f"Produced by `python benchmarks/reference_check.py` in {result['seconds']:.0f} s."]
-    (args.out / "reference_check.md").write_text("\n".join(lines) + "\n")
+    command = "python benchmarks/reference_check.py" + (
+        f" --instruction {args.instruction} --name {args.name}" if args.instruction != "protocol" else "")
+    lines += ["", f"Produced by `{command}` in {result['seconds']:.0f} s."]
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
