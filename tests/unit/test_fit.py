@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from routehead_rag.artifact import RouterArtifactError, load_artifact, read_artifact_config
 from routehead_rag.fit import read_query_log, run_fit

@@ -1,8 +1,10 @@
 """RouteHeadReranker: the public API on a tiny model, input handling and no mutation."""
 
+import contextlib
 import copy
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -139,16 +141,9 @@ def test_lazy_loading(monkeypatch):
     assert len(calls) == 1
 
 
-def test_generator_sharing_the_model_is_unaffected_while_ranking(shared):
-    """One thread ranks repeatedly while another uses the same model as a generator would."""
-    import threading
-
-    model, tokenizer = shared
-    reranker = RouteHeadReranker(model=model, tokenizer=tokenizer)
-    ids = torch.tensor([tokenizer.encode("the moon pulls the sea and the tides follow")])
-    with torch.no_grad():
-        expected = model(ids).logits
-    expected_ranking = [r.index for r in reranker.rank("sea", DOCS)]
+@contextlib.contextmanager
+def ranking_in_background(reranker):
+    """Rank DOCS repeatedly in another thread for the span of the block; yields the rankings seen."""
     stop = threading.Event()
     rankings, errors = [], []
 
@@ -162,42 +157,36 @@ def test_generator_sharing_the_model_is_unaffected_while_ranking(shared):
     thread = threading.Thread(target=rank_loop)
     thread.start()
     try:
-        for _ in range(20):
-            with torch.no_grad():
-                torch.testing.assert_close(model(ids).logits, expected, atol=1e-6, rtol=0)
+        yield rankings
     finally:
         stop.set()
         thread.join()
     assert not errors, errors
+
+
+def test_generator_sharing_the_model_is_unaffected_while_ranking(shared):
+    """One thread ranks repeatedly while another uses the same model as a generator would."""
+    model, tokenizer = shared
+    reranker = RouteHeadReranker(model=model, tokenizer=tokenizer)
+    ids = torch.tensor([tokenizer.encode("the moon pulls the sea and the tides follow")])
+    with torch.no_grad():
+        expected = model(ids).logits
+    expected_ranking = [r.index for r in reranker.rank("sea", DOCS)]
+    with ranking_in_background(reranker) as rankings:
+        for _ in range(20):
+            with torch.no_grad():
+                torch.testing.assert_close(model(ids).logits, expected, atol=1e-6, rtol=0)
     assert rankings and all(r == expected_ranking for r in rankings)
     assert model.config._attn_implementation == "sdpa"
 
 
 def test_generate_while_ranking_gives_the_same_tokens(shared):
     """greedy generate() in one thread while another thread ranks with the same model."""
-    import threading
-
     model, tokenizer = shared
     reranker = RouteHeadReranker(model=model, tokenizer=tokenizer)
     ids = torch.tensor([tokenizer.encode("the moon pulls")])
     settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     expected = model.generate(ids, **settings)
-    stop = threading.Event()
-    errors = []
-
-    def rank_loop():
-        try:
-            while not stop.is_set():
-                reranker.rank("sea", DOCS)
-        except Exception as err:  # surfaced below
-            errors.append(err)
-
-    thread = threading.Thread(target=rank_loop)
-    thread.start()
-    try:
+    with ranking_in_background(reranker):
         for _ in range(5):
             assert torch.equal(model.generate(ids, **settings), expected)
-    finally:
-        stop.set()
-        thread.join()
-    assert not errors, errors
