@@ -193,11 +193,25 @@ def evaluate_command(
         console.print(f"wrote {output}")
 
 
-def _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir, config, router=None):
+def _extract_dataset(scorer, dataset, candidates, max_words, cache_dir):
+    """Per-head scores of every query's candidates, from the per-query cache where present, with a progress bar."""
     from rich.progress import Progress
 
-    from .backbone import default_cache_dir, load_backbone
-    from .evaluation import extract, strategy_run
+    from .backbone import default_cache_dir
+    from .evaluation import extract
+
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"extracting {dataset.name}", total=len(candidates))
+        return extract(
+            scorer, dataset.name, dataset.queries, candidates, lambda qid, ids: dataset.passages(ids, max_words),
+            cache_dir or default_cache_dir(), progress=lambda n: progress.advance(task, n),
+            key_extra={"max_words": max_words, "path": str(dataset.path.resolve())},
+        )
+
+
+def _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir, config, router=None):
+    from .backbone import load_backbone
+    from .evaluation import strategy_run
     from .heads import validate_heads
     from .reranker import RouteHeadReranker
     from .scoring import AttentionScorer
@@ -209,19 +223,7 @@ def _attention_run(dataset, qids, candidates, strategy, heads, model, max_words,
         backbone = load_backbone(model)
     if head_list is not None:
         validate_heads(head_list, backbone.num_layers, backbone.num_heads)
-    scorer = AttentionScorer(backbone, config)
-    with Progress(console=console) as progress:
-        task = progress.add_task("extracting attention", total=len(candidates))
-        extractions = extract(
-            scorer,
-            dataset.name,
-            dataset.queries,
-            candidates,
-            lambda qid, ids: dataset.passages(ids, max_words),
-            cache_dir or default_cache_dir(),
-            progress=lambda n: progress.advance(task, n),
-            key_extra={"max_words": max_words, "path": str(dataset.path.resolve())},
-        )
+    extractions = _extract_dataset(AttentionScorer(backbone, config), dataset, candidates, max_words, cache_dir)
     if strategy is Strategy.routed:
         from .artifact import load_artifact
         from .metrics import ranking_to_run
@@ -250,11 +252,8 @@ def select_heads(
     instruction: Instruction = typer.Option(Instruction.auto, help=INSTRUCTION_HELP),
 ):
     """QRHead-style static heads: the top-k heads by single-head nDCG@10 on labelled data."""
-    from rich.progress import Progress
-
-    from .backbone import default_cache_dir, load_backbone
+    from .backbone import load_backbone
     from .data import build_candidates, load_beir, select_queries
-    from .evaluation import extract
     from .scoring import AttentionScorer, rank_heads_by_ndcg
 
     if k < 1:
@@ -266,13 +265,7 @@ def select_heads(
         scorer = AttentionScorer(backbone, _scoring_config(instruction, dataset.name))
         qids = select_queries(dataset, max_queries)
         candidates = build_candidates(dataset, qids, top_k)
-        with Progress(console=console) as progress:
-            task = progress.add_task(f"extracting {dataset.name}", total=len(qids))
-            extractions = extract(
-                scorer, dataset.name, dataset.queries, candidates, lambda qid, ids: dataset.passages(ids, 100),
-                cache_dir or default_cache_dir(), progress=lambda n: progress.advance(task, n),
-                key_extra={"max_words": 100, "path": str(dataset.path.resolve())},
-            )
+        extractions = _extract_dataset(scorer, dataset, candidates, 100, cache_dir)
         for qid, extraction in extractions.items():
             key = f"{dataset.name}/{qid}"
             scores[key] = extraction.calibrated
