@@ -26,7 +26,7 @@ from rich.progress import Progress
 
 from routehead_rag.backbone import default_cache_dir, load_backbone
 from routehead_rag.data import PROTOCOL, Role, bm25_order, build_candidates, load_protocol_set
-from routehead_rag.evaluation import extract, order_run, strategy_run
+from routehead_rag.evaluation import dataset_key, extract, order_run, strategy_run
 from routehead_rag.first_stage import DenseRetriever
 from routehead_rag.metrics import candidate_recall, evaluate, per_query, ranking_to_run
 from routehead_rag.prompt import INSTRUCTIONS, prompt_config_for
@@ -48,7 +48,7 @@ def load_set(name, role, data_dir, max_queries, scorers, cache_dir):
             scorer, dataset.name, dataset.queries, candidates,
             lambda qid, ids: dataset.passages(ids, PROTOCOL.max_words), cache_dir,
             progress=lambda n: progress.advance(task, n),
-            key_extra={"max_words": PROTOCOL.max_words, "path": str(dataset.path.resolve())},
+            key_extra=dataset_key(dataset.path, PROTOCOL.max_words),
         )
     return dataset, qids, candidates, extractions
 

@@ -25,6 +25,8 @@ ARTIFACT_FORMAT = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "router.safetensors"
 CARD_NAME = "README.md"
+SHIPPED_ROUTERS = Path(__file__).parent / "routers"
+"""Routers that ship inside the package, one folder per backbone (see :func:`shipped_router_for`)."""
 
 
 class RouterArtifactError(ValueError):
@@ -49,6 +51,7 @@ class RouterArtifactConfig(BaseModel):
     dev_metrics: dict[str, float] = Field(default_factory=dict)
     static_heads: list[str] = Field(default_factory=list, description="static top-k of the same fit, a baseline")
     command: str | None = Field(None, description="the command that produced this artifact")
+    fit_dtype: str | None = Field(None, description="dtype of the backbone the fit extracted attention with")
 
 
 def check_backbone(config: RouterArtifactConfig, fingerprint: dict[str, Any], where: str = "") -> None:
@@ -81,6 +84,9 @@ def save_artifact(folder: str | Path, router: Router, config: RouterArtifactConf
         save_file(tensors, str(temporary / WEIGHTS_NAME), metadata={"format": str(ARTIFACT_FORMAT)})
         (temporary / CARD_NAME).write_text(card, encoding="utf-8")
         (temporary / CONFIG_NAME).write_text(config.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o777 & ~umask)  # mkdtemp makes it 0700; a router folder is meant to be shared
         if folder.exists():
             if not (folder / CONFIG_NAME).is_file() and any(folder.iterdir()):
                 raise RouterArtifactError(
@@ -143,3 +149,17 @@ def load_artifact(folder: str | Path, fingerprint: dict[str, Any] | None = None)
         raise RouterArtifactError(f"{weights} does not match {CONFIG_NAME}'s router shape: {err}") from None
     router.eval()
     return router, config
+
+
+def shipped_router_for(fingerprint: dict[str, Any]) -> Path | None:
+    """The router shipped in the package for the backbone with ``fingerprint``, or ``None``.
+
+    Matching is by fingerprint (model shape and tokenizer hash), never by model name, so a
+    shared model object that is the embedded default gets the shipped router too.
+    """
+    if not SHIPPED_ROUTERS.is_dir():
+        return None
+    for folder in sorted(p for p in SHIPPED_ROUTERS.iterdir() if (p / CONFIG_NAME).is_file()):
+        if read_artifact_config(folder).backbone_fingerprint == fingerprint:
+            return folder
+    return None

@@ -59,6 +59,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+DTYPE_NAMES: tuple[str, ...] = (*_DTYPES, "auto")
+"""The dtype strings :func:`load_backbone` accepts (``"auto"``: the checkpoint's own dtype)."""
 _SUPPORTED_EXAMPLES = "e.g. llama, qwen2, gemma3, mistral"
 
 

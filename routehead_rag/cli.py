@@ -40,15 +40,20 @@ INSTRUCTION_HELP = (
 )
 
 
-def _scoring_config(instruction: "Instruction", dataset_name: str | None = None):
+def _instruction_name(instruction: "Instruction", dataset_name: str | None = None) -> str:
+    """The named wording: ``auto`` takes the protocol's choice for a known set, else ``relevance``."""
     from .data import PROTOCOL
-    from .prompt import prompt_config_for
+
+    if instruction.value != "auto":
+        return instruction.value
+    return PROTOCOL.spec(dataset_name).instruction if dataset_name else "relevance"
+
+
+def _scoring_config(instruction: "Instruction", dataset_name: str | None = None, base=None):
+    """``base`` (default settings when ``None``) in the wording ``instruction`` resolves to."""
     from .scoring import ScoringConfig
 
-    name = instruction.value
-    if name == "auto":
-        name = PROTOCOL.spec(dataset_name).instruction if dataset_name else "relevance"
-    return ScoringConfig(prompt=prompt_config_for(name))
+    return (base or ScoringConfig()).with_instruction(_instruction_name(instruction, dataset_name))
 
 
 @app.callback()
@@ -61,7 +66,7 @@ def _quiet_loading() -> None:
 
 def _heads_option(heads: Optional[str]):
     if heads is None:
-        return "all"
+        return "auto"
     return heads if Path(heads).exists() else [h for h in heads.replace(",", " ").split() if h]
 
 
@@ -73,7 +78,7 @@ def rerank(
         None, "--file", "-f", help="Read passages from a file: JSONL with 'text' (and 'id'), or one per line."
     ),
     model: str = typer.Option("smollm2-135m", help="Backbone: 'smollm2-135m', a Hugging Face id or a folder."),
-    heads: Optional[str] = typer.Option(None, help="Heads file, or heads like 'L12.H5,L3.H1' (default: all)."),
+    heads: Optional[str] = typer.Option(None, help="'all', a heads file, heads like 'L12.H5,L3.H1', or a router folder (default: the router shipped for the backbone, else all)."),
     top_k: Optional[int] = typer.Option(None, help="Keep the best K."),
     instruction: Instruction = typer.Option(Instruction.relevance, help=INSTRUCTION_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
@@ -128,8 +133,11 @@ def evaluate_command(
         Strategy.all, help="bm25 (first stage), all (ICR), static (--heads, or --router's baseline) or routed (--router)."
     ),
     heads: Optional[str] = typer.Option(None, help="Heads file or list for --strategy static."),
-    router: Optional[Path] = typer.Option(None, help="Router directory (routehead-rag fit) for routed or static."),
+    router: Optional[Path] = typer.Option(
+        None, help="Router directory (routehead-rag fit) for routed or static (routed default: the router shipped for the backbone)."
+    ),
     model: str = typer.Option("smollm2-135m", help="Backbone for the attention strategies."),
+    dtype: Optional[str] = typer.Option(None, help="Backbone dtype: float32 (default) or bfloat16."),
     top_k: int = typer.Option(20, help="Candidates per query."),
     max_queries: Optional[int] = typer.Option(None, help="First N judged queries (ids sorted as strings)."),
     split: str = typer.Option("test", help="qrels split: test or train."),
@@ -146,8 +154,20 @@ def evaluate_command(
         raise typer.BadParameter("--strategy static needs --heads FILE (or 'L12.H5,L3.H1') or --router DIR")
     if strategy is not Strategy.static and heads:
         raise typer.BadParameter("--heads only goes with --strategy static")
+    backbone = None
+    if strategy is not Strategy.bm25:
+        from .backbone import load_backbone
+
+        with console.status(f"loading {model}"):
+            backbone = load_backbone(model, dtype=dtype)
     if strategy is Strategy.routed and router is None:
-        raise typer.BadParameter("--strategy routed needs --router DIR (written by routehead-rag fit)")
+        from .artifact import shipped_router_for
+
+        router = shipped_router_for(backbone.fingerprint())
+        if router is None:
+            raise typer.BadParameter(
+                f"no router ships for {model}: pass --router DIR (fit one with `routehead-rag fit`)"
+            )
     router_config = None
     if router is not None:
         from .artifact import read_artifact_config
@@ -158,13 +178,14 @@ def evaluate_command(
     dataset = load_beir(data_dir, split=split)
     qids = select_queries(dataset, max_queries)
     candidates = build_candidates(dataset, qids, top_k)
-    config = router_config.scoring if router_config is not None else _scoring_config(instruction, dataset.name)
+    # The router's scoring settings (when given), in this set's wording.
+    config = _scoring_config(instruction, dataset.name, router_config.scoring if router_config else None)
     if strategy is Strategy.bm25:
         from .evaluation import order_run
 
         run = order_run(bm25_order(dataset, qids, top_k))
     else:
-        run = _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir, config, router)
+        run = _attention_run(dataset, qids, candidates, strategy, heads, backbone, max_words, cache_dir, config, router)
     metrics = evaluate(run, dataset.qrels, ["nDCG@10"], qids=qids)
     recall = candidate_recall(
         candidates, dataset.qrels, k=top_k, rel=PROTOCOL.spec(dataset.name).binary_rel, qids=qids
@@ -179,8 +200,10 @@ def evaluate_command(
         "instruction": config.prompt.task_instruction if strategy is not Strategy.bm25 else None,
         "queries": len(qids),
         "top_k": top_k,
+        "max_words": max_words,
+        "dtype": str(backbone.dtype).removeprefix("torch.") if backbone is not None else None,
         "ndcg@10": metrics["nDCG@10"],
-        "recall@20": recall,
+        f"recall@{top_k}": recall,
     }
     table = Table(title=f"{dataset.name} ({len(qids)} queries)")
     for column in ("strategy", "nDCG@10", f"recall@{top_k} (candidates)"):
@@ -198,19 +221,18 @@ def _extract_dataset(scorer, dataset, candidates, max_words, cache_dir):
     from rich.progress import Progress
 
     from .backbone import default_cache_dir
-    from .evaluation import extract
+    from .evaluation import dataset_key, extract
 
     with Progress(console=console) as progress:
         task = progress.add_task(f"extracting {dataset.name}", total=len(candidates))
         return extract(
             scorer, dataset.name, dataset.queries, candidates, lambda qid, ids: dataset.passages(ids, max_words),
             cache_dir or default_cache_dir(), progress=lambda n: progress.advance(task, n),
-            key_extra={"max_words": max_words, "path": str(dataset.path.resolve())},
+            key_extra=dataset_key(dataset.path, max_words),
         )
 
 
-def _attention_run(dataset, qids, candidates, strategy, heads, model, max_words, cache_dir, config, router=None):
-    from .backbone import load_backbone
+def _attention_run(dataset, qids, candidates, strategy, heads, backbone, max_words, cache_dir, config, router=None):
     from .evaluation import strategy_run
     from .heads import validate_heads
     from .reranker import RouteHeadReranker
@@ -219,8 +241,6 @@ def _attention_run(dataset, qids, candidates, strategy, heads, model, max_words,
     head_list = None
     if strategy is Strategy.static:
         head_list = RouteHeadReranker._resolve_heads(_heads_option(heads))
-    with console.status(f"loading {model}"):
-        backbone = load_backbone(model)
     if head_list is not None:
         validate_heads(head_list, backbone.num_layers, backbone.num_heads)
     extractions = _extract_dataset(AttentionScorer(backbone, config), dataset, candidates, max_words, cache_dir)
@@ -293,9 +313,20 @@ def fit(
     epochs: int = typer.Option(300, help="Most training epochs per candidate setting (early stopping on dev)."),
     layer: Optional[int] = typer.Option(None, help="Query-embedding layer (default: the middle layer)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
-    instruction: Instruction = typer.Option(Instruction.relevance, help=INSTRUCTION_HELP),
+    instruction: Instruction = typer.Option(Instruction.auto, help=INSTRUCTION_HELP),
+    dtype: Optional[str] = typer.Option(
+        None, help="Backbone dtype for extraction: float32 (default) or bfloat16 (about 2x faster on recent CPUs)."
+    ),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)."),
+    pool_size: list[int] = typer.Option([64], help="Head-search pool size K; repeat to try several (chosen on dev)."),
+    max_heads: list[int] = typer.Option(
+        [8], help="Most heads P in a query's label; repeat to try several. (The routed k is chosen on dev from 1, 2, 4, 8.)"
+    ),
+    margin: list[float] = typer.Option([0.01], help="Least nDCG gain to add a head to a label; repeat to try several."),
+    report_dir: Optional[Path] = typer.Option(None, help="Where the fit report and heatmap go (default: beside --out)."),
 ):
     """Fit a router: extract (cached, resumable), search head labels, train, write the artifact + report."""
+    import itertools
     import shlex
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -303,16 +334,19 @@ def fit(
     from .backbone import default_cache_dir, load_backbone
     from .fit import beir_source, read_query_log, run_fit
     from .query_embedding import QueryEmbeddingConfig
+    from .search import SearchConfig
     from .training import TrainingConfig
 
     sources = []
     for item in data:
         path = Path(item)
         if path.is_file() and path.suffix in (".jsonl", ".json"):
-            sources.append(read_query_log(path, max_queries))
+            source = read_query_log(path, max_queries)
+            source.instruction = None if instruction is Instruction.auto else instruction.value
         else:
-            sources.append(beir_source(item, top_k, max_queries))
-    backbone = load_backbone(model)
+            source = beir_source(item, top_k, max_queries, instruction=instruction.value)
+        sources.append(source)
+    backbone = load_backbone(model, dtype=dtype, device=device)
     embedding = QueryEmbeddingConfig(layer=backbone.num_layers // 2 if layer is None else layer)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
@@ -325,9 +359,13 @@ def fit(
 
         result = run_fit(
             backbone, sources, out, scoring=_scoring_config(instruction), query_embedding=embedding,
+            search=[
+                SearchConfig(pool_size=k, max_heads=p, margin=m)
+                for k, p, m in itertools.product(pool_size, max_heads, margin)
+            ],
             training=TrainingConfig(seed=seed, epochs=epochs), cache_dir=cache_dir or default_cache_dir(),
             command="routehead-rag fit " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None,
-            progress=report,
+            progress=report, report_dir=report_dir,
         )
     metrics = result.config.dev_metrics
     console.print(f"wrote {result.artifact} (report {result.report}, heatmap {result.heatmap})")

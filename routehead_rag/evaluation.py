@@ -58,6 +58,11 @@ def extraction_key(scorer: AttentionScorer, dataset_name: str, extra: dict | Non
     return digest.hexdigest()[:24]
 
 
+def dataset_key(path: str | Path, max_words: int) -> dict:
+    """The ``key_extra`` of a BEIR-layout set's extraction: shared by ``eval``, ``fit`` and the benchmarks."""
+    return {"max_words": max_words, "path": str(Path(path).resolve())}
+
+
 def _query_file(folder: Path, qid: str) -> Path:
     return folder / f"{hashlib.sha1(qid.encode()).hexdigest()[:20]}.pt"
 

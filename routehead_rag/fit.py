@@ -12,7 +12,7 @@ interrupted fit resumes where it stopped.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ class FitSource:
     passages: Callable[[str, list[str]], list[str]]  # (qid, doc ids) -> passage texts
     origin: str
     key: dict = field(default_factory=dict)
+    instruction: str | None = None  # a named prompt instruction for this source; None: the fit's scoring prompt
 
 
 def read_query_log(path: str | Path, max_queries: int | None = None) -> FitSource:
@@ -95,11 +96,14 @@ def read_query_log(path: str | Path, max_queries: int | None = None) -> FitSourc
 
 
 def beir_source(name_or_path: str, top_k: int = 20, max_queries: int | None = None,
-                data_dir: str | None = None, max_words: int = 100) -> FitSource:
-    """A BEIR-layout folder's fit split: the protocol's for a protocol set, else ``qrels/train.tsv``."""
-    from .data import PROTOCOL, Role, build_candidates, load_beir, protocol_queries, select_queries
+                data_dir: str | None = None, max_words: int = 100, instruction: str | None = "auto") -> FitSource:
+    """A BEIR-layout folder's fit split: the protocol's for a protocol set, else ``qrels/train.tsv``.
 
-    from .data import resolve_data_dir
+    ``instruction="auto"`` takes the protocol's wording for a protocol set (``question`` for
+    the multi-hop QA sets) and ``relevance`` otherwise; ``None`` keeps the fit's own prompt.
+    """
+    from .data import PROTOCOL, Role, build_candidates, load_beir, protocol_queries, resolve_data_dir, select_queries
+    from .evaluation import dataset_key
 
     folder = resolve_data_dir(name_or_path, data_dir)
     name = folder.name
@@ -120,12 +124,14 @@ def beir_source(name_or_path: str, top_k: int = 20, max_queries: int | None = No
         qids = select_queries(dataset)
     if max_queries is not None:
         qids = qids[:max_queries]
+    if instruction == "auto":
+        instruction = PROTOCOL.spec(name).instruction
     candidates = build_candidates(dataset, qids, top_k)
     return FitSource(
         name=name, queries={q: dataset.queries[q] for q in qids}, candidates=candidates,
         qrels={q: dataset.qrels.get(q, {}) for q in qids},
         passages=lambda qid, ids: dataset.passages(ids, max_words),
-        origin=str(folder), key={"path": str(folder.resolve()), "split": dataset.split, "max_words": max_words},
+        origin=str(folder), key=dataset_key(folder, max_words), instruction=instruction,
     )
 
 
@@ -144,22 +150,30 @@ def run_fit(
     *,
     scoring: ScoringConfig | None = None,
     query_embedding: QueryEmbeddingConfig | None = None,
-    search: SearchConfig | None = None,
+    search: SearchConfig | Sequence[SearchConfig] | None = None,
     training: TrainingConfig | None = None,
     cache_dir: str | Path | None = None,
     command: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    report_dir: str | Path | None = None,
 ) -> FitResult:
     """Fit a router on ``sources`` and write the artifact and its fit report to ``out``.
 
-    ``progress(stage, done, total)`` is called as extraction, embedding, search and training advance.
+    ``search`` may be a list of settings (e.g. pool sizes K and label sizes P): each gets its
+    own head search and router, and the one with the best dev nDCG@10 of the routed
+    aggregation wins (the dev queries are the same for all).  ``progress(stage, done, total)``
+    is called as extraction, embedding, search and training advance.
     """
     scoring = scoring or ScoringConfig()
     query_embedding = query_embedding or QueryEmbeddingConfig(layer=backbone.num_layers // 2)
-    search = search or SearchConfig()
+    searches = [search or SearchConfig()] if search is None or isinstance(search, SearchConfig) else list(search)
+    if not searches:
+        raise ValueError("search is an empty list: pass at least one SearchConfig")
+    if len({s.depth for s in searches}) != 1:
+        raise ValueError("every search setting must use the same nDCG depth")
     training = training or TrainingConfig()
     report = progress or (lambda stage, done, total: None)
-    scorer = AttentionScorer(backbone, scoring)
+    scorers: dict[str | None, AttentionScorer] = {}
 
     per_query, doc_ids, qrels, texts = {}, {}, {}, {}
     total = sum(len(s.candidates) for s in sources)
@@ -170,8 +184,12 @@ def run_fit(
             done += n
             report("extract", done, total)
 
+        if source.instruction not in scorers:
+            scorers[source.instruction] = AttentionScorer(
+                backbone, scoring if source.instruction is None else scoring.with_instruction(source.instruction)
+            )
         extractions = extract(
-            scorer, source.name, source.queries, source.candidates, source.passages, cache_dir,
+            scorers[source.instruction], source.name, source.queries, source.candidates, source.passages, cache_dir,
             progress=tick, key_extra=source.key,
         )
         for qid, extraction in extractions.items():
@@ -180,18 +198,23 @@ def run_fit(
             doc_ids[key] = extraction.doc_ids
             qrels[key] = source.qrels.get(qid, {})
             texts[key] = source.queries[qid]
-    data = build_labelled_set(per_query, doc_ids, qrels, depth=search.depth)
-    report("search", 0, 1)
-    found = search_heads(data, search)
-    report("search", 1, 1)
+    data = build_labelled_set(per_query, doc_ids, qrels, depth=searches[0].depth)
     embeddings = []
     for index, key in enumerate(data.qids):
         embeddings.append(embed_query(backbone, texts[key], query_embedding))
         report("embed", index + 1, len(data.qids))
     embeddings = torch.stack(embeddings)  # [query, hidden]
-    report("train", 0, 1)
-    trained = train_router(embeddings, found.labels, data, training)
-    report("train", 1, 1)
+    best = None
+    grid = []
+    for index, setting in enumerate(searches):
+        report("search + train", index, len(searches))
+        found = search_heads(data, setting)
+        trained = train_router(embeddings, found.labels, data, training)
+        grid.append({**setting.model_dump(mode="json"), "dev_routed_ndcg@10": trained.dev_ndcg, "k": trained.k})
+        if best is None or trained.dev_ndcg > best[2].dev_ndcg + 1e-12:
+            best = (setting, found, trained)
+    report("search + train", len(searches), len(searches))
+    search, found, trained = best
 
     quality = single_head_quality(data, search.depth)
     static = torch.argsort(quality, descending=True, stable=True)[: trained.k].tolist()
@@ -207,10 +230,14 @@ def run_fit(
         query_embedding=query_embedding,
         router=trained.router.config,
         selection=SelectionConfig(mode="top_k", k=trained.k, max_heads=max(trained.k, 1)),
-        search=search.model_dump(mode="json"),
+        search={**search.model_dump(mode="json"), "grid": grid},
         training={**training.model_dump(mode="json"), "chosen_k": trained.k, "chosen_sparsity": trained.sparsity,
                   "chosen_epoch": trained.epoch},
-        data=[{"name": s.name, "origin": s.origin, "queries": len(s.candidates)} for s in sources],
+        data=[
+            {"name": s.name, "origin": s.origin, "queries": len(s.candidates),
+             "instruction": s.instruction or "the scoring prompt's"}
+            for s in sources
+        ],
         dev_metrics={
             "routed_ndcg@10": trained.dev_ndcg,
             "static_ndcg@10": trained.dev_static_ndcg,
@@ -220,13 +247,16 @@ def run_fit(
         },
         static_heads=static_heads,
         command=command,
+        fit_dtype=str(backbone.dtype).removeprefix("torch."),
     )
     out = Path(out)
     card = _model_card(config)
     save_artifact(out, trained.router, config, card)
-    heatmap = out.parent / f"{out.name}-routed-heads.png"
+    report_dir = Path(report_dir) if report_dir is not None else out.parent
+    report_dir.mkdir(parents=True, exist_ok=True)
+    heatmap = report_dir / f"{out.name}-routed-heads.png"
     _heatmap(counts.reshape(data.num_layers, data.num_heads), heatmap, title=f"routed heads over {len(data.qids)} fit queries")
-    report_path = out.parent / f"{out.name}-fit-report.md"
+    report_path = report_dir / f"{out.name}-fit-report.md"
     report_path.write_text(card + f"\n![routed heads]({heatmap.name})\n", encoding="utf-8")
     return FitResult(artifact=out, config=config, report=report_path, heatmap=heatmap)
 
@@ -241,9 +271,9 @@ def _model_card(config: RouterArtifactConfig) -> str:
         "",
         "## Fit data",
         "",
-        "| source | queries |",
-        "|---|---|",
-        *[f"| {d['name']} (`{d['origin']}`) | {d['queries']} |" for d in config.data],
+        "| source | queries | prompt instruction |",
+        "|---|---|---|",
+        *[f"| {d['name']} (`{d['origin']}`) | {d['queries']} | {d.get('instruction', '')} |" for d in config.data],
         "",
         "## Dev metrics (nDCG@10 on held-out fit queries)",
         "",
@@ -251,9 +281,20 @@ def _model_card(config: RouterArtifactConfig) -> str:
         "|---|---|---|",
         f"| {metrics['routed_ndcg@10']:.4f} | {metrics['static_ndcg@10']:.4f} | {metrics['oracle_label_ndcg@10']:.4f} |",
         "",
+        "## Head-search settings tried (chosen by dev nDCG@10 of the routed aggregation)",
+        "",
+        "| pool K | max heads P | margin | pool weight | routed k | dev routed nDCG@10 |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {g['pool_size']} | {g['max_heads']} | {g['margin']} | {g['pool_weight']} | {g['k']} | "
+            f"{g['dev_routed_ndcg@10']:.4f} |"
+            for g in config.search.get("grid", [])
+        ],
+        "",
         f"Chosen on dev: k = {config.training['chosen_k']}, sparsity weight = {config.training['chosen_sparsity']}, "
         f"epoch {config.training['chosen_epoch']}. Query embedding: layer {config.query_embedding.layer}, "
-        f"{config.query_embedding.pooling} pooling. Static baseline heads: {', '.join(config.static_heads)}.",
+        f"{config.query_embedding.pooling} pooling. Backbone dtype during the fit: {config.fit_dtype}. "
+        f"Static baseline heads: {', '.join(config.static_heads)}.",
         "",
         "## Reproduce",
         "",

@@ -154,3 +154,32 @@ def candidate_recall(
     """
     measure = f"R@{k}" if rel == 1 else f"R(rel={rel})@{k}"
     return evaluate(rankings_to_run(candidates), qrels, [measure], qids=qids)[measure]
+
+
+def paired_randomization_test(
+    a: Sequence[float], b: Sequence[float], trials: int = 10_000, seed: int = 0
+) -> float:
+    """Two-sided p-value of a paired randomization (sign-flip) test of ``mean(a - b) != 0``.
+
+    ``a`` and ``b`` are per-query values of two systems on the same queries, in the same
+    order.  Each trial flips the sign of every per-query difference with probability 1/2;
+    the p-value is the share of trials (the observed one included) whose absolute mean
+    difference is at least the observed one (Smucker et al., CIKM 2007).
+    """
+    import torch
+
+    if len(a) != len(b):
+        raise ValueError(f"paired values must align: got {len(a)} and {len(b)} per-query values")
+    if not a:
+        raise ValueError("no per-query values to test")
+    if trials < 1:
+        raise ValueError(f"trials must be at least 1, got {trials}")
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)  # [query]
+    observed = diff.mean().abs()
+    generator = torch.Generator().manual_seed(seed)
+    hits = 0
+    for start in range(0, trials, 1000):  # batches bound the memory to 1000 x queries
+        size = min(1000, trials - start)
+        signs = torch.randint(0, 2, (size, diff.numel()), generator=generator, dtype=torch.float64) * 2 - 1
+        hits += int(((signs * diff).mean(dim=1).abs() >= observed - 1e-12).sum())
+    return (hits + 1) / (trials + 1)

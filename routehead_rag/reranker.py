@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -12,6 +13,8 @@ from typing import Any
 from .heads import Head, as_heads, load_heads_file, validate_heads
 from .prompt import PromptConfig
 from .scoring import AttentionScorer, ScoringConfig
+
+logger = logging.getLogger(__name__)
 
 EMPTY_PASSAGE_SCORE = float("-inf")
 """Score given to empty or whitespace-only passages: they are kept, ranked last, in input order."""
@@ -98,10 +101,12 @@ class RouteHeadReranker:
     Args:
         model: ``"smollm2-135m"`` (embedded default), a Hugging Face id or folder, or a loaded
             model object shared with your generator (then pass ``tokenizer`` too).
-        heads: ``"all"`` (ICR: every head), a list of heads (``["L12.H5", ...]`` or ``Head``),
-            the path of a heads file (JSON list or one ``L12.H5`` per line), or a router
-            directory written by ``routehead-rag fit`` (routed heads per query; its prompt and
-            scoring settings are used, and its backbone fingerprint must match).
+        heads: ``"auto"`` (default: route with the router shipped for this backbone, found by
+            its fingerprint, else every head), ``"all"`` (ICR: every head), a list of heads
+            (``["L12.H5", ...]`` or ``Head``), the path of a heads file (JSON list or one
+            ``L12.H5`` per line), or a router directory written by ``routehead-rag fit``
+            (routed heads per query; its prompt is used unless you pass ``prompt``, and its
+            backbone fingerprint must match).
         tokenizer: required with a model object.
         prompt: prompt layout (:class:`PromptConfig`).
         max_prompt_tokens: token budget of one prompt; longer candidate lists go in windows.
@@ -116,7 +121,7 @@ class RouteHeadReranker:
     def __init__(
         self,
         model: Any = "smollm2-135m",
-        heads: str | Path | Sequence[Head | str | tuple[int, int]] = "all",
+        heads: str | Path | Sequence[Head | str | tuple[int, int]] = "auto",
         *,
         tokenizer: Any = None,
         prompt: PromptConfig | None = None,
@@ -134,26 +139,29 @@ class RouteHeadReranker:
         self.use_adapters = use_adapters
         self.router_dir: Path | None = None
         self.router_config = None
-        if isinstance(heads, (str, Path)) and Path(heads).is_dir():
+        self.auto_heads = isinstance(heads, str) and heads == "auto"  # resolved when the backbone loads
+        self.heads: list[Head] | None = None
+        if isinstance(heads, (str, Path)) and not self.auto_heads and Path(heads).is_dir():
             from .artifact import read_artifact_config
 
             self.router_dir = Path(heads)
             self.router_config = read_artifact_config(self.router_dir)  # validated now; weights load lazily
-            self.heads: list[Head] | None = None
-        else:
+        elif not self.auto_heads:
             self.heads = self._resolve_heads(heads)
-        if self.router_config is not None and prompt is None:
-            self.config = self.router_config.scoring  # route with the settings the router was fitted on
-        else:
-            self.config = ScoringConfig(
-                prompt=prompt or PromptConfig(),
-                max_prompt_tokens=max_prompt_tokens,
-                calibrate=calibrate,
-                mask_outliers=mask_outliers,
-            )
+        self._prompt = prompt
+        self.config = self._scoring_config(max_prompt_tokens, calibrate, mask_outliers)
         self._router = None
         self._scorer: AttentionScorer | None = None
         self._lock = threading.Lock()
+
+    def _scoring_config(self, max_prompt_tokens: int, calibrate: bool, mask_outliers: bool) -> ScoringConfig:
+        """The caller's settings; with a router and no ``prompt``, the prompt the router was fitted with."""
+        prompt = self._prompt
+        if prompt is None:
+            prompt = self.router_config.scoring.prompt if self.router_config is not None else PromptConfig()
+        return ScoringConfig(
+            prompt=prompt, max_prompt_tokens=max_prompt_tokens, calibrate=calibrate, mask_outliers=mask_outliers
+        )
 
     @staticmethod
     def _resolve_heads(heads) -> list[Head] | None:
@@ -191,21 +199,40 @@ class RouteHeadReranker:
             )
             if self.heads is not None:
                 validate_heads(self.heads, backbone.num_layers, backbone.num_heads)
+            if self.auto_heads:
+                self._use_shipped_router(backbone)
             if self.router_dir is not None:
                 from .artifact import load_artifact
 
                 self._router, _ = load_artifact(self.router_dir, backbone.fingerprint())
             self._scorer = AttentionScorer(backbone, self.config)
 
+    def _use_shipped_router(self, backbone) -> None:
+        """``heads="auto"``: the router shipped for this backbone (by fingerprint), else every head."""
+        from .artifact import read_artifact_config, shipped_router_for
+
+        folder = shipped_router_for(backbone.fingerprint())
+        if folder is None:
+            logger.info("no router ships for %s: scoring with all heads (ICR)", backbone.name)
+            return
+        self.router_dir = folder
+        self.router_config = read_artifact_config(folder)
+        self.config = self._scoring_config(self.config.max_prompt_tokens, self.config.calibrate, self.config.mask_outliers)
+
     def heads_for(self, query: str) -> list[Head] | None:
         """The heads ``query`` is scored with: routed per query with a router, else the fixed choice."""
+        scorer = self.scorer  # loads the backbone; with heads="auto" this decides on the shipped router
         if self.router_dir is None:
             return self.heads
         from .query_embedding import embed_query
 
-        scorer = self.scorer
         embedding = embed_query(scorer.backbone, query, self.router_config.query_embedding)
         return self._router.select(embedding, self.router_config.selection)
+
+    @property
+    def is_loaded(self) -> bool:
+        """Whether the backbone has been loaded (by :meth:`warm_up` or a first :meth:`rank`)."""
+        return self._scorer is not None
 
     @property
     def scorer(self) -> AttentionScorer:

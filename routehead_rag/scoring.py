@@ -47,6 +47,15 @@ class ScoringConfig(BaseModel):
         "mean - 2 std within the passage (applies to the aggregated score)",
     )
 
+    def with_instruction(self, instruction: str) -> "ScoringConfig":
+        """A copy with a named instruction's wording (``"relevance"`` or ``"question"``), all else kept."""
+        from .prompt import INSTRUCTIONS
+
+        if instruction not in INSTRUCTIONS:
+            raise ValueError(f"instruction must be one of {sorted(INSTRUCTIONS)}, got {instruction!r}")
+        prompt = self.prompt.model_copy(update={"task_instruction": INSTRUCTIONS[instruction]})
+        return self.model_copy(update={"prompt": prompt})
+
 
 @dataclass
 class HeadScores:

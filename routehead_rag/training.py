@@ -88,19 +88,26 @@ def train_router(
     )
     best: dict | None = None
     history: list[dict] = []
+    # Start every router at the label prior: the head bias is the log-odds of each head's label
+    # frequency on train, so before any query-dependent learning the router routes like a static
+    # "most often useful" head set; training then learns the query-dependent deviations.
+    prior = y[train_rows].mean(dim=0).clamp(1e-3, 1 - 1e-3)  # [head]
     for sparsity in config.sparsity_weights:
         torch.manual_seed(config.seed)
         router = Router(router_config)
+        with torch.no_grad():
+            router.head_bias.copy_(torch.log(prior / (1 - prior)))
         optimizer = torch.optim.AdamW(router.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         best_here, stale = -1.0, 0
-        for epoch in range(1, config.epochs + 1):
-            router.train()
-            optimizer.zero_grad()
-            logits = router(x[train_rows])
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[train_rows])
-            loss = loss + sparsity * torch.sigmoid(logits).mean()
-            loss.backward()
-            optimizer.step()
+        for epoch in range(0, config.epochs + 1):
+            if epoch:  # epoch 0 evaluates the prior-initialised router before any update
+                router.train()
+                optimizer.zero_grad()
+                logits = router(x[train_rows])
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[train_rows])
+                loss = loss + sparsity * torch.sigmoid(logits).mean()
+                loss.backward()
+                optimizer.step()
             if epoch % config.eval_every and epoch != config.epochs:
                 continue
             router.eval()
@@ -108,7 +115,8 @@ def train_router(
                 dev_logits = router(x[dev_rows]).double()
             for k in config.ks:
                 value = float(routed_ndcg(dev_logits, data, dev_rows, k).mean())
-                history.append({"sparsity": sparsity, "epoch": epoch, "k": k, "dev_ndcg": value, "loss": float(loss.detach())})
+                history.append({"sparsity": sparsity, "epoch": epoch, "k": k, "dev_ndcg": value,
+                                "loss": float(loss.detach()) if epoch else None})
                 if best is None or value > best["dev_ndcg"] + 1e-12:
                     best = {"dev_ndcg": value, "k": k, "sparsity": sparsity, "epoch": epoch,
                             "state": copy.deepcopy(router.state_dict())}

@@ -41,7 +41,7 @@ def test_captured_rows_equal_eager_output_attentions(embedded_backbone):
 
 
 def test_icr_ranks_the_relevant_passage_first(embedded_backbone):
-    reranker = RouteHeadReranker(model=embedded_backbone.model, tokenizer=embedded_backbone.tokenizer)
+    reranker = RouteHeadReranker(model=embedded_backbone.model, tokenizer=embedded_backbone.tokenizer, heads="all")
     results = reranker.rank(QUERY, DOCS)
     assert results[0].index == 1, results
 

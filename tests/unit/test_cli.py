@@ -62,7 +62,7 @@ def test_eval_writes_the_metrics_json(strategy, model_dir, beir_dir, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(output.read_text())
     assert data["dataset"] == beir_dir.name and data["strategy"] == strategy and data["queries"] == 4
-    assert 0.0 <= data["ndcg@10"] <= 1.0 and 0.0 <= data["recall@20"] <= 1.0
+    assert 0.0 <= data["ndcg@10"] <= 1.0 and 0.0 <= data["recall@5"] <= 1.0 and data["top_k"] == 5
 
 
 def test_select_heads_then_static_eval(model_dir, beir_dir, tmp_path):

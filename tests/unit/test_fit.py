@@ -1,6 +1,8 @@
 """fit -> artifact -> routed inference on a tiny model and a tiny query log."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -50,6 +52,9 @@ def test_artifact_files_and_config(fitted):
     assert result.report.is_file() and result.heatmap.is_file()
     assert "routehead-rag fit log.jsonl" in (result.artifact / "README.md").read_text()
     assert (result.artifact / "router.safetensors").stat().st_size < 5 * 2**20
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(result.artifact.stat().st_mode) == 0o777 & ~umask  # readable by others, like any folder
 
 
 def test_routed_reranker_scores_with_the_routed_heads(fitted):
@@ -119,6 +124,68 @@ def test_refit_reuses_the_extraction_cache(fitted, monkeypatch):
         cache_dir=folder / "cache",
     )
     assert calls == []  # every query came from the per-query cache (an interrupted fit resumes the same way)
+
+
+def test_interrupted_fit_resumes_where_it_stopped(tmp_path, monkeypatch):
+    import routehead_rag.scoring as scoring
+
+    backbone = tiny_backbone("llama")
+    source = read_query_log(write_log(tmp_path / "log.jsonl", count=10))
+    original = scoring.AttentionScorer.head_scores
+    calls = []
+
+    def interrupted_after_four(self, *args, **kwargs):
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during the fifth query
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    settings = dict(query_embedding=QueryEmbeddingConfig(layer=0), search=SearchConfig(pool_size=8, max_heads=3),
+                    training=TrainingConfig(epochs=5, ks=(1,)), cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(scoring.AttentionScorer, "head_scores", interrupted_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(backbone, [source], tmp_path / "router", **settings)
+    assert not (tmp_path / "router").exists()  # no partial artifact
+    resumed = []
+    monkeypatch.setattr(scoring.AttentionScorer, "head_scores", lambda self, *a, **k: resumed.append(1) or original(self, *a, **k))
+    result = run_fit(backbone, [source], tmp_path / "router", **settings)
+    assert len(resumed) == 6  # only the queries the interrupted run had not finished
+    assert read_artifact_config(result.artifact).data[0]["queries"] == 10
+
+
+def test_search_settings_are_chosen_on_dev(fitted):
+    backbone, source, _, folder = fitted
+    grid = [SearchConfig(pool_size=4, max_heads=1), SearchConfig(pool_size=8, max_heads=3, margin=0.0)]
+    result = run_fit(
+        backbone, [source], folder / "router-grid", query_embedding=QueryEmbeddingConfig(layer=0), search=grid,
+        training=TrainingConfig(epochs=20, ks=(1, 2)), cache_dir=folder / "cache",
+    )
+    tried = result.config.search["grid"]
+    assert [(g["pool_size"], g["max_heads"]) for g in tried] == [(4, 1), (8, 3)]
+    best = max(tried, key=lambda g: g["dev_routed_ndcg@10"])
+    assert result.config.search["pool_size"] == best["pool_size"]
+    assert result.config.dev_metrics["routed_ndcg@10"] == pytest.approx(best["dev_routed_ndcg@10"])
+    assert "Head-search settings tried" in (result.artifact / "README.md").read_text()
+
+
+def test_auto_heads_use_the_router_shipped_for_the_backbone(fitted, tmp_path, monkeypatch):
+    import shutil
+
+    import routehead_rag.artifact as artifact
+
+    backbone, source, result, _ = fitted
+    shipped = tmp_path / "routers"
+    shutil.copytree(result.artifact, shipped / "tiny-llama")
+    monkeypatch.setattr(artifact, "SHIPPED_ROUTERS", shipped)
+    query = source.queries["q1"]
+    auto = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer)  # heads="auto" by default
+    routed = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=result.artifact)
+    assert auto.heads_for(query) == routed.heads_for(query)
+    assert auto.router_dir == shipped / "tiny-llama"
+    # another backbone has no shipped router: every head (ICR), not an error
+    other = tiny_backbone("qwen2")
+    fallback = RouteHeadReranker(model=other.model, tokenizer=other.tokenizer)
+    assert fallback.heads_for(query) is None and fallback.router_dir is None
 
 
 def test_query_log_errors_name_the_line(tmp_path):

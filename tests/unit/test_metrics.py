@@ -101,3 +101,26 @@ def test_candidate_recall_at_a_relevance_level():
     assert candidate_recall(cands, qrels, k=3, rel=2) == pytest.approx(1 / 3)  # only a in top 3
     # a query missing from the candidates counts 0
     assert candidate_recall({}, qrels, k=20) == 0.0
+
+
+def test_paired_randomization_matches_exact_enumeration():
+    import itertools
+
+    from routehead_rag.metrics import paired_randomization_test
+
+    a = [0.9, 0.4, 0.7, 0.8, 0.3, 0.6, 0.75, 0.5]
+    b = [0.5, 0.45, 0.6, 0.4, 0.35, 0.3, 0.7, 0.2]
+    diff = [x - y for x, y in zip(a, b)]
+    observed = abs(sum(diff) / len(diff))
+    flips = list(itertools.product((1, -1), repeat=len(diff)))
+    exact = sum(abs(sum(s * d for s, d in zip(signs, diff)) / len(diff)) >= observed - 1e-12 for signs in flips) / len(flips)
+    estimate = paired_randomization_test(a, b, trials=20_000, seed=1)
+    assert abs(estimate - exact) < 0.01, (estimate, exact)
+    assert paired_randomization_test(a, a, trials=100) == 1.0  # no difference: every trial is as extreme
+
+
+def test_paired_randomization_rejects_misaligned_input():
+    from routehead_rag.metrics import paired_randomization_test
+
+    with pytest.raises(ValueError, match="must align"):
+        paired_randomization_test([0.1, 0.2], [0.1])

@@ -1,0 +1,398 @@
+"""RouteHead benchmark: routed heads against BM25, ICR, static heads and the hindsight oracle.
+
+On the protocol (``../shared/data/README.md``), every attention strategy is scored from the
+same cached extraction pass per set, so differences are the head choice alone:
+
+* **cross-domain and in-domain test sets** with a router fitted on the mixed fit splits
+  (default: the router shipped in the package); static baselines chosen on the same fit
+  splits (the artifact's top-k, and the best k by fit nDCG@10); the per-query hindsight
+  oracle (head search on the test queries' own labels) as the ceiling; paired randomization
+  tests of RouteHead against static;
+* **in-domain fits**: beir-scifact train -> test, hotpotqa first 400 -> last 100;
+* **label robustness**: head-search margin and pool weight, dev and test effect;
+* **speed**: routed vs all-heads ranking with the same engine, the share of the forward
+  pass that stopping early saves, the router's own cost; head-search time for 1,000 queries.
+
+    python benchmarks/routehead.py --dtype bfloat16
+
+Writes benchmarks/results/routehead.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import K_GRID, load_set  # noqa: E402  (same extraction pass and cache as quality.py)
+
+from routehead_rag.artifact import SHIPPED_ROUTERS, load_artifact  # noqa: E402
+from routehead_rag.backbone import default_cache_dir, load_backbone  # noqa: E402
+from routehead_rag.data import PROTOCOL, Role, bm25_order  # noqa: E402
+from routehead_rag.evaluation import order_run, strategy_run  # noqa: E402
+from routehead_rag.fit import beir_source, run_fit  # noqa: E402
+from routehead_rag.heads import Head  # noqa: E402
+from routehead_rag.metrics import evaluate, paired_randomization_test, per_query, ranking_to_run  # noqa: E402
+from routehead_rag.prompt import INSTRUCTIONS, prompt_config_for  # noqa: E402
+from routehead_rag.query_embedding import embed_query  # noqa: E402
+from routehead_rag.reranker import RouteHeadReranker  # noqa: E402
+from routehead_rag.scoring import AttentionScorer, ScoringConfig, aggregate, rank_heads_by_ndcg  # noqa: E402
+from routehead_rag.search import SearchConfig, build_labelled_set, search_heads  # noqa: E402
+from routehead_rag.training import TrainingConfig, train_router  # noqa: E402
+
+console = Console(stderr=True)
+ORACLE = SearchConfig(margin=0.0, pool_weight=0.0)  # hindsight: the best set per query, no robustness terms
+ROBUSTNESS_GRID = [(0.0, 0.0), (0.01, 0.0), (0.0, 0.1), (0.01, 0.1), (0.03, 0.1), (0.01, 0.3)]
+
+
+def routed_heads(backbone, router, config, queries: dict[str, str]) -> dict[str, list[Head]]:
+    return {qid: router.select(embed_query(backbone, text, config.query_embedding), config.selection)
+            for qid, text in queries.items()}
+
+
+def routed_run(extractions, heads_of) -> dict[str, dict[str, float]]:
+    run = {}
+    for qid, extraction in extractions.items():
+        run.update(ranking_to_run(qid, extraction.doc_ids, aggregate(extraction.calibrated, heads_of[qid]).tolist()))
+    return run
+
+
+def oracle_values(dataset, qids, extractions) -> dict[str, float]:
+    """Per-query nDCG@10 of the hindsight head set (queries without a relevant passage: 0)."""
+    data = build_labelled_set({q: extractions[q].calibrated for q in qids}, {q: extractions[q].doc_ids for q in qids},
+                              {q: dataset.qrels.get(q, {}) for q in qids})
+    found = search_heads(data, ORACLE)
+    values = dict.fromkeys(qids, 0.0)
+    values.update(zip(found.qids, found.query_ndcg.tolist()))
+    return values
+
+
+def best_static(fit_sets) -> tuple[int, list[Head], dict]:
+    """Static heads chosen on fit splits: top-k by single-head nDCG@10, k by mean fit nDCG@10."""
+    scores, ids, qrels = {}, {}, {}
+    for name, (dataset, qids, _, extractions) in fit_sets.items():
+        for qid in qids:
+            scores[f"{name}/{qid}"] = extractions[qid].calibrated
+            ids[f"{name}/{qid}"] = extractions[qid].doc_ids
+            qrels[f"{name}/{qid}"] = dataset.qrels.get(qid, {})
+    ranked = rank_heads_by_ndcg(scores, ids, qrels)
+    table = {}
+    for k in K_GRID:
+        heads = [h for h, _ in ranked[:k]]
+        table[k] = statistics.mean(
+            evaluate(strategy_run(ex, heads), dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"]
+            for dataset, qids, _, ex in fit_sets.values()
+        )
+    k = max(K_GRID, key=lambda k: (table[k], -k))
+    return k, [h for h, _ in ranked[:k]], table
+
+
+def score_set(name, role, dataset, qids, candidates, extractions, runs_heads, backbone, router, config):
+    """Per-query nDCG@10 of every strategy on one set, plus p-values of RouteHead vs static."""
+    routed = routed_heads(backbone, router, config, {q: dataset.queries[q] for q in qids})
+    runs = {
+        "BM25": order_run(bm25_order(dataset, qids, PROTOCOL.top_k)),
+        "ICR (all heads)": strategy_run(extractions, None),
+        **{label: strategy_run(extractions, heads) for label, heads in runs_heads.items()},
+        "RouteHead": routed_run(extractions, routed),
+    }
+    values = {label: per_query(run, dataset.qrels, "nDCG@10", qids=qids) for label, run in runs.items()}
+    values["oracle (hindsight)"] = oracle_values(dataset, qids, extractions)
+    ndcg = {label: statistics.mean(v[q] for q in qids) for label, v in values.items()}
+    p_values = {
+        label: paired_randomization_test([values["RouteHead"][q] for q in qids], [values[label][q] for q in qids])
+        for label in runs_heads
+    }
+    depth = statistics.mean(max(h.layer for h in routed[q]) + 1 for q in qids)
+    console.print(name, {k: round(v, 4) for k, v in ndcg.items()}, p_values)
+    return {"dataset": name, "role": role, "queries": len(qids), "ndcg@10": ndcg, "p_routed_vs": p_values,
+            "mean_routed_depth": depth, "per_query": values}
+
+
+def in_domain_fit(name, test_entry, backbone, scorers, args, cache_dir, workdir):
+    """Fit a router on one domain's fit split and test it on the same domain's test split."""
+    source = beir_source(name, PROTOCOL.top_k, max_queries=args.fit_max_queries, data_dir=args.data_dir)
+    fitted = run_fit(
+        backbone, [source], workdir / f"router-{name}", scoring=ScoringConfig().with_instruction("relevance"),
+        search=[SearchConfig(pool_size=k, max_heads=p) for k in (32, 64) for p in (4, 8)], cache_dir=cache_dir,
+    )
+    router, config = load_artifact(fitted.artifact, backbone.fingerprint())
+    fit_set = {name: load_set(name, Role.FIT, args.data_dir, args.fit_max_queries, scorers, cache_dir)}
+    k, static, table = best_static(fit_set)
+    dataset, qids, candidates, extractions = load_set(
+        name, Role(test_entry), args.data_dir, args.test_max_queries, scorers, cache_dir
+    )
+    heads = {f"static top-{config.selection.k} (same fit)": [Head.parse(h) for h in config.static_heads],
+             f"static top-{k} (k chosen on fit)": static}
+    row = score_set(name, test_entry, dataset, qids, candidates, extractions, heads, backbone, router, config)
+    row["router"] = {"k": config.selection.k, "search": {x: config.search[x] for x in ("pool_size", "max_heads")},
+                     "dev_metrics": config.dev_metrics, "fit_queries": len(source.queries)}
+    return row
+
+
+def label_robustness(fit_sets, backbone, router_config, test_rows_sets):
+    """Head-search margin / pool weight: dev nDCG@10 of the routed aggregation, and the cross-domain test mean."""
+    scores, ids, qrels, texts = {}, {}, {}, {}
+    for name, (dataset, qids, _, extractions) in fit_sets.items():
+        for qid in qids:
+            key = f"{name}/{qid}"
+            scores[key], ids[key] = extractions[qid].calibrated, extractions[qid].doc_ids
+            qrels[key], texts[key] = dataset.qrels.get(qid, {}), dataset.queries[qid]
+    data = build_labelled_set(scores, ids, qrels)
+    embeddings = torch.stack([embed_query(backbone, texts[q], router_config.query_embedding) for q in data.qids])
+    test_embeddings = {
+        name: {q: embed_query(backbone, dataset.queries[q], router_config.query_embedding) for q in qids}
+        for name, (dataset, qids, _, _) in test_rows_sets.items()
+    }
+    rows = []
+    base = SearchConfig(**{k: v for k, v in router_config.search.items() if k != "grid"})
+    for margin, pool_weight in ROBUSTNESS_GRID:
+        setting = base.model_copy(update={"margin": margin, "pool_weight": pool_weight})
+        found = search_heads(data, setting)
+        trained = train_router(embeddings, found.labels, data, TrainingConfig())
+        test = {}
+        for name, (dataset, qids, _, extractions) in test_rows_sets.items():
+            heads_of = {}
+            with torch.no_grad():
+                for q in qids:
+                    logits = trained.router(test_embeddings[name][q][None])[0]
+                    heads_of[q] = [trained.router.flat_to_head(int(i)) for i in logits.topk(trained.k).indices]
+            test[name] = evaluate(routed_run(extractions, heads_of), dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"]
+        rows.append({"margin": margin, "pool_weight": pool_weight, "mean_label_size": float(found.labels.float().sum(1).mean()),
+                     "label_ndcg": float(found.query_ndcg.mean()), "k": trained.k, "dev_routed": trained.dev_ndcg,
+                     "dev_static": trained.dev_static_ndcg, "test": test, "test_mean": statistics.mean(test.values())})
+        console.print(rows[-1])
+    return rows
+
+
+def speed(backbone, router_dir, dataset, qids, candidates, repeats_note=""):
+    """Seconds per query: routed (embedding + routing + scoring) vs all heads vs static, same engine, same inputs."""
+    routed = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=router_dir)
+    config = routed.router_config
+    all_heads = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads="all", prompt=config.scoring.prompt)
+    static = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer,
+                               heads=config.static_heads, prompt=config.scoring.prompt)
+    inputs = [(dataset.queries[q], dataset.passages(candidates[q], PROTOCOL.max_words)) for q in qids]
+    for reranker in (routed, all_heads, static):  # warm-up
+        reranker.rank(*inputs[0])
+    times = {"all heads": [], "static (artifact heads)": [], "routed": [], "routing only": []}
+    saved = []
+    for query, passages in inputs:
+        for label, reranker in (("all heads", all_heads), ("static (artifact heads)", static), ("routed", routed)):
+            start = time.perf_counter()
+            reranker.rank(query, passages)
+            times[label].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        heads = routed.heads_for(query)
+        times["routing only"].append(time.perf_counter() - start)
+        saved.append(1 - (max(h.layer for h in heads) + 1) / backbone.num_layers)
+    medians = {label: statistics.median(v) for label, v in times.items()}
+    return {
+        "queries": len(inputs), "dataset": dataset.name, "median_seconds": medians,
+        "routed_vs_all": medians["routed"] / medians["all heads"],
+        "static_vs_all": medians["static (artifact heads)"] / medians["all heads"],
+        "forward_share_saved_by_early_stop": statistics.mean(saved),
+        "router_file_bytes": (Path(router_dir) / "router.safetensors").stat().st_size,
+    }
+
+
+def search_speed(fit_sets) -> dict:
+    scores, ids, qrels = {}, {}, {}
+    for name, (dataset, qids, _, extractions) in fit_sets.items():
+        for qid in qids:
+            scores[f"{name}/{qid}"], ids[f"{name}/{qid}"] = extractions[qid].calibrated, extractions[qid].doc_ids
+            qrels[f"{name}/{qid}"] = dataset.qrels.get(qid, {})
+    data = build_labelled_set(scores, ids, qrels)
+    keep = list(range(min(1000, len(data.qids))))
+    subset = type(data)(
+        [data.qids[i] for i in keep], data.scores[keep], data.gains[keep], data.valid[keep], data.ideal_dcg[keep],
+        data.num_layers, data.num_heads,
+    )
+    start = time.perf_counter()
+    search_heads(subset, SearchConfig(pool_size=64, max_heads=8))
+    return {"queries": len(keep), "pool_size": 64, "max_heads": 8, "seconds": time.perf_counter() - start}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=None, help="default: $ROUTEHEAD_DATA or ../shared/data")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--router", type=Path, default=SHIPPED_ROUTERS / "smollm2-135m")
+    parser.add_argument("--speed-queries", type=int, default=20, help="trec-dl-2020 queries timed per strategy")
+    parser.add_argument("--fit-max-queries", type=int, default=None, help="cap each fit split (smoke runs only)")
+    parser.add_argument("--test-max-queries", type=int, default=None, help="cap each test split (smoke runs only)")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    started = time.time()
+    cache_dir = args.cache_dir or default_cache_dir()
+    backbone = load_backbone(args.model, dtype=args.dtype)
+    scorers = {name: AttentionScorer(backbone, ScoringConfig(prompt=prompt_config_for(name))) for name in INSTRUCTIONS}
+    router, config = load_artifact(args.router, backbone.fingerprint())
+
+    fit_sets = {e.name: load_set(e.name, Role.FIT, args.data_dir, args.fit_max_queries, scorers, cache_dir)
+                for e in PROTOCOL.entries_for(Role.FIT)}
+    k, static, k_table = best_static(fit_sets)
+    static_heads = {f"static top-{config.selection.k} (same fit)": [Head.parse(h) for h in config.static_heads],
+                    f"static top-{k} (k chosen on fit)": static}
+
+    rows, test_sets = [], {}
+    for entry in PROTOCOL.entries_for(Role.IN_DOMAIN_TEST) + PROTOCOL.entries_for(Role.CROSS_DOMAIN_TEST):
+        dataset, qids, candidates, extractions = load_set(
+            entry.name, entry.role, args.data_dir, args.test_max_queries, scorers, cache_dir
+        )
+        test_sets[entry.name] = (dataset, qids, candidates, extractions)
+        rows.append(score_set(entry.name, entry.role.value, dataset, qids, candidates, extractions, static_heads,
+                              backbone, router, config))
+    cross = [r for r in rows if r["role"] == Role.CROSS_DOMAIN_TEST.value]
+    strategies = list(rows[0]["ndcg@10"])
+    averages = {
+        "all test sets": {s: statistics.mean(r["ndcg@10"][s] for r in rows) for s in strategies},
+        "cross-domain": {s: statistics.mean(r["ndcg@10"][s] for r in cross) for s in strategies},
+    }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        in_domain = [
+            in_domain_fit("beir-scifact", Role.IN_DOMAIN_TEST.value, backbone, scorers, args, cache_dir, Path(tmp)),
+            in_domain_fit("hotpotqa-distractor-dev500", Role.IN_DOMAIN_TEST.value, backbone, scorers, args,
+                          cache_dir, Path(tmp)),
+        ]
+    robustness = label_robustness(fit_sets, backbone, config,
+                                  {r["dataset"]: test_sets[r["dataset"]] for r in cross})
+    dataset, qids, candidates, _ = test_sets["trec-dl-2020"]
+    timing = speed(backbone, args.router, dataset, qids[: args.speed_queries], candidates)
+    console.print(timing)
+    searching = search_speed(fit_sets)
+    console.print(searching)
+
+    result = {
+        "benchmark": "routehead",
+        "model": args.model,
+        "dtype": args.dtype,
+        "router": {"path": str(args.router), "k": config.selection.k, "command": config.command,
+                   "dev_metrics": config.dev_metrics, "data": config.data,
+                   "search": {x: v for x, v in config.search.items() if x != "grid"},
+                   "query_embedding": config.query_embedding.model_dump(mode="json")},
+        "static": {"k_chosen_on_fit": k, "heads": [str(h) for h in static], "k_grid": {str(a): b for a, b in k_table.items()},
+                   "artifact_heads": config.static_heads},
+        "test": [{x: v for x, v in r.items() if x != "per_query"} for r in rows],
+        "average": averages,
+        "in_domain_fits": [{x: v for x, v in r.items() if x != "per_query"} for r in in_domain],
+        "label_robustness": robustness,
+        "speed": timing,
+        "search_speed": searching,
+        "seconds": round(time.time() - started, 1),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "routehead.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, args.out / "routehead.md")
+    plot(result, args.out / "routehead.png")
+    console.print(f"wrote {args.out}/routehead.{{json,md,png}}")
+    return 0
+
+
+def _cell(value, best):
+    return f"**{value:.4f}**" if abs(value - best) < 1e-12 else f"{value:.4f}"
+
+
+def write_markdown(result, path: Path) -> None:
+    strategies = list(result["average"]["all test sets"])
+    compared = [s for s in strategies if s != "oracle (hindsight)"]
+    statics = [s for s in strategies if s.startswith("static")]
+    lines = [
+        f"# RouteHead: nDCG@10 on the protocol test sets ({result['model']}, {result['dtype']})",
+        "",
+        f"Router: `{result['router']['path']}` (k = {result['router']['k']} routed heads per query; "
+        f"fit data: {', '.join(str(d['name']) + ' ' + str(d['queries']) for d in result['router']['data'])}). "
+        f"Static heads chosen on the same fit splits. The oracle picks each query's head set with hindsight "
+        f"(head search on that query's own labels): a ceiling, not a method. Bold: best non-oracle strategy.",
+        "",
+        "| set | role | queries | " + " | ".join(strategies) + " | p (RouteHead vs " + " / ".join(statics) + ") |",
+        "|---|---|---|" + "---|" * (len(strategies) + 1),
+    ]
+    for row in result["test"]:
+        best = max(row["ndcg@10"][s] for s in compared)
+        cells = [_cell(row["ndcg@10"][s], best) for s in strategies]
+        p = " / ".join(f"{row['p_routed_vs'][s]:.3f}" for s in statics)
+        lines.append(f"| {row['dataset']} | {row['role']} | {row['queries']} | " + " | ".join(cells) + f" | {p} |")
+    for label, values in result["average"].items():
+        best = max(values[s] for s in compared)
+        lines.append(f"| **average, {label}** | | | " + " | ".join(_cell(values[s], best) for s in strategies) + " | |")
+
+    lines += ["", "## In-domain fits (a router fitted on the domain's fit split only)", "",
+              "| fit -> test | fit queries | k | BM25 | ICR | static (same fit, same k) | static (k chosen on fit) | RouteHead | oracle | p vs static (same k / chosen k) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["in_domain_fits"]:
+        n = row["ndcg@10"]
+        st = [s for s in n if s.startswith("static")]
+        lines.append(
+            f"| {row['dataset']} | {row['router']['fit_queries']} | {row['router']['k']} | {n['BM25']:.4f} | "
+            f"{n['ICR (all heads)']:.4f} | {n[st[0]]:.4f} | {n[st[1]]:.4f} | {n['RouteHead']:.4f} | "
+            f"{n['oracle (hindsight)']:.4f} | " + " / ".join(f"{row['p_routed_vs'][s]:.3f}" for s in st) + " |"
+        )
+
+    lines += ["", "## Label robustness (head-search margin and pool weight; mixed fit, router retrained each time)", "",
+              "| margin | pool weight | mean label size | label nDCG (fit, hindsight) | k | dev routed | dev static | cross-domain test mean |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in result["label_robustness"]:
+        lines.append(f"| {r['margin']} | {r['pool_weight']} | {r['mean_label_size']:.2f} | {r['label_ndcg']:.4f} | "
+                     f"{r['k']} | {r['dev_routed']:.4f} | {r['dev_static']:.4f} | {r['test_mean']:.4f} |")
+
+    s = result["speed"]
+    m = s["median_seconds"]
+    lines += ["", f"## Speed ({s['dataset']}, {s['queries']} queries, protocol inputs, {result['dtype']}, same engine, same run)", "",
+              "| strategy | median s / query | vs all heads |", "|---|---|---|"]
+    for label in ("all heads", "static (artifact heads)", "routed"):
+        lines.append(f"| {label} | {m[label]:.3f} | {m[label] / m['all heads']:.3f}x |")
+    lines += [
+        "",
+        f"Routing alone (query-embedding pass + router): median {m['routing only'] * 1000:.1f} ms per query. "
+        f"Stopping the scoring pass after the deepest routed layer skips {s['forward_share_saved_by_early_stop']:.1%} "
+        f"of the decoder layers on average. Router weights: {s['router_file_bytes'] / 1024:.0f} KiB.",
+        "",
+        f"Head search: {result['search_speed']['queries']} queries, K={result['search_speed']['pool_size']}, "
+        f"P={result['search_speed']['max_heads']} in {result['search_speed']['seconds']:.1f} s.",
+        "",
+        f"Produced by `python benchmarks/routehead.py --dtype {result['dtype']}` in {result['seconds']:.0f} s.",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    strategies = list(result["average"]["all test sets"])
+    sets = [r["dataset"] for r in result["test"]] + ["avg (all)", "avg (cross)"]
+    values = {s: [r["ndcg@10"][s] for r in result["test"]]
+              + [result["average"]["all test sets"][s], result["average"]["cross-domain"][s]] for s in strategies}
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(strategies)
+    for i, s in enumerate(strategies):
+        ax.bar([x + i * width for x in range(len(sets))], values[s], width, label=s,
+               hatch="//" if s.startswith("oracle") else None, alpha=0.5 if s.startswith("oracle") else 1.0)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(sets))], sets, rotation=20, ha="right")
+    ax.set_ylabel("nDCG@10")
+    ax.set_title(f"RouteHead vs baselines, {result['model']} ({result['dtype']})")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

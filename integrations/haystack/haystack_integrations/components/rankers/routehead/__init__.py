@@ -1,0 +1,5 @@
+"""Haystack ranker component backed by routehead-rag: ``RouteHeadRanker``."""
+
+from .ranker import RouteHeadRanker
+
+__all__ = ["RouteHeadRanker"]

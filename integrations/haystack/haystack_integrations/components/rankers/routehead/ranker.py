@@ -1,0 +1,369 @@
+"""``RouteHeadRanker``: a Haystack ranker that scores Documents with a causal LM's own attention.
+
+The LLM can be the one your pipeline already generates with: pass the ``TransformersChatGenerator``
+(or a loaded transformers model and its tokenizer) as ``model`` and the ranker scores with that
+very model object, with no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from haystack import Document, component, default_from_dict, default_to_dict
+from haystack.core.errors import SerializationError
+from haystack.core.serialization import component_to_dict
+from haystack.utils import ComponentDevice, deserialize_component_inplace
+
+from routehead_rag import RouteHeadReranker
+from routehead_rag.backbone import DTYPE_NAMES
+from routehead_rag.heads import as_heads
+from routehead_rag.prompt import INSTRUCTIONS, prompt_config_for
+
+from .documents import deduplicate, text_to_rank
+
+DTYPES = DTYPE_NAMES  # the names routehead_rag.backbone accepts
+"""Accepted ``dtype`` strings (a ``torch.dtype`` is stored as its name)."""
+
+HEAD_CHOICES = ("auto", "all")
+
+
+@component
+class RouteHeadRanker:
+    """Re-rank Documents for a query with a causal LM's attention (ICR, fixed heads, or heads routed per query).
+
+    Usage:
+
+    ```python
+    from haystack import Document
+    from haystack_integrations.components.rankers.routehead import RouteHeadRanker
+
+    ranker = RouteHeadRanker()  # the embedded SmolLM2-135M, offline
+    docs = [Document(content="Paris is the capital of France."), Document(content="Mars is red.")]
+    ranker.run(query="What is the capital of France?", documents=docs)["documents"]
+    ```
+
+    One LLM for both jobs: ``RouteHeadRanker(model=generator)`` with a ``TransformersChatGenerator``
+    scores with the generator's own model object once the generator is warmed up (the ranker warms it
+    up if needed).
+
+    Documents are de-duplicated by id first (the highest score wins, as in Haystack's rankers); the
+    documents returned are copies with the attention score set, best first; the ones passed in are not
+    modified. A document with no text to rank (``content=None`` or blank, and no embedded meta) is kept
+    and ranked last with score ``-inf``.
+    """
+
+    def __init__(
+        self,
+        model: Any = "smollm2-135m",
+        heads: str | os.PathLike[str] | list[str] = "auto",
+        top_k: int | None = 10,
+        score_threshold: float | None = None,
+        meta_fields_to_embed: list[str] | None = None,
+        embedding_separator: str = "\n",
+        device: ComponentDevice | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_prompt_tokens: int = 4096,
+        instruction: str | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        """
+        :param model: ``"smollm2-135m"`` (the embedded default, offline), a Hugging Face id or local folder;
+            or, to share one LLM with generation, a ``TransformersChatGenerator`` (its pipeline's model and
+            tokenizer are used) or a loaded transformers model (then pass ``tokenizer``; such a ranker cannot
+            be serialised).
+        :param heads: ``"auto"`` (the router shipped for this backbone, else every head), ``"all"`` (ICR),
+            a list of heads like ``["L12.H5", "L3.H1"]``, a heads file, or a router folder from
+            ``routehead-rag fit``.
+        :param top_k: how many documents to return at most (``None``: all).
+        :param score_threshold: return only documents whose score is ``>=`` this (``None``: no filter).
+            Scores are attention mass, not probabilities: compare them within one ranking.
+        :param meta_fields_to_embed: meta fields whose values are put before the content in the text ranked.
+        :param embedding_separator: joins the meta values and the content.
+        :param device: where to load a model by name (``None``: CUDA when available, else CPU). With a shared
+            model: ``None`` or the device it is on.
+        :param dtype: ``"float32"`` (the default when ``None``), ``"bfloat16"``, ``"float16"``, ``"auto"``, or a
+            ``torch.dtype``. With a shared model: ``None`` or its dtype.
+        :param max_prompt_tokens: token budget of one prompt; more candidates are scored in windows.
+        :param instruction: the wording after the passages: ``"relevance"`` (search queries) or ``"question"``
+            (questions the passages answer). ``None`` (default): the prompt the router was fitted with when
+            routing (``heads`` ``"auto"`` or a router folder), else ``"relevance"``. A name given here replaces a router's own wording.
+        :param tokenizer: the tokenizer of a model object passed as ``model``; with a model name, an optional
+            tokenizer id or folder.
+        :raises ValueError: an argument has a wrong value (the message names it and how to fix it).
+        :raises TypeError: ``model`` or ``tokenizer`` is of a type the ranker cannot use.
+        """
+        self._model_kind = _model_kind(model)
+        self.model = os.fspath(model) if self._model_kind == "name" else model
+        self.tokenizer = _check_tokenizer(tokenizer, self._model_kind)
+        self.heads = _check_heads(heads)
+        self.top_k = _check_top_k(top_k)
+        self.score_threshold = _check_score_threshold(score_threshold)
+        self.meta_fields_to_embed = _check_meta_fields(meta_fields_to_embed)
+        if not isinstance(embedding_separator, str):
+            raise ValueError(f"embedding_separator must be a string, got {embedding_separator!r}")
+        self.embedding_separator = embedding_separator
+        self.device = _check_device(device)
+        self.dtype = _check_dtype(dtype)
+        if isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be a positive integer, got {max_prompt_tokens!r}")
+        self.max_prompt_tokens = max_prompt_tokens
+        if instruction is not None and instruction not in INSTRUCTIONS:
+            raise ValueError(f"instruction must be one of {sorted(INSTRUCTIONS)} or None, got {instruction!r}")
+        self.instruction = instruction
+        self._reranker: RouteHeadReranker | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Load the model (or take the generator's), once; thread-safe. ``run`` calls it when needed."""
+        if self._reranker is not None:
+            return
+        with self._lock:
+            if self._reranker is not None:
+                return
+            model, tokenizer = self._model_and_tokenizer()
+            reranker = RouteHeadReranker(
+                model=model,
+                heads=self.heads,
+                tokenizer=tokenizer,
+                prompt=prompt_config_for(self.instruction) if self.instruction is not None else None,
+                max_prompt_tokens=self.max_prompt_tokens,
+                dtype=self.dtype,
+                device=self.device.to_torch_str() if self.device is not None else None,
+            )
+            reranker.warm_up()
+            self._reranker = reranker
+
+    async def warm_up_async(self) -> None:
+        """``warm_up`` in a worker thread, so loading does not block the event loop."""
+        await asyncio.to_thread(self.warm_up)
+
+    @property
+    def reranker(self) -> RouteHeadReranker | None:
+        """The underlying ``routehead_rag.RouteHeadReranker`` once warmed up, else ``None``."""
+        return self._reranker
+
+    def _model_and_tokenizer(self) -> tuple[Any, Any]:
+        if self._model_kind != "generator":
+            return self.model, self.tokenizer
+        generator = self.model
+        if getattr(generator, "pipeline", None) is None:
+            generator.warm_up()
+        hf_pipeline = generator.pipeline
+        model = getattr(hf_pipeline, "model", None)
+        tokenizer = getattr(hf_pipeline, "tokenizer", None)
+        if model is None or tokenizer is None:
+            raise TypeError(
+                f"{type(generator).__name__}.warm_up() left no transformers pipeline with a model and a tokenizer "
+                f"(pipeline: {type(hf_pipeline).__name__}). Pass a text-generation TransformersChatGenerator, or the "
+                "model and tokenizer objects themselves (model=..., tokenizer=...)."
+            )
+        return model, tokenizer
+
+    # -- running ---------------------------------------------------------------------------------
+    @component.output_types(documents=list[Document])
+    def run(
+        self,
+        query: str,
+        documents: list[Document],
+        top_k: int | None = None,
+        score_threshold: float | None = None,
+    ) -> dict[str, list[Document]]:
+        """
+        Rank ``documents`` for ``query``, best first.
+
+        :param query: the search text or question.
+        :param documents: candidates (e.g. from a retriever); de-duplicated by id before ranking.
+        :param top_k: overrides the init value when not ``None`` (``0`` is an error, not "use the default").
+        :param score_threshold: overrides the init value when not ``None`` (``0.0`` filters).
+        :returns: ``{"documents": [...]}``: copies of the documents with ``score`` set, best first, at most
+            ``top_k``, those below ``score_threshold`` left out.
+        :raises ValueError: empty query or a bad ``top_k`` / ``score_threshold``.
+        :raises TypeError: ``query`` is not a string or ``documents`` holds something that is not a Document.
+        """
+        top_k = self.top_k if top_k is None else _check_top_k(top_k)
+        score_threshold = self.score_threshold if score_threshold is None else _check_score_threshold(score_threshold)
+        _check_query(query)
+        _check_documents(documents)
+        if not documents:
+            return {"documents": []}
+        self.warm_up()
+        assert self._reranker is not None  # set by warm_up
+        candidates = deduplicate(documents)
+        texts = [text_to_rank(doc, self.meta_fields_to_embed, self.embedding_separator) for doc in candidates]
+        ranked = [dataclasses.replace(candidates[r.index], score=r.score) for r in self._reranker.rank(query, texts)]
+        if score_threshold is not None:
+            ranked = [doc for doc in ranked if doc.score >= score_threshold]
+        return {"documents": ranked[:top_k]}
+
+    @component.output_types(documents=list[Document])
+    async def run_async(
+        self,
+        query: str,
+        documents: list[Document],
+        top_k: int | None = None,
+        score_threshold: float | None = None,
+    ) -> dict[str, list[Document]]:
+        """``run`` in a worker thread (loading and scoring block), with the same arguments and result."""
+        return await asyncio.to_thread(self.run, query, documents, top_k, score_threshold)
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise every init argument; a generator passed as ``model`` is serialised with its own ``to_dict``.
+
+        :raises SerializationError: ``model`` or ``tokenizer`` is a loaded object (not a name or a generator).
+        """
+        if self._model_kind == "object":
+            raise SerializationError(
+                f"RouteHeadRanker was given a loaded {type(self.model).__name__} object as model, which cannot be "
+                "serialised. To save this ranker (or a pipeline holding it), pass a model name or folder, or the "
+                "TransformersChatGenerator that holds the model (model=generator)."
+            )
+        if self.tokenizer is not None and not isinstance(self.tokenizer, str):
+            raise SerializationError(
+                f"RouteHeadRanker was given a loaded {type(self.tokenizer).__name__} object as tokenizer, which "
+                "cannot be serialised: pass the tokenizer's id or folder, or leave tokenizer=None."
+            )
+        model = component_to_dict(obj=self.model, name="model") if self._model_kind == "generator" else self.model
+        return default_to_dict(
+            self,
+            model=model,
+            heads=self.heads,
+            top_k=self.top_k,
+            score_threshold=self.score_threshold,
+            meta_fields_to_embed=self.meta_fields_to_embed,
+            embedding_separator=self.embedding_separator,
+            device=self.device.to_dict() if self.device is not None else None,
+            dtype=self.dtype,
+            max_prompt_tokens=self.max_prompt_tokens,
+            instruction=self.instruction,
+            tokenizer=self.tokenizer,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RouteHeadRanker:
+        """Rebuild a ranker from ``to_dict`` output (``data`` is not modified)."""
+        # Deep copy: a generator's from_dict rewrites its own init parameters in place.
+        init_parameters = copy.deepcopy(data.get("init_parameters", {}))
+        if isinstance(init_parameters.get("model"), dict):
+            deserialize_component_inplace(init_parameters, key="model")
+        if isinstance(init_parameters.get("device"), dict):
+            init_parameters["device"] = ComponentDevice.from_dict(init_parameters["device"])
+        return default_from_dict(cls, {**data, "init_parameters": init_parameters})
+
+
+# -- argument checks (each error names the value and the fix) --------------------------------------
+
+
+def _model_kind(model: Any) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return "name"
+    if isinstance(model, torch.nn.Module):
+        return "object"
+    if callable(getattr(model, "warm_up", None)) and hasattr(model, "pipeline"):
+        return "generator"  # TransformersChatGenerator: `pipeline` is None until warm_up()
+    raise TypeError(
+        f"model must be a model name or folder (str), a TransformersChatGenerator, or a loaded transformers "
+        f"model (with tokenizer=...), got {type(model).__name__}"
+    )
+
+
+def _check_tokenizer(tokenizer: Any, model_kind: str) -> Any:
+    if model_kind == "generator" and tokenizer is not None:
+        raise ValueError(
+            "tokenizer was given together with a generator as model: the generator's own tokenizer is used; "
+            "leave tokenizer=None"
+        )
+    if model_kind == "object" and tokenizer is None:
+        raise ValueError(
+            "model is a loaded model object but tokenizer is None: pass its tokenizer (tokenizer=...), or pass "
+            "the TransformersChatGenerator that holds both as model"
+        )
+    if isinstance(tokenizer, os.PathLike):
+        return os.fspath(tokenizer)
+    return tokenizer
+
+
+def _check_heads(heads: Any) -> str | list[str]:
+    if isinstance(heads, (str, os.PathLike)):
+        text = os.fspath(heads)
+        if text not in HEAD_CHOICES and not Path(text).exists():
+            raise ValueError(
+                f"heads={text!r} is neither {' nor '.join(map(repr, HEAD_CHOICES))} nor an existing heads file or "
+                "router folder; pass one of those, or a list like ['L12.H5', 'L3.H1']"
+            )
+        return text
+    try:
+        parsed = as_heads(heads)
+    except TypeError as err:
+        raise ValueError(f"heads={heads!r} is not usable: {err}") from None
+    if not parsed:
+        raise ValueError("heads is an empty list: pass 'auto', 'all', or at least one head like 'L12.H5'")
+    return [str(head) for head in parsed]
+
+
+def _check_top_k(top_k: Any) -> int | None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer (> 0) or None, got {top_k!r}")
+    return top_k
+
+
+def _check_score_threshold(threshold: Any) -> float | None:
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+        raise ValueError(f"score_threshold must be a number or None, got {threshold!r}")
+    return threshold
+
+
+def _check_meta_fields(fields: Any) -> list[str]:
+    if fields is None:
+        return []
+    if isinstance(fields, str) or not isinstance(fields, (list, tuple)) or not all(isinstance(f, str) for f in fields):
+        raise ValueError(f"meta_fields_to_embed must be a list of meta field names, got {fields!r} (e.g. ['title'])")
+    return list(fields)
+
+
+def _check_device(device: Any) -> ComponentDevice | None:
+    if device is None:
+        return None
+    if not isinstance(device, ComponentDevice):
+        raise ValueError(
+            f"device must be a ComponentDevice or None, got {device!r}: use ComponentDevice.from_str({str(device)!r})"
+        )
+    if device.has_multiple_devices:
+        raise ValueError(f"device {device!r} is a device map; the ranker runs on one device: pass a single device")
+    return device
+
+
+def _check_dtype(dtype: Any) -> str | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"dtype must be None, one of {list(DTYPES)} or a floating torch.dtype, got {dtype!r}")
+    return dtype
+
+
+def _check_query(query: Any) -> None:
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a string, got {type(query).__name__}")
+    if not query.strip():
+        raise ValueError("query is empty: pass the search text or question to rank the documents for")
+
+
+def _check_documents(documents: Any) -> None:
+    if not isinstance(documents, (list, tuple)):
+        raise TypeError(f"documents must be a list of Document, got {type(documents).__name__}")
+    for index, document in enumerate(documents):
+        if not isinstance(document, Document):
+            raise TypeError(f"documents[{index}] is a {type(document).__name__}, not a haystack Document")

@@ -1,0 +1,297 @@
+"""``RouteHeadPostprocessor``: a LlamaIndex node postprocessor that re-ranks with an LLM's attention.
+
+Settings are pydantic fields (serialised by ``to_dict``); the engine, a
+:class:`routehead_rag.RouteHeadReranker`, lives in a private attribute and loads its model on the
+first query (or :meth:`RouteHeadPostprocessor.warm_up`), never in ``__init__``.
+
+One LLM for both jobs: pass the generator (``llm=HuggingFaceLLM(...)``) or its transformers
+``model=`` and ``tokenizer=`` objects, and the re-ranker reads attention from that very model
+(no copy, cast or move). A model object cannot be serialised: ``to_dict`` records its name and
+``shared_model=True``, and ``from_dict(data, llm=llm)`` re-attaches it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional, Union
+
+import torch
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, field_validator
+from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+
+from routehead_rag import RouteHeadReranker
+from routehead_rag.backbone import DTYPE_NAMES, EMBEDDED_DEFAULT, SHARED_MODEL_NAME
+from routehead_rag.heads import as_heads
+
+dispatcher = get_dispatcher(__name__)
+
+DTYPES = DTYPE_NAMES  # the names routehead_rag.backbone accepts
+
+
+class RouteHeadPostprocessor(BaseNodePostprocessor):
+    """Re-rank retrieved nodes with the query-to-passage attention of a causal LM.
+
+    Args:
+        model: ``"smollm2-135m"`` (embedded default, offline), a Hugging Face id or local folder,
+            or a loaded transformers model object to share (then pass ``tokenizer`` too).
+        router: ``"auto"`` (the router shipped for the backbone, else every head), ``"all"``
+            or ``None`` (every head, ICR), a router directory from ``routehead-rag fit``, a
+            heads file, or a list of heads like ``["L12.H5"]``.
+        top_n: how many nodes to return, best first.
+        score_threshold: drop nodes scoring below it (``None``: keep all ``top_n``).
+        keep_retrieval_score: keep the retriever's score in ``node.metadata["retrieval_score"]``
+            (on a copy of the node; the caller's node is untouched).
+        metadata_mode: which metadata goes into the passage text the LLM reads.
+        device, dtype: for a model loaded by name (``None``: CUDA when available else CPU,
+            float32). With a shared model: ``None`` or where it already is.
+        max_prompt_tokens: token budget of one prompt; more candidates are scored in windows.
+        tokenizer: the tokenizer of a ``model`` object (not serialised).
+        llm: a ``llama_index.llms.huggingface.HuggingFaceLLM`` (or any LLM object holding
+            ``_model`` and ``_tokenizer``) whose model is shared (not serialised); the ``model``
+            field then records that model's ``name_or_path``.
+        shared_model: set for you; ``True`` in ``to_dict`` output means the model was a shared
+            object that must be passed again to ``from_dict``.
+    """
+
+    model_config = ConfigDict(validate_assignment=True)
+
+    model: str = Field(
+        default=EMBEDDED_DEFAULT,
+        frozen=True,
+        description="Backbone name, Hugging Face id or folder; for a shared model object, its name_or_path.",
+    )
+    router: Optional[Union[str, List[str]]] = Field(
+        default="auto",
+        frozen=True,
+        description="'auto', 'all' (or None), a router directory, a heads file, or a list of heads like 'L12.H5'.",
+    )
+    top_n: int = Field(default=5, description="Number of nodes to return, best first.")
+    score_threshold: Optional[float] = Field(
+        default=None, description="Drop nodes whose re-ranking score is below this value."
+    )
+    keep_retrieval_score: bool = Field(
+        default=False, description="Keep the retriever's score in node.metadata['retrieval_score']."
+    )
+    metadata_mode: MetadataMode = Field(
+        default=MetadataMode.EMBED, description="Metadata mode of node.get_content() for the passage text."
+    )
+    device: Optional[str] = Field(default=None, frozen=True, description="Device for a model loaded by name.")
+    dtype: Optional[str] = Field(
+        default=None, frozen=True, description=f"One of {DTYPES} for a model loaded by name (None: float32)."
+    )
+    max_prompt_tokens: int = Field(default=4096, frozen=True, description="Token budget of one scoring prompt.")
+    shared_model: bool = Field(
+        default=False,
+        frozen=True,
+        description="The backbone is a caller's model object (not serialised; pass it again to from_dict).",
+    )
+
+    _reranker: RouteHeadReranker = PrivateAttr()
+
+    def __init__(
+        self,
+        model: Any = EMBEDDED_DEFAULT,
+        router: Optional[Union[str, os.PathLike, List[str]]] = "auto",
+        top_n: int = 5,
+        score_threshold: Optional[float] = None,
+        keep_retrieval_score: bool = False,
+        metadata_mode: MetadataMode = MetadataMode.EMBED,
+        device: Any = None,
+        dtype: Any = None,
+        max_prompt_tokens: int = 4096,
+        shared_model: bool = False,
+        *,
+        tokenizer: Any = None,
+        llm: Any = None,
+        callback_manager: Optional[CallbackManager] = None,
+    ) -> None:
+        model_object, tokenizer = _shared_objects(model, tokenizer, llm)
+        if model_object is not None:
+            model = getattr(model_object, "name_or_path", "") or SHARED_MODEL_NAME
+        elif shared_model:
+            raise ValueError(
+                f"shared_model=True but no model object was given: this postprocessor was saved while sharing "
+                f"a generator's model ({model!r}), which is not serialised. Re-attach it with "
+                f"RouteHeadPostprocessor.from_dict(data, llm=your_llm) (or model=<model>, tokenizer=<tokenizer>), "
+                f"or pass shared_model=False to load a separate copy of {model!r} by name."
+            )
+        elif isinstance(model, os.PathLike):
+            model = os.fspath(model)
+        fields: dict[str, Any] = dict(
+            model=model,
+            router=router,
+            top_n=top_n,
+            score_threshold=score_threshold,
+            keep_retrieval_score=keep_retrieval_score,
+            metadata_mode=metadata_mode,
+            device=device,
+            dtype=dtype,
+            max_prompt_tokens=max_prompt_tokens,
+            shared_model=model_object is not None,
+        )
+        if callback_manager is not None:
+            fields["callback_manager"] = callback_manager
+        super().__init__(**fields)
+        # Cheap: validates the router/heads now; the model loads on the first query.
+        try:
+            self._reranker = RouteHeadReranker(
+                model=model_object if model_object is not None else self.model,
+                heads="all" if self.router is None else self.router,
+                tokenizer=tokenizer,
+                max_prompt_tokens=self.max_prompt_tokens,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"router={self.router!r} cannot be used: {err}") from err
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RouteHeadPostprocessor"
+
+    # -- validation ------------------------------------------------------------------------
+    @field_validator("top_n", "max_prompt_tokens", mode="before")
+    @classmethod
+    def _positive_int(cls, value: Any, info: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{info.field_name} must be a positive integer, got {value!r}; e.g. {info.field_name}=5")
+        return value
+
+    @field_validator("router", mode="before")
+    @classmethod
+    def _router_value(cls, value: Any) -> Optional[Union[str, List[str]]]:
+        """Paths become strings; a list of heads (``Head``, ``(layer, head)`` or ``"L12.H5"``) becomes ``"L12.H5"`` strings."""
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, (list, tuple)):
+            try:
+                return [str(head) for head in as_heads(value)]
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"router={value!r} is not a list of heads: {err}") from None
+        raise ValueError(
+            f"router must be 'auto', 'all', None, a router directory, a heads file or a list of heads like "
+            f"['L12.H5'], got {type(value).__name__}: {value!r}"
+        )
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_name(cls, value: Any) -> Optional[str]:
+        if value is None:
+            return None
+        if isinstance(value, torch.dtype):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError(f"dtype must be None, a torch.dtype or one of {DTYPES}, got {value!r}")
+        name = value.strip().lower().removeprefix("torch.")
+        if name not in DTYPES:
+            raise ValueError(f"dtype={value!r} is not supported; use one of {DTYPES} or None (float32)")
+        return name
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_name(cls, value: Any) -> Optional[str]:
+        if value is None:
+            return None
+        if not isinstance(value, (str, torch.device)):
+            raise ValueError(f"device must be None, a string like 'cpu' or 'cuda:0', or a torch.device, got {value!r}")
+        try:
+            return str(torch.device(value))
+        except RuntimeError as err:
+            raise ValueError(f"device={value!r} is not a valid torch device ({err}); use e.g. 'cpu' or 'cuda'") from None
+
+    # -- engine ----------------------------------------------------------------------------
+    @property
+    def reranker(self) -> RouteHeadReranker:
+        """The :class:`RouteHeadReranker` doing the work (its model loads on first use)."""
+        return self._reranker
+
+    def warm_up(self) -> None:
+        """Load (or wrap) the backbone now instead of on the first query; thread-safe."""
+        self._reranker.warm_up()
+
+    # -- postprocessing --------------------------------------------------------------------
+    def _postprocess_nodes(
+        self,
+        nodes: List[NodeWithScore],
+        query_bundle: Optional[QueryBundle] = None,
+    ) -> List[NodeWithScore]:
+        if query_bundle is None:
+            raise ValueError(
+                "RouteHeadPostprocessor needs the query to re-rank for: call "
+                "postprocess_nodes(nodes, query_str=query) or postprocess_nodes(nodes, query_bundle=QueryBundle(query)); "
+                "query engines pass it for you."
+            )
+        dispatcher.event(
+            ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=self.top_n, model_name=self.model)
+        )
+        with self.callback_manager.event(
+            CBEventType.RERANKING,
+            payload={
+                EventPayload.NODES: nodes,
+                EventPayload.MODEL_NAME: self.model,
+                EventPayload.QUERY_STR: query_bundle.query_str,
+                EventPayload.TOP_K: self.top_n,
+            },
+        ) as event:
+            new_nodes = self._rerank(nodes, query_bundle.query_str) if nodes else []
+            event.on_end(payload={EventPayload.NODES: new_nodes})
+        dispatcher.event(ReRankEndEvent(nodes=new_nodes))
+        return new_nodes
+
+    def _rerank(self, nodes: List[NodeWithScore], query: str) -> List[NodeWithScore]:
+        """New ``NodeWithScore``s, best first, ``[:top_n]``; the caller's objects are not modified."""
+        texts = [item.node.get_content(metadata_mode=self.metadata_mode) for item in nodes]
+        ranked = self._reranker.rank(query, texts, top_k=self.top_n)  # best first; ties keep retrieval order
+        new_nodes = []
+        for document in ranked:
+            if self.score_threshold is not None and document.score < self.score_threshold:
+                break  # best first: every later score is lower
+            original = nodes[document.index]
+            node = original.node
+            if self.keep_retrieval_score:
+                metadata = {**node.metadata, "retrieval_score": original.score}
+                node = node.model_copy(update={"metadata": metadata})
+            new_nodes.append(NodeWithScore(node=node, score=document.score))
+        return new_nodes
+
+
+def _shared_objects(model: Any, tokenizer: Any, llm: Any) -> tuple[Any, Any]:
+    """``(model_object, tokenizer)`` to share, or ``(None, None)`` for a model loaded by name."""
+    if llm is not None:
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise ValueError("pass either llm= or a model object with tokenizer=, not both")
+        if tokenizer is not None:
+            raise ValueError("tokenizer= is taken from llm=; do not pass both")
+        model_object = getattr(llm, "_model", None)
+        llm_tokenizer = getattr(llm, "_tokenizer", None)
+        if not isinstance(model_object, torch.nn.Module) or llm_tokenizer is None:
+            raise TypeError(
+                f"llm={type(llm).__name__} holds no loaded transformers model and tokenizer: pass a "
+                "llama_index.llms.huggingface.HuggingFaceLLM, or pass your generator's objects directly as "
+                "RouteHeadPostprocessor(model=model, tokenizer=tokenizer)."
+            )
+        return model_object, llm_tokenizer
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is not None:
+            raise ValueError(
+                f"tokenizer= is only used with a model object; model={os.fspath(model)!r} is loaded by name "
+                "with its own tokenizer"
+            )
+        return None, None
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model must be a name, Hugging Face id or folder, or a loaded transformers model, "
+            f"got {type(model).__name__}"
+        )
+    if tokenizer is None:
+        raise ValueError(
+            f"model is a {type(model).__name__} object but tokenizer= is missing: pass the tokenizer it was "
+            "trained with, or pass llm=HuggingFaceLLM(model=..., tokenizer=...)"
+        )
+    return model, tokenizer

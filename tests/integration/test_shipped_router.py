@@ -1,0 +1,42 @@
+"""The default router that ships in the package, on the embedded SmolLM2-135M."""
+
+import pytest
+
+from routehead_rag.artifact import SHIPPED_ROUTERS, load_artifact, read_artifact_config, shipped_router_for
+from routehead_rag.reranker import RouteHeadReranker
+
+pytestmark = pytest.mark.integration
+
+SHIPPED = SHIPPED_ROUTERS / "smollm2-135m"
+QUERY = "What causes the ocean tides?"
+DOCS = [
+    "The stock market fell sharply on Monday after the bank raised interest rates.",
+    "Ocean tides are caused by the gravitational pull of the Moon and, to a lesser extent, the Sun.",
+    "Basketball is played by two teams of five players on a rectangular court.",
+    "A recipe for banana bread needs ripe bananas, flour, sugar, butter and eggs.",
+]
+
+
+def test_the_shipped_router_is_found_by_fingerprint(embedded_backbone):
+    assert shipped_router_for(embedded_backbone.fingerprint()) == SHIPPED
+    router, config = load_artifact(SHIPPED, embedded_backbone.fingerprint())
+    assert config.backbone_name == "smollm2-135m"
+    assert {d["name"] for d in config.data} == {
+        "beir-scifact", "musique-ans-train100", "hotpotqa-distractor-dev500", "trec-dl-2019"
+    }
+    assert config.command and config.command.startswith("routehead-rag fit")
+    assert (SHIPPED / "router.safetensors").stat().st_size < 5 * 2**20
+
+
+def test_default_reranker_routes_with_the_shipped_router(embedded_backbone):
+    reranker = RouteHeadReranker(model=embedded_backbone.model, tokenizer=embedded_backbone.tokenizer)
+    heads = reranker.heads_for(QUERY)
+    config = read_artifact_config(SHIPPED)
+    assert reranker.router_dir == SHIPPED
+    assert len(heads) == config.selection.k
+    results = reranker.rank(QUERY, DOCS)
+    assert results[0].index == 1, results
+    # the routed score is the sum of the routed heads' calibrated scores
+    everything = reranker.scorer.head_scores(QUERY, DOCS)
+    for r in results:
+        assert r.score == pytest.approx(float(everything.calibrated[[h.layer for h in heads], [h.head for h in heads], r.index].sum()), abs=1e-5)
