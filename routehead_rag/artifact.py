@@ -87,6 +87,8 @@ def save_artifact(folder: str | Path, router: Router, config: RouterArtifactConf
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o777 & ~umask)  # mkdtemp makes it 0700; a router folder is meant to be shared
+        for path in temporary.iterdir():
+            os.chmod(path, 0o666 & ~umask)
         if folder.exists():
             if not (folder / CONFIG_NAME).is_file() and any(folder.iterdir()):
                 raise RouterArtifactError(

@@ -55,6 +55,8 @@ def test_artifact_files_and_config(fitted):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(result.artifact.stat().st_mode) == 0o777 & ~umask  # readable by others, like any folder
+    for path in result.artifact.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
 
 
 def test_routed_reranker_scores_with_the_routed_heads(fitted):
