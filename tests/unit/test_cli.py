@@ -112,7 +112,8 @@ def test_fit_then_routed_and_static_eval(model_dir, beir_dir, tmp_path):
         assert data["strategy"] == strategy and data["router"] == str(router)
 
 
-def test_routed_without_router_is_a_usage_error(beir_dir):
-    result = runner.invoke(app, ["eval", str(beir_dir), "--strategy", "routed"])
+def test_routed_without_router_is_a_usage_error(model_dir, beir_dir):
+    # no router ships for this (tiny) backbone, so --strategy routed needs --router
+    result = runner.invoke(app, ["eval", str(beir_dir), "--strategy", "routed", "--model", str(model_dir)])
     assert result.exit_code != 0
-    assert "--router" in result.output
+    assert "--router" in result.output and "no router ships" in result.output
