@@ -4,17 +4,11 @@ import pytest
 
 from routehead_rag.artifact import SHIPPED_ROUTERS, load_artifact, read_artifact_config, shipped_router_for
 from routehead_rag.reranker import RouteHeadReranker
+from tests.integration.test_embedded_scoring import DOCS, QUERY
 
 pytestmark = pytest.mark.integration
 
 SHIPPED = SHIPPED_ROUTERS / "smollm2-135m"
-QUERY = "What causes the ocean tides?"
-DOCS = [
-    "The stock market fell sharply on Monday after the bank raised interest rates.",
-    "Ocean tides are caused by the gravitational pull of the Moon and, to a lesser extent, the Sun.",
-    "Basketball is played by two teams of five players on a rectangular court.",
-    "A recipe for banana bread needs ripe bananas, flour, sugar, butter and eggs.",
-]
 
 
 def test_the_shipped_router_is_found_by_fingerprint(embedded_backbone):
