@@ -38,14 +38,15 @@ from quality import K_GRID, load_set  # noqa: E402  (same extraction pass and ca
 from routehead_rag.artifact import SHIPPED_ROUTERS, load_artifact  # noqa: E402
 from routehead_rag.backbone import default_cache_dir, load_backbone  # noqa: E402
 from routehead_rag.data import PROTOCOL, Role, bm25_order  # noqa: E402
-from routehead_rag.evaluation import order_run, strategy_run  # noqa: E402
+from routehead_rag.evaluation import order_run, routed_run, strategy_run  # noqa: E402
 from routehead_rag.fit import beir_source, run_fit  # noqa: E402
 from routehead_rag.heads import Head  # noqa: E402
-from routehead_rag.metrics import evaluate, paired_randomization_test, per_query, ranking_to_run  # noqa: E402
+from routehead_rag.metrics import evaluate, paired_randomization_test, per_query  # noqa: E402
 from routehead_rag.prompt import INSTRUCTIONS, prompt_config_for  # noqa: E402
 from routehead_rag.query_embedding import embed_query  # noqa: E402
 from routehead_rag.reranker import RouteHeadReranker  # noqa: E402
-from routehead_rag.scoring import AttentionScorer, ScoringConfig, aggregate, rank_heads_by_ndcg  # noqa: E402
+from routehead_rag.router import SelectionConfig  # noqa: E402
+from routehead_rag.scoring import AttentionScorer, ScoringConfig, rank_heads_by_ndcg  # noqa: E402
 from routehead_rag.search import SearchConfig, build_labelled_set, search_heads  # noqa: E402
 from routehead_rag.training import TrainingConfig, train_router  # noqa: E402
 
@@ -59,11 +60,15 @@ def routed_heads(backbone, router, config, queries: dict[str, str]) -> dict[str,
             for qid, text in queries.items()}
 
 
-def routed_run(extractions, heads_of) -> dict[str, dict[str, float]]:
-    run = {}
-    for qid, extraction in extractions.items():
-        run.update(ranking_to_run(qid, extraction.doc_ids, aggregate(extraction.calibrated, heads_of[qid]).tolist()))
-    return run
+def pooled(fit_sets) -> tuple[dict, dict, dict, dict]:
+    """``(scores, doc_ids, qrels, query_texts)`` of every fit query, keyed ``"set/qid"``."""
+    scores, ids, qrels, texts = {}, {}, {}, {}
+    for name, (dataset, qids, _, extractions) in fit_sets.items():
+        for qid in qids:
+            key = f"{name}/{qid}"
+            scores[key], ids[key] = extractions[qid].calibrated, extractions[qid].doc_ids
+            qrels[key], texts[key] = dataset.qrels.get(qid, {}), dataset.queries[qid]
+    return scores, ids, qrels, texts
 
 
 def oracle_values(dataset, qids, extractions) -> dict[str, float]:
@@ -78,12 +83,7 @@ def oracle_values(dataset, qids, extractions) -> dict[str, float]:
 
 def best_static(fit_sets) -> tuple[int, list[Head], dict]:
     """Static heads chosen on fit splits: top-k by single-head nDCG@10, k by mean fit nDCG@10."""
-    scores, ids, qrels = {}, {}, {}
-    for name, (dataset, qids, _, extractions) in fit_sets.items():
-        for qid in qids:
-            scores[f"{name}/{qid}"] = extractions[qid].calibrated
-            ids[f"{name}/{qid}"] = extractions[qid].doc_ids
-            qrels[f"{name}/{qid}"] = dataset.qrels.get(qid, {})
+    scores, ids, qrels, _ = pooled(fit_sets)
     ranked = rank_heads_by_ndcg(scores, ids, qrels)
     table = {}
     for k in K_GRID:
@@ -141,12 +141,7 @@ def in_domain_fit(name, test_entry, backbone, scorers, args, cache_dir, workdir)
 
 def label_robustness(fit_sets, backbone, router_config, test_rows_sets):
     """Head-search margin / pool weight: dev nDCG@10 of the routed aggregation, and the cross-domain test mean."""
-    scores, ids, qrels, texts = {}, {}, {}, {}
-    for name, (dataset, qids, _, extractions) in fit_sets.items():
-        for qid in qids:
-            key = f"{name}/{qid}"
-            scores[key], ids[key] = extractions[qid].calibrated, extractions[qid].doc_ids
-            qrels[key], texts[key] = dataset.qrels.get(qid, {}), dataset.queries[qid]
+    scores, ids, qrels, texts = pooled(fit_sets)
     data = build_labelled_set(scores, ids, qrels)
     embeddings = torch.stack([embed_query(backbone, texts[q], router_config.query_embedding) for q in data.qids])
     test_embeddings = {
@@ -161,11 +156,8 @@ def label_robustness(fit_sets, backbone, router_config, test_rows_sets):
         trained = train_router(embeddings, found.labels, data, TrainingConfig())
         test = {}
         for name, (dataset, qids, _, extractions) in test_rows_sets.items():
-            heads_of = {}
-            with torch.no_grad():
-                for q in qids:
-                    logits = trained.router(test_embeddings[name][q][None])[0]
-                    heads_of[q] = [trained.router.flat_to_head(int(i)) for i in logits.topk(trained.k).indices]
+            selection = SelectionConfig(k=trained.k, max_heads=trained.k)
+            heads_of = {q: trained.router.select(test_embeddings[name][q], selection) for q in qids}
             test[name] = evaluate(routed_run(extractions, heads_of), dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"]
         rows.append({"margin": margin, "pool_weight": pool_weight, "mean_label_size": float(found.labels.float().sum(1).mean()),
                      "label_ndcg": float(found.query_ndcg.mean()), "k": trained.k, "dev_routed": trained.dev_ndcg,
@@ -206,11 +198,7 @@ def speed(backbone, router_dir, dataset, qids, candidates, repeats_note=""):
 
 
 def search_speed(fit_sets) -> dict:
-    scores, ids, qrels = {}, {}, {}
-    for name, (dataset, qids, _, extractions) in fit_sets.items():
-        for qid in qids:
-            scores[f"{name}/{qid}"], ids[f"{name}/{qid}"] = extractions[qid].calibrated, extractions[qid].doc_ids
-            qrels[f"{name}/{qid}"] = dataset.qrels.get(qid, {})
+    scores, ids, qrels, _ = pooled(fit_sets)
     data = build_labelled_set(scores, ids, qrels)
     keep = list(range(min(1000, len(data.qids))))
     subset = type(data)(

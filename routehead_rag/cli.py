@@ -246,16 +246,15 @@ def _attention_run(dataset, qids, candidates, strategy, heads, backbone, max_wor
     extractions = _extract_dataset(AttentionScorer(backbone, config), dataset, candidates, max_words, cache_dir)
     if strategy is Strategy.routed:
         from .artifact import load_artifact
-        from .metrics import ranking_to_run
+        from .evaluation import routed_run
         from .query_embedding import embed_query
-        from .scoring import aggregate
 
         routed, artifact = load_artifact(router, backbone.fingerprint())
-        run = {}
-        for qid, extraction in extractions.items():
-            chosen = routed.select(embed_query(backbone, dataset.queries[qid], artifact.query_embedding), artifact.selection)
-            run.update(ranking_to_run(qid, extraction.doc_ids, aggregate(extraction.calibrated, chosen).tolist()))
-        return run
+        heads_of = {
+            qid: routed.select(embed_query(backbone, dataset.queries[qid], artifact.query_embedding), artifact.selection)
+            for qid in extractions
+        }
+        return routed_run(extractions, heads_of)
     return strategy_run(extractions, head_list)
 
 

@@ -141,6 +141,18 @@ def strategy_run(
     return run
 
 
+def routed_run(
+    extractions: dict[str, QueryExtraction], heads_of: dict[str, Sequence[Head]]
+) -> dict[str, dict[str, float]]:
+    """``{qid: {doc_id: score}}`` summing each query's own heads (``heads_of[qid]``, e.g. routed)."""
+    from .metrics import ranking_to_run
+
+    run: dict[str, dict[str, float]] = {}
+    for qid, extraction in extractions.items():
+        run.update(ranking_to_run(qid, extraction.doc_ids, aggregate(extraction.calibrated, heads_of[qid]).tolist()))
+    return run
+
+
 def order_run(rankings: dict[str, Iterable[str]]) -> dict[str, dict[str, float]]:
     """A run from ordered doc-id lists (a first-stage baseline)."""
     from .metrics import ranking_to_run
