@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from routehead_rag.attention import CaptureRequest, capture_scope, run_capture  # noqa: E402
-from routehead_rag.backbone import load_backbone  # noqa: E402
-from routehead_rag.scoring import AttentionScorer, ScoringConfig  # noqa: E402
+from routehead_rag.engine.capture import CaptureRequest, capture_scope, run_capture  # noqa: E402
+from routehead_rag.engine.scorer import AttentionScorer, ScoringConfig  # noqa: E402
+from routehead_rag.model.backbone import load_backbone  # noqa: E402
 
 WORDS = ("tide moon ocean gravity water coast wave sun orbit planet energy river city market price "
          "bread recipe player court team science cell protein gene study result method data").split()

@@ -14,43 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.progress import Progress
+from common import (
+    K_GRID, RESULTS, best_static, console, load_set, machine, machine_line, ndcg, reference_check,
+    scorers_by_instruction, seeded, static_run,
+)
 
-from routehead_rag.backbone import default_cache_dir, load_backbone
-from routehead_rag.data import PROTOCOL, Role, bm25_order, build_candidates, load_protocol_set
-from routehead_rag.evaluation import dataset_key, extract, order_run, strategy_run
-from routehead_rag.first_stage import DenseRetriever
-from routehead_rag.metrics import candidate_recall, evaluate, per_query, ranking_to_run
-from routehead_rag.prompt import INSTRUCTIONS, prompt_config_for
-from routehead_rag.scoring import AttentionScorer, ScoringConfig, rank_heads_by_ndcg
-
-console = Console(stderr=True)
-K_GRID = [1, 2, 4, 8, 16, 32, 64]
-
-
-def load_set(name, role, data_dir, max_queries, scorers, cache_dir):
-    dataset, qids = load_protocol_set(name, role, data_dir)
-    scorer = scorers[PROTOCOL.spec(name).instruction]  # ICR's wording per set: relevance or question
-    if max_queries is not None:
-        qids = qids[:max_queries]
-    candidates = build_candidates(dataset, qids, PROTOCOL.top_k)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"{name} ({role.value}): extracting", total=len(qids))
-        extractions = extract(
-            scorer, dataset.name, dataset.queries, candidates,
-            lambda qid, ids: dataset.passages(ids, PROTOCOL.max_words), cache_dir,
-            progress=lambda n: progress.advance(task, n),
-            key_extra=dataset_key(dataset.path, PROTOCOL.max_words),
-        )
-    return dataset, qids, candidates, extractions
+from routehead_rag.eval.first_stage import DenseRetriever
+from routehead_rag.eval.harness import first_stage_run
+from routehead_rag.eval.metrics import candidate_recall, ranking_to_run
+from routehead_rag.eval.protocol import PROTOCOL, Role
+from routehead_rag.model.backbone import load_backbone
+from routehead_rag.paths import default_cache_dir
 
 
 def main() -> int:
@@ -61,73 +40,52 @@ def main() -> int:
     parser.add_argument("--fit-max-queries", type=int, default=None, help="cap each fit split (first N ids)")
     parser.add_argument("--test-max-queries", type=int, default=None, help="cap each test split (smoke runs)")
     parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-dense", action="store_true")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
+    seeded()
     started = time.time()
     cache_dir = args.cache_dir or default_cache_dir()
     backbone = load_backbone(args.model, dtype=args.dtype)
-    scorers = {name: AttentionScorer(backbone, ScoringConfig(prompt=prompt_config_for(name))) for name in INSTRUCTIONS}
+    scorers = scorers_by_instruction(backbone)
 
     # ---- fit: choose k and the static heads --------------------------------------------------
-    fit = {}
-    for entry in PROTOCOL.entries_for(Role.FIT):
-        fit[entry.name] = load_set(entry.name, Role.FIT, args.data_dir, args.fit_max_queries, scorers, cache_dir)
-    pooled_scores, pooled_ids, pooled_qrels = {}, {}, {}
-    for name, (dataset, qids, _, extractions) in fit.items():
-        for qid in qids:
-            key = f"{name}/{qid}"
-            pooled_scores[key] = extractions[qid].calibrated
-            pooled_ids[key] = extractions[qid].doc_ids
-            pooled_qrels[key] = dataset.qrels.get(qid, {})
-    ranked_heads = rank_heads_by_ndcg(pooled_scores, pooled_ids, pooled_qrels)
-    fit_table = {}
-    for k in K_GRID:
-        heads = [h for h, _ in ranked_heads[:k]]
-        per_set = {
-            name: evaluate(strategy_run({q: ex[q] for q in qids}, heads), dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"]
-            for name, (dataset, qids, _, ex) in fit.items()
-        }
-        fit_table[k] = {"per_set": per_set, "mean": statistics.mean(per_set.values())}
-    fit_icr = {
-        name: evaluate(strategy_run({q: ex[q] for q in qids}, None), dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"]
-        for name, (dataset, qids, _, ex) in fit.items()
-    }
-    best_k = max(K_GRID, key=lambda k: (fit_table[k]["mean"], -k))
-    static_heads = [h for h, _ in ranked_heads[:best_k]]
+    fit = {e.name: load_set(e.name, Role.FIT, args.data_dir, args.fit_max_queries, scorers, cache_dir)
+           for e in PROTOCOL.entries_for(Role.FIT)}
+    best_k, static_heads, fit_choice = best_static(fit, K_GRID)
+    fit_icr = {name: ndcg(s, static_run(ex, None)) for name, (s, ex) in fit.items()}
     console.print(f"static k={best_k} chosen on fit: {', '.join(map(str, static_heads))}")
 
     # ---- test ---------------------------------------------------------------------------------
     dense = None if args.no_dense else DenseRetriever()
     rows, test_sets = [], {}
     for entry in PROTOCOL.entries_for(Role.IN_DOMAIN_TEST) + PROTOCOL.entries_for(Role.CROSS_DOMAIN_TEST):
-        dataset, qids, candidates, extractions = load_set(
-            entry.name, entry.role, args.data_dir, args.test_max_queries, scorers, cache_dir
-        )
-        test_sets[entry.name] = (dataset, qids, candidates, extractions)
+        eval_set, extractions = load_set(entry.name, entry.role, args.data_dir, args.test_max_queries, scorers, cache_dir)
+        test_sets[entry.name] = (eval_set, extractions)
         runs = {
-            "BM25": order_run(bm25_order(dataset, qids, PROTOCOL.top_k)),
-            "ICR (all heads)": strategy_run(extractions, None),
-            f"static top-{best_k}": strategy_run(extractions, static_heads),
+            "BM25": first_stage_run(eval_set),
+            "ICR (all heads)": static_run(extractions, None),
+            f"static top-{best_k}": static_run(extractions, static_heads),
         }
         if dense is not None:
             run = {}
-            for qid in qids:
-                run.update(ranking_to_run(qid, candidates[qid], dense.rerank(dataset.queries[qid], dataset.passages(candidates[qid], PROTOCOL.max_words))))
+            for qid in eval_set.qids:
+                run.update(ranking_to_run(qid, eval_set.candidates[qid],
+                                          dense.rerank(eval_set.dataset.queries[qid], eval_set.passages(qid))))
             runs["dense MiniLM-L6"] = run
         row = {
             "dataset": entry.name,
             "role": entry.role.value,
-            "queries": len(qids),
-            "recall@20": candidate_recall(candidates, dataset.qrels, k=PROTOCOL.recall_depth, rel=PROTOCOL.spec(entry.name).binary_rel, qids=qids),
-            "ndcg@10": {name: evaluate(run, dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"] for name, run in runs.items()},
+            "queries": len(eval_set.qids),
+            "recall@20": candidate_recall(eval_set.candidates, eval_set.dataset.qrels, k=PROTOCOL.recall_depth,
+                                          rel=PROTOCOL.spec(entry.name).binary_rel, qids=eval_set.qids),
+            "ndcg@10": {name: ndcg(eval_set, run) for name, run in runs.items()},
         }
         rows.append(row)
         console.print(row)
 
-    reference = reference_check(fit, test_sets)
+    reference = reference_check({**fit, **test_sets})
     strategies = list(rows[0]["ndcg@10"])
     averages = {s: statistics.mean(r["ndcg@10"][s] for r in rows) for s in strategies}
     result = {
@@ -137,15 +95,15 @@ def main() -> int:
         "protocol": {"top_k": PROTOCOL.top_k, "max_words": PROTOCOL.max_words, "measure": PROTOCOL.measure},
         "fit_max_queries": args.fit_max_queries,
         "test_max_queries": args.test_max_queries,
-        "fit": {"queries": {n: len(v[1]) for n, v in fit.items()}, "icr": fit_icr,
-                 "k_grid": {str(k): v for k, v in fit_table.items()}, "chosen_k": best_k,
+        "fit": {"queries": {n: len(v[0].qids) for n, v in fit.items()}, "icr": fit_icr,
+                 "k_grid": {str(k): v for k, v in fit_choice["k_grid"].items()}, "chosen_k": best_k,
                  "static_heads": [str(h) for h in static_heads],
-                 "head_ranking_top16": [[str(h), v] for h, v in ranked_heads[:16]]},
+                 "head_ranking_top16": fit_choice["ranking_top16"]},
         "test": rows,
         "reference_check": reference,
         "average": averages,
         "seconds": round(time.time() - started, 1),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads()},
+        "machine": machine(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -153,47 +111,6 @@ def main() -> int:
     plot(result, args.out / "quality.png")
     console.print(f"wrote {args.out}/quality.{{json,md,png}}")
     return 0
-
-
-REFERENCE = {  # data/README.md, SmolLM2-135M fp32, same inputs
-    "trec-dl-2019": {"queries": 43, "first-stage": 0.5456, "ICR authors masked N/A": 0.5422, "ICR authors plain N/A": 0.5433,
-                     "no calibration": 0.4829, "independent re-implementation": 0.5350, "best 4 static heads LOO": 0.5643},
-    "musique-ans-migres200": {"queries": 60, "first-stage": 0.2814, "ICR authors masked N/A": 0.5658,
-                              "ICR authors plain N/A": 0.5848, "no calibration": 0.3041,
-                              "independent re-implementation": 0.5905, "best 4 static heads LOO": 0.6981},
-}
-
-
-def leave_one_out_static(extractions, qids, dataset, k=4):
-    """Each query scored with the best k heads chosen on the other queries of the same set."""
-    values = []
-    doc_ids = {q: extractions[q].doc_ids for q in qids}
-    for qid in qids:
-        rest = {q: extractions[q].calibrated for q in qids if q != qid}
-        heads = [h for h, _ in rank_heads_by_ndcg(rest, doc_ids, dataset.qrels)[:k]]
-        values.append(per_query(strategy_run({qid: extractions[qid]}, heads), dataset.qrels, "nDCG@10", qids=[qid])[qid])
-    return statistics.mean(values)
-
-
-def reference_check(fit, test_sets):
-    """Our numbers on the exact inputs of data/README.md's reference table."""
-    checks = {}
-    for name, source in (("trec-dl-2019", fit), ("musique-ans-migres200", test_sets)):
-        if name not in source:
-            continue
-        dataset, qids, candidates, extractions = source[name]
-        qids = sorted(qids)[: REFERENCE[name]["queries"]]
-        sub = {q: extractions[q] for q in qids}
-        ours = {
-            "queries": len(qids),
-            "first-stage": evaluate(order_run({q: candidates[q] for q in qids}), dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"],
-            "ICR plain N/A (ours)": evaluate(strategy_run(sub, None), dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"],
-            "no calibration (ours)": evaluate(strategy_run(sub, None, calibrate=False), dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"],
-            "best 4 static heads LOO (ours)": leave_one_out_static(extractions, qids, dataset),
-        }
-        checks[name] = {"ours": ours, "reference": REFERENCE[name]}
-        console.print(name, ours)
-    return checks
 
 
 def write_markdown(result, path: Path) -> None:
@@ -231,7 +148,7 @@ def write_markdown(result, path: Path) -> None:
               "| k | mean fit nDCG@10 |", "|---|---|"]
     for k, v in fit["k_grid"].items():
         lines.append(f"| {k} | {v['mean']:.4f}{' (chosen)' if int(k) == fit['chosen_k'] else ''} |")
-    lines += ["", f"Produced by `python benchmarks/quality.py` in {result['seconds']:.0f} s."]
+    lines += ["", machine_line(result), "", f"Produced by `python benchmarks/quality.py` in {result['seconds']:.0f} s."]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -15,12 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-from quality import REFERENCE, load_set, reference_check
+from common import REFERENCE, RESULTS, load_set, machine, machine_line, reference_check, scorers_by_instruction
 
-from routehead_rag.backbone import default_cache_dir, load_backbone
-from routehead_rag.data import Role
-from routehead_rag.prompt import INSTRUCTIONS, prompt_config_for
-from routehead_rag.scoring import AttentionScorer, ScoringConfig
+from routehead_rag.engine.prompt import INSTRUCTIONS
+from routehead_rag.eval.protocol import Role
+from routehead_rag.model.backbone import load_backbone
+from routehead_rag.paths import default_cache_dir
 
 
 def main() -> int:
@@ -28,24 +28,23 @@ def main() -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--instruction", choices=["protocol", *INSTRUCTIONS], default="protocol",
                         help="prompt wording: the protocol's per set (ICR's code: question for multi-hop), or one for all")
     parser.add_argument("--name", default="reference_check", help="output file stem")
     args = parser.parse_args()
     started = time.time()
     backbone = load_backbone(args.model, dtype=args.dtype)
-    scorers = {n: AttentionScorer(backbone, ScoringConfig(prompt=prompt_config_for(n))) for n in INSTRUCTIONS}
+    scorers = scorers_by_instruction(backbone)
     if args.instruction != "protocol":
         scorers = {n: scorers[args.instruction] for n in INSTRUCTIONS}
     cache = default_cache_dir()
-    fit = {"trec-dl-2019": load_set("trec-dl-2019", Role.FIT, args.data_dir, None, scorers, cache)}
-    test = {"musique-ans-migres200": load_set("musique-ans-migres200", Role.CROSS_DOMAIN_TEST, args.data_dir,
+    sets = {"trec-dl-2019": load_set("trec-dl-2019", Role.FIT, args.data_dir, None, scorers, cache),
+            "musique-ans-migres200": load_set("musique-ans-migres200", Role.CROSS_DOMAIN_TEST, args.data_dir,
                                               REFERENCE["musique-ans-migres200"]["queries"], scorers, cache)}
-    checks = reference_check(fit, test)
+    checks = reference_check(sets)
     result = {"benchmark": "reference_check", "model": args.model, "dtype": args.dtype, "instruction": args.instruction,
-              "checks": checks,
-              "seconds": round(time.time() - started, 1)}
+              "checks": checks, "seconds": round(time.time() - started, 1), "machine": machine()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Reference check ({args.model}, {args.dtype}, instruction: {args.instruction})", "",
@@ -62,7 +61,7 @@ def main() -> int:
                      f"{other['ICR authors masked N/A']:.4f} / {other['independent re-implementation']:.4f} | |")
     command = "python benchmarks/reference_check.py" + (
         f" --instruction {args.instruction} --name {args.name}" if args.instruction != "protocol" else "")
-    lines += ["", f"Produced by `{command}` in {result['seconds']:.0f} s."]
+    lines += ["", machine_line(result), "", f"Produced by `{command}` in {result['seconds']:.0f} s."]
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

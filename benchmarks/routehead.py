@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,91 +29,64 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
+from common import (
+    K_GRID, RESULTS, best_static, console, load_set, machine, machine_line, ndcg, pooled, scorers_by_instruction,
+    seeded, static_run,
+)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from quality import K_GRID, load_set  # noqa: E402  (same extraction pass and cache as quality.py)
+from routehead_rag.engine.embedding import embed_query
+from routehead_rag.engine.scorer import ScoringConfig
+from routehead_rag.eval.harness import first_stage_run, heads_per_query, run_with_heads
+from routehead_rag.eval.metrics import paired_randomization_test, per_query
+from routehead_rag.eval.protocol import PROTOCOL, Role
+from routehead_rag.fit.labelled import build_labelled_set
+from routehead_rag.fit.pipeline import run_fit
+from routehead_rag.fit.search import SearchConfig, search_heads
+from routehead_rag.fit.sources import beir_source
+from routehead_rag.fit.training import TrainingConfig, train_router
+from routehead_rag.heads import Head
+from routehead_rag.model.backbone import load_backbone
+from routehead_rag.paths import default_cache_dir, portable_path
+from routehead_rag.reranker import RouteHeadReranker
+from routehead_rag.router.artifact import SHIPPED_ROUTERS
+from routehead_rag.router.model import SelectionConfig
+from routehead_rag.strategy import RoutedHeads
 
-from routehead_rag.artifact import SHIPPED_ROUTERS, load_artifact  # noqa: E402
-from routehead_rag.backbone import default_cache_dir, load_backbone  # noqa: E402
-from routehead_rag.data import PROTOCOL, Role, bm25_order  # noqa: E402
-from routehead_rag.evaluation import order_run, routed_run, strategy_run  # noqa: E402
-from routehead_rag.fit import beir_source, run_fit  # noqa: E402
-from routehead_rag.heads import Head  # noqa: E402
-from routehead_rag.metrics import evaluate, paired_randomization_test, per_query  # noqa: E402
-from routehead_rag.prompt import INSTRUCTIONS, prompt_config_for  # noqa: E402
-from routehead_rag.query_embedding import embed_query  # noqa: E402
-from routehead_rag.reranker import RouteHeadReranker  # noqa: E402
-from routehead_rag.router import SelectionConfig  # noqa: E402
-from routehead_rag.scoring import AttentionScorer, ScoringConfig, rank_heads_by_ndcg  # noqa: E402
-from routehead_rag.search import SearchConfig, build_labelled_set, search_heads  # noqa: E402
-from routehead_rag.training import TrainingConfig, train_router  # noqa: E402
-
-console = Console(stderr=True)
 ORACLE = SearchConfig(margin=0.0, pool_weight=0.0)  # hindsight: the best set per query, no robustness terms
 ROBUSTNESS_GRID = [(0.0, 0.0), (0.01, 0.0), (0.0, 0.1), (0.01, 0.1), (0.03, 0.1), (0.01, 0.3)]
 
 
-def routed_heads(backbone, router, config, queries: dict[str, str]) -> dict[str, list[Head]]:
-    return {qid: router.select(embed_query(backbone, text, config.query_embedding), config.selection)
-            for qid, text in queries.items()}
-
-
-def pooled(fit_sets) -> tuple[dict, dict, dict, dict]:
-    """``(scores, doc_ids, qrels, query_texts)`` of every fit query, keyed ``"set/qid"``."""
-    scores, ids, qrels, texts = {}, {}, {}, {}
-    for name, (dataset, qids, _, extractions) in fit_sets.items():
-        for qid in qids:
-            key = f"{name}/{qid}"
-            scores[key], ids[key] = extractions[qid].calibrated, extractions[qid].doc_ids
-            qrels[key], texts[key] = dataset.qrels.get(qid, {}), dataset.queries[qid]
-    return scores, ids, qrels, texts
-
-
-def oracle_values(dataset, qids, extractions) -> dict[str, float]:
+def oracle_values(eval_set, extractions) -> dict[str, float]:
     """Per-query nDCG@10 of the hindsight head set (queries without a relevant passage: 0)."""
+    qids = eval_set.qids
     data = build_labelled_set({q: extractions[q].calibrated for q in qids}, {q: extractions[q].doc_ids for q in qids},
-                              {q: dataset.qrels.get(q, {}) for q in qids})
+                              {q: eval_set.dataset.qrels.get(q, {}) for q in qids})
     found = search_heads(data, ORACLE)
     values = dict.fromkeys(qids, 0.0)
     values.update(zip(found.qids, found.query_ndcg.tolist()))
     return values
 
 
-def best_static(fit_sets) -> tuple[int, list[Head], dict]:
-    """Static heads chosen on fit splits: top-k by single-head nDCG@10, k by mean fit nDCG@10."""
-    scores, ids, qrels, _ = pooled(fit_sets)
-    ranked = rank_heads_by_ndcg(scores, ids, qrels)
-    table = {}
-    for k in K_GRID:
-        heads = [h for h, _ in ranked[:k]]
-        table[k] = statistics.mean(
-            evaluate(strategy_run(ex, heads), dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"]
-            for dataset, qids, _, ex in fit_sets.values()
-        )
-    k = max(K_GRID, key=lambda k: (table[k], -k))
-    return k, [h for h, _ in ranked[:k]], table
-
-
-def score_set(name, role, dataset, qids, candidates, extractions, runs_heads, backbone, router, config):
+def score_set(name, role, eval_set, extractions, runs_heads, backbone, routed: RoutedHeads):
     """Per-query nDCG@10 of every strategy on one set, plus p-values of RouteHead vs static."""
-    routed = routed_heads(backbone, router, config, {q: dataset.queries[q] for q in qids})
+    qids, qrels = eval_set.qids, eval_set.dataset.qrels
+    heads_of = heads_per_query(routed, backbone, eval_set.dataset.queries, qids)
     runs = {
-        "BM25": order_run(bm25_order(dataset, qids, PROTOCOL.top_k)),
-        "ICR (all heads)": strategy_run(extractions, None),
-        **{label: strategy_run(extractions, heads) for label, heads in runs_heads.items()},
-        "RouteHead": routed_run(extractions, routed),
+        "BM25": first_stage_run(eval_set),
+        "ICR (all heads)": static_run(extractions, None),
+        **{label: static_run(extractions, heads) for label, heads in runs_heads.items()},
+        "RouteHead": run_with_heads(extractions, heads_of),
     }
-    values = {label: per_query(run, dataset.qrels, "nDCG@10", qids=qids) for label, run in runs.items()}
-    values["oracle (hindsight)"] = oracle_values(dataset, qids, extractions)
-    ndcg = {label: statistics.mean(v[q] for q in qids) for label, v in values.items()}
+    values = {label: per_query(run, qrels, "nDCG@10", qids=qids) for label, run in runs.items()}
+    values["oracle (hindsight)"] = oracle_values(eval_set, extractions)
+    means = {label: statistics.mean(v[q] for q in qids) for label, v in values.items()}
     p_values = {
         label: paired_randomization_test([values["RouteHead"][q] for q in qids], [values[label][q] for q in qids])
         for label in runs_heads
     }
-    depth = statistics.mean(max(h.layer for h in routed[q]) + 1 for q in qids)
-    console.print(name, {k: round(v, 4) for k, v in ndcg.items()}, p_values)
-    return {"dataset": name, "role": role, "queries": len(qids), "ndcg@10": ndcg, "p_routed_vs": p_values,
+    depth = statistics.mean(max(h.layer for h in heads_of[q]) + 1 for q in qids)
+    console.print(name, {k: round(v, 4) for k, v in means.items()}, p_values)
+    return {"dataset": name, "role": role, "queries": len(qids), "ndcg@10": means, "p_routed_vs": p_values,
             "mean_routed_depth": depth, "per_query": values}
 
 
@@ -125,15 +97,14 @@ def in_domain_fit(name, test_entry, backbone, scorers, args, cache_dir, workdir)
         backbone, [source], workdir / f"router-{name}", scoring=ScoringConfig().with_instruction("relevance"),
         search=[SearchConfig(pool_size=k, max_heads=p) for k in (32, 64) for p in (4, 8)], cache_dir=cache_dir,
     )
-    router, config = load_artifact(fitted.artifact, backbone.fingerprint())
+    routed = RoutedHeads.from_folder(fitted.artifact).resolve(backbone)
+    config = routed.config
     fit_set = {name: load_set(name, Role.FIT, args.data_dir, args.fit_max_queries, scorers, cache_dir)}
-    k, static, table = best_static(fit_set)
-    dataset, qids, candidates, extractions = load_set(
-        name, Role(test_entry), args.data_dir, args.test_max_queries, scorers, cache_dir
-    )
+    k, static, _ = best_static(fit_set, K_GRID)
+    eval_set, extractions = load_set(name, Role(test_entry), args.data_dir, args.test_max_queries, scorers, cache_dir)
     heads = {f"static top-{config.selection.k} (same fit)": [Head.parse(h) for h in config.static_heads],
              f"static top-{k} (k chosen on fit)": static}
-    row = score_set(name, test_entry, dataset, qids, candidates, extractions, heads, backbone, router, config)
+    row = score_set(name, test_entry, eval_set, extractions, heads, backbone, routed)
     row["router"] = {"k": config.selection.k, "search": {x: config.search[x] for x in ("pool_size", "max_heads")},
                      "dev_metrics": config.dev_metrics, "fit_queries": len(source.queries)}
     return row
@@ -141,12 +112,12 @@ def in_domain_fit(name, test_entry, backbone, scorers, args, cache_dir, workdir)
 
 def label_robustness(fit_sets, backbone, router_config, test_rows_sets):
     """Head-search margin / pool weight: dev nDCG@10 of the routed aggregation, and the cross-domain test mean."""
-    scores, ids, qrels, texts = pooled(fit_sets)
-    data = build_labelled_set(scores, ids, qrels)
-    embeddings = torch.stack([embed_query(backbone, texts[q], router_config.query_embedding) for q in data.qids])
+    pool = pooled(fit_sets)
+    data = pool.labelled_set()
+    embeddings = torch.stack([embed_query(backbone, pool.texts[q], router_config.query_embedding) for q in data.qids])
     test_embeddings = {
-        name: {q: embed_query(backbone, dataset.queries[q], router_config.query_embedding) for q in qids}
-        for name, (dataset, qids, _, _) in test_rows_sets.items()
+        name: {q: embed_query(backbone, s.dataset.queries[q], router_config.query_embedding) for q in s.qids}
+        for name, (s, _) in test_rows_sets.items()
     }
     rows = []
     base = SearchConfig(**{k: v for k, v in router_config.search.items() if k != "grid"})
@@ -155,10 +126,10 @@ def label_robustness(fit_sets, backbone, router_config, test_rows_sets):
         found = search_heads(data, setting)
         trained = train_router(embeddings, found.labels, data, TrainingConfig())
         test = {}
-        for name, (dataset, qids, _, extractions) in test_rows_sets.items():
+        for name, (eval_set, extractions) in test_rows_sets.items():
             selection = SelectionConfig(k=trained.k, max_heads=trained.k)
-            heads_of = {q: trained.router.select(test_embeddings[name][q], selection) for q in qids}
-            test[name] = evaluate(routed_run(extractions, heads_of), dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"]
+            heads_of = {q: trained.router.select(test_embeddings[name][q], selection) for q in eval_set.qids}
+            test[name] = ndcg(eval_set, run_with_heads(extractions, heads_of))
         rows.append({"margin": margin, "pool_weight": pool_weight, "mean_label_size": float(found.labels.float().sum(1).mean()),
                      "label_ndcg": float(found.query_ndcg.mean()), "k": trained.k, "dev_routed": trained.dev_ndcg,
                      "dev_static": trained.dev_static_ndcg, "test": test, "test_mean": statistics.mean(test.values())})
@@ -166,14 +137,14 @@ def label_robustness(fit_sets, backbone, router_config, test_rows_sets):
     return rows
 
 
-def speed(backbone, router_dir, dataset, qids, candidates, repeats_note=""):
+def speed(backbone, router_dir, eval_set, qids):
     """Seconds per query: routed (embedding + routing + scoring) vs all heads vs static, same engine, same inputs."""
     routed = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=router_dir)
-    config = routed.router_config
+    config = routed.strategy.config
     all_heads = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads="all", prompt=config.scoring.prompt)
     static = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer,
                                heads=config.static_heads, prompt=config.scoring.prompt)
-    inputs = [(dataset.queries[q], dataset.passages(candidates[q], PROTOCOL.max_words)) for q in qids]
+    inputs = [(eval_set.dataset.queries[q], eval_set.passages(q)) for q in qids]
     for reranker in (routed, all_heads, static):  # warm-up
         reranker.rank(*inputs[0])
     times = {"all heads": [], "static (artifact heads)": [], "routed": [], "routing only": []}
@@ -189,7 +160,7 @@ def speed(backbone, router_dir, dataset, qids, candidates, repeats_note=""):
         saved.append(1 - (max(h.layer for h in heads) + 1) / backbone.num_layers)
     medians = {label: statistics.median(v) for label, v in times.items()}
     return {
-        "queries": len(inputs), "dataset": dataset.name, "median_seconds": medians,
+        "queries": len(inputs), "dataset": eval_set.name, "median_seconds": medians,
         "routed_vs_all": medians["routed"] / medians["all heads"],
         "static_vs_all": medians["static (artifact heads)"] / medians["all heads"],
         "forward_share_saved_by_early_stop": statistics.mean(saved),
@@ -198,13 +169,9 @@ def speed(backbone, router_dir, dataset, qids, candidates, repeats_note=""):
 
 
 def search_speed(fit_sets) -> dict:
-    scores, ids, qrels, _ = pooled(fit_sets)
-    data = build_labelled_set(scores, ids, qrels)
+    data = pooled(fit_sets).labelled_set()
     keep = list(range(min(1000, len(data.qids))))
-    subset = type(data)(
-        [data.qids[i] for i in keep], data.scores[keep], data.gains[keep], data.valid[keep], data.ideal_dcg[keep],
-        data.num_layers, data.num_heads,
-    )
+    subset = data.subset(keep)
     start = time.perf_counter()
     search_heads(subset, SearchConfig(pool_size=64, max_heads=8))
     return {"queries": len(keep), "pool_size": 64, "max_heads": 8, "seconds": time.perf_counter() - start}
@@ -220,30 +187,29 @@ def main() -> int:
     parser.add_argument("--fit-max-queries", type=int, default=None, help="cap each fit split (smoke runs only)")
     parser.add_argument("--test-max-queries", type=int, default=None, help="cap each test split (smoke runs only)")
     parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
+    seeded()
     started = time.time()
     cache_dir = args.cache_dir or default_cache_dir()
     backbone = load_backbone(args.model, dtype=args.dtype)
-    scorers = {name: AttentionScorer(backbone, ScoringConfig(prompt=prompt_config_for(name))) for name in INSTRUCTIONS}
-    router, config = load_artifact(args.router, backbone.fingerprint())
+    scorers = scorers_by_instruction(backbone)
+    routed = RoutedHeads.from_folder(args.router).resolve(backbone)
+    config = routed.config
 
     fit_sets = {e.name: load_set(e.name, Role.FIT, args.data_dir, args.fit_max_queries, scorers, cache_dir)
                 for e in PROTOCOL.entries_for(Role.FIT)}
-    k, static, k_table = best_static(fit_sets)
+    k, static, choice = best_static(fit_sets, K_GRID)
+    k_table = {a: b["mean"] for a, b in choice["k_grid"].items()}
     static_heads = {f"static top-{config.selection.k} (same fit)": [Head.parse(h) for h in config.static_heads],
                     f"static top-{k} (k chosen on fit)": static}
 
     rows, test_sets = [], {}
     for entry in PROTOCOL.entries_for(Role.IN_DOMAIN_TEST) + PROTOCOL.entries_for(Role.CROSS_DOMAIN_TEST):
-        dataset, qids, candidates, extractions = load_set(
-            entry.name, entry.role, args.data_dir, args.test_max_queries, scorers, cache_dir
-        )
-        test_sets[entry.name] = (dataset, qids, candidates, extractions)
-        rows.append(score_set(entry.name, entry.role.value, dataset, qids, candidates, extractions, static_heads,
-                              backbone, router, config))
+        eval_set, extractions = load_set(entry.name, entry.role, args.data_dir, args.test_max_queries, scorers, cache_dir)
+        test_sets[entry.name] = (eval_set, extractions)
+        rows.append(score_set(entry.name, entry.role.value, eval_set, extractions, static_heads, backbone, routed))
     cross = [r for r in rows if r["role"] == Role.CROSS_DOMAIN_TEST.value]
     strategies = list(rows[0]["ndcg@10"])
     averages = {
@@ -259,8 +225,8 @@ def main() -> int:
         ]
     robustness = label_robustness(fit_sets, backbone, config,
                                   {r["dataset"]: test_sets[r["dataset"]] for r in cross})
-    dataset, qids, candidates, _ = test_sets["trec-dl-2020"]
-    timing = speed(backbone, args.router, dataset, qids[: args.speed_queries], candidates)
+    eval_set, _ = test_sets["trec-dl-2020"]
+    timing = speed(backbone, args.router, eval_set, eval_set.qids[: args.speed_queries])
     console.print(timing)
     searching = search_speed(fit_sets)
     console.print(searching)
@@ -269,7 +235,7 @@ def main() -> int:
         "benchmark": "routehead",
         "model": args.model,
         "dtype": args.dtype,
-        "router": {"path": str(args.router), "k": config.selection.k, "command": config.command,
+        "router": {"path": portable_path(args.router), "k": config.selection.k, "command": config.command,
                    "dev_metrics": config.dev_metrics, "data": config.data,
                    "search": {x: v for x, v in config.search.items() if x != "grid"},
                    "query_embedding": config.query_embedding.model_dump(mode="json")},
@@ -282,7 +248,7 @@ def main() -> int:
         "speed": timing,
         "search_speed": searching,
         "seconds": round(time.time() - started, 1),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads()},
+        "machine": machine(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "routehead.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -353,6 +319,8 @@ def write_markdown(result, path: Path) -> None:
         "",
         f"Head search: {result['search_speed']['queries']} queries, K={result['search_speed']['pool_size']}, "
         f"P={result['search_speed']['max_heads']} in {result['search_speed']['seconds']:.1f} s.",
+        "",
+        machine_line(result),
         "",
         f"Produced by `python benchmarks/routehead.py --dtype {result['dtype']}` in {result['seconds']:.0f} s.",
     ]

@@ -20,13 +20,14 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from common import machine, machine_line
 
 HERE = Path(__file__).resolve().parent
 AUTHORS_ICR_MEDIAN_S = 3.6  # data/README.md: authors' ICR code, trec-dl-2019, this kind of machine
@@ -42,7 +43,8 @@ def exact_word_passages(corpus_texts, count, words=100):
 
 
 def make_cases(data_dir):
-    from routehead_rag.data import load_beir, select_queries
+    from routehead_rag.eval.beir import load_beir
+    from routehead_rag.eval.protocol import select_queries
 
     dataset = load_beir("trec-dl-2019", data_dir=data_dir)
     qids = select_queries(dataset, 3)
@@ -89,7 +91,7 @@ def naive_scores(backbone, scorer, query, passages):
     model = backbone.causal_lm
     prompts = scorer.prompts
     passage_ids = [prompts.cut_passage(p) for p in passages]
-    from routehead_rag.scoring import plan_windows
+    from routehead_rag.engine.scorer import plan_windows
 
     costs = [prompts.passage_cost(ids, len(passages)) for ids in passage_ids]
     windows = plan_windows(costs, prompts.fixed_token_count(query), scorer._budget)
@@ -130,8 +132,8 @@ def static_heads(backbone):
 def worker(args):
     import torch
 
-    from routehead_rag.backbone import load_backbone
-    from routehead_rag.scoring import AttentionScorer
+    from routehead_rag.engine.scorer import AttentionScorer
+    from routehead_rag.model.backbone import load_backbone
 
     torch.manual_seed(0)
     cases = make_cases(args.data_dir)[args.case]
@@ -189,21 +191,20 @@ def icr_trec_latency(args):
     """Median seconds per trec-dl-2019 query for our ICR strategy (first N queries, protocol inputs)."""
     import torch
 
-    from routehead_rag.backbone import load_backbone
-    from routehead_rag.data import build_candidates, load_beir, select_queries
-    from routehead_rag.scoring import AttentionScorer
+    from routehead_rag.engine.scorer import AttentionScorer
+    from routehead_rag.eval.harness import prepare_set
+    from routehead_rag.model.backbone import load_backbone
 
-    dataset = load_beir("trec-dl-2019", data_dir=args.data_dir)
-    qids = select_queries(dataset, args.icr_queries)
-    candidates = build_candidates(dataset, qids, 20)
+    eval_set = prepare_set("trec-dl-2019", max_queries=args.icr_queries, data_dir=args.data_dir)
+    dataset, qids, candidates = eval_set.dataset, eval_set.qids, eval_set.candidates
     backbone = load_backbone(args.model, dtype=args.dtype, device=args.device)
     scorer = AttentionScorer(backbone)
     scorer.passage_scores("warm up", ["a short passage"])
-    from routehead_rag.metrics import evaluate, ranking_to_run
+    from routehead_rag.eval.metrics import evaluate, ranking_to_run
 
     times, run = [], {}
     for qid in qids:
-        passages = dataset.passages(candidates[qid], 100)
+        passages = eval_set.passages(qid)
         start = time.perf_counter()
         scores = scorer.passage_scores(dataset.queries[qid], passages)
         if backbone.device.type == "cuda":
@@ -214,17 +215,6 @@ def icr_trec_latency(args):
     print("RESULT " + json.dumps({"method": "icr-trec-dl-2019", "dtype": args.dtype, "device": str(backbone.device),
                                   "queries": len(qids), "median_s": statistics.median(times), "times_s": times,
                                   "ndcg@10": ndcg}), flush=True)
-
-
-def cpu_name() -> str:
-    """The processor's model name (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def spawn(args, **overrides):
@@ -290,7 +280,8 @@ def main():
         "benchmark": "speed",
         "model": args.model,
         "device": args.device,
-        "card": rows[0].get("card") or cpu_name(),
+        "card": rows[0].get("card") or machine()["cpu"],
+        "machine": machine(),
         "threads": rows[0]["threads"],
         "cases": {"20x100w": "3 trec-dl-2019 queries x 20 passages of exactly 100 words",
                   "100x100w": "1 query x 100 passages of exactly 100 words (windows of <= 4096 tokens)"},
@@ -331,6 +322,7 @@ def write_markdown(result, path):
                      f"{entry['vs_authors_icr_3.6s']:.3f} | {entry['ndcg@10']:.4f} |")
     lines += ["", f"Targets: latency <= {result['targets']['latency_vs_naive']}x naive, memory growth <= "
               f"{result['targets']['rss_growth_vs_naive']}x naive, ICR <= {result['targets']['icr_vs_authors']}x 3.6 s.",
+              "", machine_line(result) if "machine" in result else "",
               "", f"Produced by `python benchmarks/speed.py` in {result['seconds']:.0f} s."]
     path.write_text("\n".join(lines) + "\n")
 

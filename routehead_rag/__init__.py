@@ -1,12 +1,46 @@
 """routehead-rag: re-rank passages with an LLM's own attention (ICR, static heads, routed heads).
 
-Models load lazily: constructing a re-ranker loads nothing until the first `rank()`.
+Importing the package is cheap (no torch): the public names below are imported on first
+use, and models load lazily too: constructing a re-ranker loads nothing until the first
+``rank()``.
 """
 
-from .heads import Head
-from .prompt import PromptConfig
-from .reranker import RankedDocument, RankedResults, RouteHeadReranker
-from .scoring import ScoringConfig
+from __future__ import annotations
 
-__all__ = ["Head", "PromptConfig", "RankedDocument", "RankedResults", "RouteHeadReranker", "ScoringConfig"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "Head": ".heads",
+    "PromptConfig": ".engine.prompt",
+    "RankedDocument": ".reranker",
+    "RankedResults": ".reranker",
+    "RouteHeadReranker": ".reranker",
+    "ScoringConfig": ".engine.scorer",
+    "convert_embedded": ".model.gguf_cache",
+}
+__all__ = [
+    "Head", "PromptConfig", "RankedDocument", "RankedResults", "RouteHeadReranker", "ScoringConfig", "convert_embedded",
+    "__version__",
+]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load on first access
+    from .engine.prompt import PromptConfig
+    from .engine.scorer import ScoringConfig
+    from .heads import Head
+    from .model.gguf_cache import convert_embedded
+    from .reranker import RankedDocument, RankedResults, RouteHeadReranker
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'routehead_rag' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,24 +1,107 @@
-"""``routehead-rag`` command line: thin wrappers over the library, no logic of its own."""
+"""``routehead-rag`` command line: parse, call one library function, print.
+
+Every command checks its arguments before any model loads.  A user error is one red line
+on stderr naming the bad value and the fix, never a traceback: exit code 2 for usage errors
+(bad options, unknown heads, a missing data set or file), 1 for failures while running (a
+model that cannot be loaded offline, a missing extra).  ``ROUTEHEAD_DEBUG=1`` shows the
+traceback instead.  ``--help`` and ``--version`` import neither torch nor transformers.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shlex
 import sys
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from typer.core import TyperGroup
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="Re-rank passages with an LLM's own attention (ICR, static heads, routed heads).",
-)
-console = Console(stderr=True)
-out = Console()
+from . import __version__
+
+HELP = "Re-rank passages with an LLM's own attention (ICR, static heads, routed heads)."
+
+
+def _console(stderr: bool = True):
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=True)
+
+
+def _error(message: str) -> None:
+    from rich.markup import escape
+
+    _console().print(f"[bold red]error:[/bold red] {escape(' '.join(message.split()))}", highlight=False)
+
+
+# click's UsageError, whether typer vendors click (recent releases) or uses it (older ones)
+UsageError = typer.BadParameter.__mro__[1]
+
+
+class _Cli(TyperGroup):
+    """Turns every user-facing error into one line and an exit code (2: usage, 1: runtime)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        debug = os.environ.get("ROUTEHEAD_DEBUG", "").strip() not in ("", "0")
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            result = super().main(
+                args=argv, prog_name=prog_name or "routehead-rag", complete_var=complete_var,
+                standalone_mode=False, **extra,
+            )
+            code = result if isinstance(result, int) else 0
+        except typer.Abort:
+            _error("aborted")
+            code = 1
+        except typer.TyperException as err:  # click's errors: bad options, missing arguments, ...
+            command = "routehead-rag" + (f" {argv[0]}" if argv and argv[0] in self.commands else "")
+            hint = f" (see '{command} --help')" if isinstance(err, UsageError) else ""
+            _error(err.format_message() + hint)
+            code = getattr(err, "exit_code", 1)
+        except (ValueError, TypeError, OSError, ImportError, RuntimeError) as err:
+            if debug:
+                raise
+            _error(str(err) or type(err).__name__)
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(cls=_Cli, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=HELP)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"routehead-rag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """Re-rank passages with an LLM's own attention (ICR, static heads, routed heads)."""
+
+
+@contextlib.contextmanager
+def _usage() -> Iterator[None]:
+    """Argument checks: a bad value raised inside is a usage error (exit code 2)."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+
+
+class Instruction(str, Enum):
+    auto = "auto"
+    relevance = "relevance"
+    question = "question"
 
 
 class Strategy(str, Enum):
@@ -28,46 +111,56 @@ class Strategy(str, Enum):
     routed = "routed"
 
 
-class Instruction(str, Enum):
-    auto = "auto"
-    relevance = "relevance"
-    question = "question"
-
-
 INSTRUCTION_HELP = (
     "Prompt wording: 'relevance' (search queries), 'question' (QA); 'auto' takes the protocol's "
     "choice for a known set, else 'relevance'."
 )
+DTYPE_HELP = "auto (default: bfloat16 on CUDA and on CPUs with native bfloat16, else float32), float32, bfloat16 or float16."
+DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: CUDA when available)."
+QUIET_HELP = "No progress display (for scripts and notebooks)."
+MODEL_HELP = "Backbone: 'smollm2-135m' (embedded), a Hugging Face id or a folder."
 
 
-def _instruction_name(instruction: "Instruction", dataset_name: str | None = None) -> str:
-    """The named wording: ``auto`` takes the protocol's choice for a known set, else ``relevance``."""
-    from .data import PROTOCOL
-
-    if instruction.value != "auto":
-        return instruction.value
-    return PROTOCOL.spec(dataset_name).instruction if dataset_name else "relevance"
-
-
-def _scoring_config(instruction: "Instruction", dataset_name: str | None = None, base=None):
-    """``base`` (default settings when ``None``) in the wording ``instruction`` resolves to."""
-    from .scoring import ScoringConfig
-
-    return (base or ScoringConfig()).with_instruction(_instruction_name(instruction, dataset_name))
-
-
-@app.callback()
-def _quiet_loading() -> None:
-    """The CLI owns its process: keep transformers' loading bars out of the output."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def _heads_option(heads: Optional[str]):
+def _heads_argument(heads: Optional[str]):
+    """``--heads`` as the core takes it: a path, 'auto'/'all', or a comma/space-separated head list."""
     if heads is None:
         return "auto"
-    return heads if Path(heads).exists() else [h for h in heads.replace(",", " ").split() if h]
+    if heads in ("auto", "all") or Path(heads).exists():
+        return heads
+    return [h for h in heads.replace(",", " ").split() if h]
+
+
+def _progress(quiet: bool) -> contextlib.AbstractContextManager:
+    """A rich progress display (stderr) yielding ``report(stage, done, total)``; a no-op with ``quiet``."""
+
+    @contextlib.contextmanager
+    def display() -> Iterator[Callable[[str, int, int], None]]:
+        if quiet:
+            yield lambda stage, done, total: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=_console(), transient=False) as progress:
+            tasks: dict[str, int] = {}
+
+            def report(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = progress.add_task(stage, total=total)
+                progress.update(tasks[stage], completed=done, total=total)
+
+            yield report
+
+    return display()
+
+
+def _load(model: str, dtype: Optional[str], device: Optional[str], quiet: bool):
+    from .model.backbone import load_backbone
+
+    if quiet:
+        return load_backbone(model, dtype=dtype, device=device)
+    with _console().status(f"loading {model}"):
+        return load_backbone(model, dtype=dtype, device=device)
 
 
 @app.command()
@@ -77,49 +170,76 @@ def rerank(
     file: Optional[Path] = typer.Option(
         None, "--file", "-f", help="Read passages from a file: JSONL with 'text' (and 'id'), or one per line."
     ),
-    model: str = typer.Option("smollm2-135m", help="Backbone: 'smollm2-135m', a Hugging Face id or a folder."),
-    heads: Optional[str] = typer.Option(None, help="'all', a heads file, heads like 'L12.H5,L3.H1', or a router folder (default: the router shipped for the backbone, else all)."),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    heads: Optional[str] = typer.Option(
+        None, help="'all', a heads file, heads like 'L12.H5,L3.H1', or a router folder (default: the router shipped "
+        "for the backbone, else all)."
+    ),
     top_k: Optional[int] = typer.Option(None, help="Keep the best K."),
-    instruction: Instruction = typer.Option(Instruction.relevance, help=INSTRUCTION_HELP),
+    instruction: Optional[Instruction] = typer.Option(
+        None, help="Prompt wording: 'relevance' (search queries) or 'question' (QA); default: the router's, else relevance."
+    ),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    max_prompt_tokens: int = typer.Option(4096, help="Token budget of one prompt; more passages go in windows."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
     """Re-rank passages for a query and print the ranking."""
-    from .reranker import RouteHeadReranker
+    with _usage():
+        documents: list = list(passages or [])
+        if file is not None:
+            documents += _read_passages(file)
+        if not documents:
+            raise ValueError("no passages: give passages as arguments or with --file")
+        if instruction is Instruction.auto:
+            raise ValueError("--instruction auto needs a known data set; rerank takes 'relevance' or 'question'")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"--top-k must be at least 1, got {top_k}")
+        from .reranker import RouteHeadReranker
 
-    documents: list = list(passages or [])
-    if file is not None:
-        documents += _read_passages(file)
-    if not documents:
-        raise typer.BadParameter("give passages as arguments or with --file")
-    config = _scoring_config(instruction)
-    reranker = RouteHeadReranker(model=model, heads=_heads_option(heads), prompt=config.prompt)
-    with console.status(f"loading {model} and scoring {len(documents)} passages"):
+        reranker = RouteHeadReranker(
+            model=model, heads=_heads_argument(heads), instruction=instruction.value if instruction else None,
+            max_prompt_tokens=max_prompt_tokens, dtype=dtype, device=device,
+        )
+        reranker.check_model()
+    if quiet:
         results = reranker.rank(query, documents, top_k=top_k)
+    else:
+        with _console().status(f"loading {model} and scoring {len(documents)} passages"):
+            results = reranker.rank(query, documents, top_k=top_k)
     if as_json:
         for r in results:
             typer.echo(json.dumps({"rank": r.rank, "id": r.id, "score": r.score, "text": r.text}))
         return
+    from rich.table import Table
+
     table = Table(title=f"Query: {query}")
     for column in ("rank", "id", "score", "passage"):
         table.add_column(column, overflow="fold")
     for r in results:
         table.add_row(str(r.rank), str(r.id), f"{r.score:+.4f}", r.text[:200])
-    out.print(table)
+    _console(stderr=False).print(table)
 
 
 def _read_passages(path: Path) -> list:
     if not path.is_file():
-        raise typer.BadParameter(f"{path} is not a file")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise FileNotFoundError(f"--file {str(path)!r} is not a file")
     documents: list = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         if line.lstrip().startswith("{"):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise typer.BadParameter(f"{path}:{number}: invalid JSON ({err})") from None
-            if "text" not in record:
-                raise typer.BadParameter(f"{path}:{number}: a JSON line needs a 'text' field")
+                raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{number}: a JSON line needs a string 'text' field (and optionally 'id')")
             documents.append((record["id"], record["text"]) if "id" in record else record["text"])
         else:
             documents.append(line)
@@ -128,213 +248,78 @@ def _read_passages(path: Path) -> list:
 
 @app.command("eval")
 def evaluate_command(
-    data_dir: str = typer.Argument(..., help="A BEIR-layout folder, or a set name under the data dir."),
+    data: str = typer.Argument(..., help="A BEIR-layout folder, or a set name looked up in $ROUTEHEAD_DATA."),
     strategy: Strategy = typer.Option(
         Strategy.all, help="bm25 (first stage), all (ICR), static (--heads, or --router's baseline) or routed (--router)."
     ),
     heads: Optional[str] = typer.Option(None, help="Heads file or list for --strategy static."),
     router: Optional[Path] = typer.Option(
-        None, help="Router directory (routehead-rag fit) for routed or static (routed default: the router shipped for the backbone)."
+        None, help="Router folder (routehead-rag fit) for routed or static (routed default: the router shipped for the backbone)."
     ),
-    model: str = typer.Option("smollm2-135m", help="Backbone for the attention strategies."),
-    dtype: Optional[str] = typer.Option(None, help="Backbone dtype: float32 (default) or bfloat16."),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     top_k: int = typer.Option(20, help="Candidates per query."),
     max_queries: Optional[int] = typer.Option(None, help="First N judged queries (ids sorted as strings)."),
     split: str = typer.Option("test", help="qrels split: test or train."),
     max_words: int = typer.Option(100, help="Cut passages to their first N words (title included)."),
     output: Optional[Path] = typer.Option(None, help="Write the metrics as JSON here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout instead of a table."),
     cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
     instruction: Instruction = typer.Option(Instruction.auto, help=INSTRUCTION_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ):
-    """Evaluate a strategy on a labelled BEIR-layout set (nDCG@10, recall@20 of the candidates)."""
-    from .data import PROTOCOL, bm25_order, build_candidates, load_beir, select_queries
-    from .metrics import candidate_recall, evaluate
+    """Evaluate a strategy on a labelled BEIR-layout set (nDCG@10, recall of the candidates)."""
+    from .extras import ensure
 
-    if strategy is Strategy.static and not (heads or router):
-        raise typer.BadParameter("--strategy static needs --heads FILE (or 'L12.H5,L3.H1') or --router DIR")
-    if strategy is not Strategy.static and heads:
-        raise typer.BadParameter("--heads only goes with --strategy static")
-    backbone = None
-    if strategy is not Strategy.bm25:
-        from .backbone import load_backbone
+    ensure("fit", "routehead-rag eval")
+    with _usage():
+        from .eval.harness import eval_strategy, evaluate_on_set, prepare_set
+        from .model.devices import parse_device, parse_dtype
 
-        with console.status(f"loading {model}"):
-            backbone = load_backbone(model, dtype=dtype)
-    if strategy is Strategy.routed and router is None:
-        from .artifact import shipped_router_for
-
-        router = shipped_router_for(backbone.fingerprint())
-        if router is None:
-            raise typer.BadParameter(
-                f"no router ships for {model}: pass --router DIR (fit one with `routehead-rag fit`)"
-            )
-    router_config = None
-    if router is not None:
-        from .artifact import read_artifact_config
-
-        router_config = read_artifact_config(router)
-        if strategy is Strategy.static and not heads:
-            heads = ",".join(router_config.static_heads)
-    dataset = load_beir(data_dir, split=split)
-    qids = select_queries(dataset, max_queries)
-    candidates = build_candidates(dataset, qids, top_k)
-    # The router's scoring settings (when given), in this set's wording.
-    config = _scoring_config(instruction, dataset.name, router_config.scoring if router_config else None)
-    if strategy is Strategy.bm25:
-        from .evaluation import order_run
-
-        run = order_run(bm25_order(dataset, qids, top_k))
-    else:
-        run = _attention_run(dataset, qids, candidates, strategy, heads, backbone, max_words, cache_dir, config, router)
-    metrics = evaluate(run, dataset.qrels, ["nDCG@10"], qids=qids)
-    recall = candidate_recall(
-        candidates, dataset.qrels, k=top_k, rel=PROTOCOL.spec(dataset.name).binary_rel, qids=qids
-    )
-    result = {
-        "dataset": dataset.name,
-        "strategy": strategy.value,
-        "model": model if strategy is not Strategy.bm25 else None,
-        "heads": heads,
-        "router": str(router) if router is not None else None,
-        "split": split,
-        "instruction": config.prompt.task_instruction if strategy is not Strategy.bm25 else None,
-        "queries": len(qids),
-        "top_k": top_k,
-        "max_words": max_words,
-        "dtype": str(backbone.dtype).removeprefix("torch.") if backbone is not None else None,
-        "ndcg@10": metrics["nDCG@10"],
-        f"recall@{top_k}": recall,
-    }
-    table = Table(title=f"{dataset.name} ({len(qids)} queries)")
-    for column in ("strategy", "nDCG@10", f"recall@{top_k} (candidates)"):
-        table.add_column(column)
-    table.add_row(strategy.value, f"{result['ndcg@10']:.4f}", f"{recall:.4f}")
-    out.print(table)
+        for name, value in (("--top-k", top_k), ("--max-words", max_words)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        parse_dtype(dtype), parse_device(device)
+        chosen = eval_strategy(strategy.value, None if heads is None else _heads_argument(heads), router)
+        if chosen is not None:
+            _check_model(chosen, model)
+        eval_set = prepare_set(data, split=split, max_queries=max_queries, top_k=top_k, max_words=max_words)
+    backbone = _load(model, dtype, device, quiet) if chosen is not None else None
+    with _progress(quiet) as report:
+        result = evaluate_on_set(
+            eval_set, chosen, backbone, instruction=instruction.value, router=router, cache_dir=cache_dir, progress=report
+        )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        console.print(f"wrote {output}")
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        from rich.table import Table
+
+        recall = f"recall@{top_k}"
+        table = Table(title=f"{result['dataset']} ({result['queries']} queries)")
+        for column in ("strategy", "nDCG@10", f"{recall} (candidates)"):
+            table.add_column(column)
+        table.add_row(result["heads"] or result["strategy"], f"{result['ndcg@10']:.4f}", f"{result[recall]:.4f}")
+        _console(stderr=False).print(table)
+    if output is not None and not quiet:
+        _console().print(f"wrote {output}")
 
 
-def _extract_dataset(scorer, dataset, candidates, max_words, cache_dir):
-    """Per-head scores of every query's candidates, from the per-query cache where present, with a progress bar."""
-    from rich.progress import Progress
+def _check_model(strategy, model: str) -> None:
+    """The head choice against the model's layers x heads, from its config (no weights)."""
+    from .heads import HeadGrid
+    from .model.architecture import peek_shape
 
-    from .backbone import default_cache_dir
-    from .evaluation import dataset_key, extract
-
-    with Progress(console=console) as progress:
-        task = progress.add_task(f"extracting {dataset.name}", total=len(candidates))
-        return extract(
-            scorer, dataset.name, dataset.queries, candidates, lambda qid, ids: dataset.passages(ids, max_words),
-            cache_dir or default_cache_dir(), progress=lambda n: progress.advance(task, n),
-            key_extra=dataset_key(dataset.path, max_words),
-        )
+    shape = peek_shape(model, convert=True)
+    if shape is not None:
+        strategy.check_grid(HeadGrid(shape.num_layers, shape.num_heads), f"this backbone ({model!r})")
 
 
-def _attention_run(dataset, qids, candidates, strategy, heads, backbone, max_words, cache_dir, config, router=None):
-    from .evaluation import strategy_run
-    from .heads import validate_heads
-    from .reranker import RouteHeadReranker
-    from .scoring import AttentionScorer
-
-    head_list = None
-    if strategy is Strategy.static:
-        head_list = RouteHeadReranker._resolve_heads(_heads_option(heads))
-    if head_list is not None:
-        validate_heads(head_list, backbone.num_layers, backbone.num_heads)
-    extractions = _extract_dataset(AttentionScorer(backbone, config), dataset, candidates, max_words, cache_dir)
-    if strategy is Strategy.routed:
-        from .artifact import load_artifact
-        from .evaluation import routed_run
-        from .query_embedding import embed_query
-
-        routed, artifact = load_artifact(router, backbone.fingerprint())
-        heads_of = {
-            qid: routed.select(embed_query(backbone, dataset.queries[qid], artifact.query_embedding), artifact.selection)
-            for qid in extractions
-        }
-        return routed_run(extractions, heads_of)
-    return strategy_run(extractions, head_list)
-
-
-@app.command("select-heads")
-def select_heads(
-    data_dirs: list[str] = typer.Argument(..., help="Labelled BEIR-layout folders or set names."),
-    k: int = typer.Option(4, help="How many heads to keep."),
-    out_file: Path = typer.Option(..., "--out", help="Write the heads (JSON) here."),
-    model: str = typer.Option("smollm2-135m", help="Backbone."),
-    split: str = typer.Option("test", help="qrels split to learn from (use a fit split)."),
-    top_k: int = typer.Option(20, help="Candidates per query."),
-    max_queries: Optional[int] = typer.Option(None, help="First N judged queries of each set."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
-    instruction: Instruction = typer.Option(Instruction.auto, help=INSTRUCTION_HELP),
-):
-    """QRHead-style static heads: the top-k heads by single-head nDCG@10 on labelled data."""
-    from .backbone import load_backbone
-    from .data import build_candidates, load_beir, select_queries
-    from .scoring import AttentionScorer, rank_heads_by_ndcg
-
-    if k < 1:
-        raise typer.BadParameter(f"--k must be at least 1, got {k}")
-    backbone = load_backbone(model)
-    scores, doc_ids, qrels = {}, {}, {}
-    for data_dir in data_dirs:
-        dataset = load_beir(data_dir, split=split)
-        scorer = AttentionScorer(backbone, _scoring_config(instruction, dataset.name))
-        qids = select_queries(dataset, max_queries)
-        candidates = build_candidates(dataset, qids, top_k)
-        extractions = _extract_dataset(scorer, dataset, candidates, 100, cache_dir)
-        for qid, extraction in extractions.items():
-            key = f"{dataset.name}/{qid}"
-            scores[key] = extraction.calibrated
-            doc_ids[key] = extraction.doc_ids
-            qrels[key] = dataset.qrels.get(qid, {})
-    ranked = rank_heads_by_ndcg(scores, doc_ids, qrels)
-    chosen = ranked[:k]
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(
-        json.dumps({"heads": [str(h) for h, _ in chosen], "ndcg@10": [v for _, v in chosen],
-                    "sets": list(data_dirs), "split": split, "queries": len(scores)}, indent=2) + "\n",
-        encoding="utf-8",
-    )
-    out.print(", ".join(f"{h} ({v:.3f})" for h, v in chosen))
-
-
-@app.command()
-def fit(
-    data: list[str] = typer.Argument(..., help="BEIR-layout folders (their fit split) or JSONL query logs."),
-    out: Path = typer.Option(..., help="Write the router artifact here (a directory)."),
-    model: str = typer.Option("smollm2-135m", help="Backbone."),
-    top_k: int = typer.Option(20, help="Candidates per query for BEIR folders."),
-    max_queries: Optional[int] = typer.Option(None, help="First N fit queries of each source."),
-    seed: int = typer.Option(0, help="Seed of the train/dev split and of training."),
-    epochs: int = typer.Option(300, help="Most training epochs per candidate setting (early stopping on dev)."),
-    layer: Optional[int] = typer.Option(None, help="Query-embedding layer (default: the middle layer)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
-    instruction: Instruction = typer.Option(Instruction.auto, help=INSTRUCTION_HELP),
-    dtype: Optional[str] = typer.Option(
-        None, help="Backbone dtype for extraction: float32 (default) or bfloat16 (about 2x faster on recent CPUs)."
-    ),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)."),
-    pool_size: list[int] = typer.Option([64], help="Head-search pool size K; repeat to try several (chosen on dev)."),
-    max_heads: list[int] = typer.Option(
-        [8], help="Most heads P in a query's label; repeat to try several. (The routed k is chosen on dev from 1, 2, 4, 8.)"
-    ),
-    margin: list[float] = typer.Option([0.01], help="Least nDCG gain to add a head to a label; repeat to try several."),
-    report_dir: Optional[Path] = typer.Option(None, help="Where the fit report and heatmap go (default: beside --out)."),
-):
-    """Fit a router: extract (cached, resumable), search head labels, train, write the artifact + report."""
-    import itertools
-    import shlex
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from .backbone import default_cache_dir, load_backbone
-    from .fit import beir_source, read_query_log, run_fit
-    from .query_embedding import QueryEmbeddingConfig
-    from .search import SearchConfig
-    from .training import TrainingConfig
+def _sources(data: list[str], top_k: int, max_queries: Optional[int], instruction: Instruction) -> list:
+    from .fit.sources import beir_source, read_query_log
 
     sources = []
     for item in data:
@@ -345,30 +330,121 @@ def fit(
         else:
             source = beir_source(item, top_k, max_queries, instruction=instruction.value)
         sources.append(source)
-    backbone = load_backbone(model, dtype=dtype, device=device)
-    embedding = QueryEmbeddingConfig(layer=backbone.num_layers // 2 if layer is None else layer)
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        tasks: dict[str, int] = {}
+    return sources
 
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done, total=total)
 
+@app.command("select-heads")
+def select_heads(
+    data: list[str] = typer.Argument(..., help="Labelled BEIR-layout folders or set names."),
+    k: int = typer.Option(4, help="How many heads to keep."),
+    out_file: Path = typer.Option(..., "--out", help="Write the heads (JSON) here."),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    split: str = typer.Option("test", help="qrels split to learn from (use a fit split)."),
+    top_k: int = typer.Option(20, help="Candidates per query."),
+    max_queries: Optional[int] = typer.Option(None, help="First N judged queries of each set."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
+    instruction: Instruction = typer.Option(Instruction.auto, help=INSTRUCTION_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+):
+    """QRHead-style static heads: the top-k heads by single-head nDCG@10 on labelled data."""
+    from .extras import ensure
+
+    ensure("fit", "routehead-rag select-heads")
+    with _usage():
+        from .eval.harness import prepare_set
+        from .fit.sources import eval_set_source
+        from .model.devices import parse_device, parse_dtype
+
+        if k < 1:
+            raise ValueError(f"--k must be at least 1, got {k}")
+        parse_dtype(dtype), parse_device(device)
+        sources = [
+            eval_set_source(prepare_set(item, split=split, max_queries=max_queries, top_k=top_k), instruction.value)
+            for item in data
+        ]
+    from .fit.pipeline import select_static_heads
+    from .paths import default_cache_dir
+
+    backbone = _load(model, dtype, device, quiet)
+    with _progress(quiet) as report:
+        chosen, queries = select_static_heads(backbone, sources, k, cache_dir=cache_dir or default_cache_dir(), progress=report)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(
+        json.dumps({"heads": [str(h) for h, _ in chosen], "ndcg@10": [v for _, v in chosen],
+                    "sets": [s.name for s in sources], "split": split, "queries": queries}, indent=2) + "\n",
+        encoding="utf-8",
+    )
+    typer.echo(", ".join(f"{h} ({v:.3f})" for h, v in chosen))
+
+
+@app.command()
+def fit(
+    data: list[str] = typer.Argument(..., help="BEIR-layout folders or set names (their fit split) or JSONL query logs."),
+    out: Path = typer.Option(..., help="Write the router artifact here (a directory)."),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    top_k: int = typer.Option(20, help="Candidates per query for BEIR folders."),
+    max_queries: Optional[int] = typer.Option(None, help="First N fit queries of each source."),
+    seed: int = typer.Option(0, help="Seed of the train/dev split and of training."),
+    epochs: int = typer.Option(300, help="Most training epochs per candidate setting (early stopping on dev)."),
+    layer: Optional[int] = typer.Option(None, help="Query-embedding layer (default: the middle layer)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
+    instruction: Instruction = typer.Option(Instruction.auto, help=INSTRUCTION_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    pool_size: list[int] = typer.Option([64], help="Head-search pool size K; repeat to try several (chosen on dev)."),
+    max_heads: list[int] = typer.Option(
+        [8], help="Most heads P in a query's label; repeat to try several. (The routed k is chosen on dev from 1, 2, 4, 8.)"
+    ),
+    margin: list[float] = typer.Option([0.01], help="Least nDCG gain to add a head to a label; repeat to try several."),
+    report_dir: Optional[Path] = typer.Option(None, help="Where the fit report and heatmap go (default: beside --out)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+):
+    """Fit a router: extract (cached, resumable), search head labels, train, write the artifact + report."""
+    import itertools
+
+    from .extras import ensure
+
+    ensure("fit", "routehead-rag fit")
+    with _usage():
+        from .engine.embedding import QueryEmbeddingConfig
+        from .engine.scorer import ScoringConfig
+        from .fit.search import SearchConfig
+        from .fit.training import TrainingConfig
+        from .model.devices import parse_device, parse_dtype
+
+        parse_dtype(dtype), parse_device(device)
+        searches = [SearchConfig(pool_size=p, max_heads=h, margin=m) for p, h, m in itertools.product(pool_size, max_heads, margin)]
+        training = TrainingConfig(seed=seed, epochs=epochs)
+        scoring = ScoringConfig().with_instruction("relevance" if instruction is Instruction.auto else instruction.value)
+        sources = _sources(data, top_k, max_queries, instruction)
+        from .model.architecture import peek_shape
+
+        shape = peek_shape(model, convert=True)
+        if layer is not None and shape is not None and not -1 <= layer < shape.num_layers:
+            raise ValueError(f"--layer {layer} does not exist: {model} has layers -1..{shape.num_layers - 1}")
+    from .fit.pipeline import run_fit
+    from .paths import default_cache_dir
+
+    backbone = _load(model, dtype, device, quiet)
+    with _usage():
+        embedding = QueryEmbeddingConfig(layer=backbone.num_layers // 2 if layer is None else layer)
+        if embedding.layer >= backbone.num_layers:
+            raise ValueError(f"--layer {layer} does not exist: {model} has layers -1..{backbone.num_layers - 1}")
+    with _progress(quiet) as report:
         result = run_fit(
-            backbone, sources, out, scoring=_scoring_config(instruction), query_embedding=embedding,
-            search=[
-                SearchConfig(pool_size=k, max_heads=p, margin=m)
-                for k, p, m in itertools.product(pool_size, max_heads, margin)
-            ],
-            training=TrainingConfig(seed=seed, epochs=epochs), cache_dir=cache_dir or default_cache_dir(),
-            command="routehead-rag fit " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None,
-            progress=report, report_dir=report_dir,
+            backbone, sources, out, scoring=scoring, query_embedding=embedding, search=searches, training=training,
+            cache_dir=cache_dir or default_cache_dir(), command=_command(), progress=report, report_dir=report_dir,
         )
-    metrics = result.config.dev_metrics
-    console.print(f"wrote {result.artifact} (report {result.report}, heatmap {result.heatmap})")
-    typer.echo(json.dumps({"artifact": str(result.artifact), "k": result.config.selection.k, **metrics}))
+    if not quiet:
+        _console().print(f"wrote {result.artifact} (report {result.report}, heatmap {result.heatmap})")
+    typer.echo(json.dumps({"artifact": str(result.artifact), "k": result.config.selection.k, **result.config.dev_metrics}))
+
+
+def _command() -> str | None:
+    """The command line as typed, for the model card (arguments after the program name)."""
+    return "routehead-rag " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if len(sys.argv) > 2 else None
 
 
 def main() -> None:  # pragma: no cover

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -57,14 +58,38 @@ def as_heads(heads: Iterable[Head | str | tuple[int, int]]) -> list[Head]:
     return result
 
 
-def validate_heads(heads: Iterable[Head], num_layers: int, num_heads: int) -> None:
-    """Raise ``ValueError`` naming the first head outside a ``num_layers x num_heads`` model."""
-    for head in heads:
-        if head.layer >= num_layers or head.head >= num_heads:
-            raise ValueError(
-                f"head {head} does not exist in this backbone ({num_layers} layers x {num_heads} heads: "
-                f"valid heads are L0.H0 .. L{num_layers - 1}.H{num_heads - 1})"
-            )
+@dataclass(frozen=True)
+class HeadGrid:
+    """The heads of one model, ``num_layers x num_heads``, and the one flat numbering of them.
+
+    Tensors over every head of a model are ``[layer, head, ...]``; flattened they are
+    ``[layer * num_heads + head, ...]`` (router logits, labelled-set scores, search labels).
+    """
+
+    num_layers: int
+    num_heads: int
+
+    @property
+    def size(self) -> int:
+        return self.num_layers * self.num_heads
+
+    def flat(self, head: Head) -> int:
+        return head.layer * self.num_heads + head.head
+
+    def head(self, flat_index: int) -> Head:
+        return Head(flat_index // self.num_heads, flat_index % self.num_heads)
+
+    def heads(self, flat_indices: Iterable[int]) -> list[Head]:
+        return [self.head(int(i)) for i in flat_indices]
+
+    def check(self, heads: Iterable[Head], where: str = "this backbone") -> None:
+        """Raise ``ValueError`` naming the first head outside the grid, and the valid range."""
+        for head in heads:
+            if head.layer >= self.num_layers or head.head >= self.num_heads:
+                raise ValueError(
+                    f"head {head} does not exist in {where} ({self.num_layers} layers x {self.num_heads} heads: "
+                    f"valid heads are L0.H0 .. L{self.num_layers - 1}.H{self.num_heads - 1})"
+                )
 
 
 def load_heads_file(path: str | Path) -> list[Head]:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .heads import Head, as_heads, load_heads_file, validate_heads
-from .prompt import PromptConfig
-from .scoring import AttentionScorer, ScoringConfig
+import torch
+
+from .engine.prompt import PromptConfig
+from .engine.scorer import AttentionScorer, ScoringConfig
+from .heads import Head, HeadGrid
+from .strategy import AutoHeads, HeadStrategy, StaticHeads, parse_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,31 @@ class RankedResults(Sequence[RankedDocument]):
         return [r.id for r in self._results]
 
 
+def check_query(query: Any) -> str:
+    """A non-blank string; else ``TypeError``/``ValueError`` saying what to pass. Shared by the adapters."""
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a string, got {type(query).__name__}")
+    if not query.strip():
+        raise ValueError("query is empty: pass the question or search text to rank documents for")
+    return query
+
+
+def check_top_k(value: Any, name: str = "top_k") -> int | None:
+    """``None`` or a positive int; else ``ValueError`` naming ``name`` and the value. Shared by the adapters."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer (> 0) or None, got {value!r}")
+    return value
+
+
+def check_score_threshold(value: Any, name: str = "score_threshold") -> float | None:
+    """``None`` or a number that is not NaN; else ``ValueError`` naming the value. Shared by the adapters."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number or None, got {value!r}")
+    return value
+
+
 def _normalise_documents(documents: Iterable[Any]) -> list[tuple[Any, str]]:
     """``(id, text)`` pairs from strings (id = list index) or ``(id, text)`` pairs; inputs untouched."""
     if isinstance(documents, (str, bytes)):
@@ -99,135 +128,151 @@ class RouteHeadReranker:
     """Re-rank passages for a query with a causal LM's attention.
 
     Args:
-        model: ``"smollm2-135m"`` (embedded default), a Hugging Face id or folder, or a loaded
-            model object shared with your generator (then pass ``tokenizer`` too).
+        model: ``"smollm2-135m"`` (embedded default), a Hugging Face id or folder, a loaded
+            model object shared with your generator (then pass ``tokenizer`` too), or a
+            zero-argument callable returning ``(model, tokenizer)``, called once at warm-up
+            (to share a generator's model that loads lazily).
         heads: ``"auto"`` (default: route with the router shipped for this backbone, found by
             its fingerprint, else every head), ``"all"`` (ICR: every head), a list of heads
             (``["L12.H5", ...]`` or ``Head``), the path of a heads file (JSON list or one
             ``L12.H5`` per line), or a router directory written by ``routehead-rag fit``
             (routed heads per query; its prompt is used unless you pass ``prompt``, and its
-            backbone fingerprint must match).
+            backbone fingerprint must match). See :mod:`routehead_rag.strategy`.
         tokenizer: required with a model object.
-        prompt: prompt layout (:class:`PromptConfig`).
+        prompt: prompt layout (:class:`PromptConfig`); default: a router's own, else ICR's.
+        instruction: a named wording after the passages, ``"relevance"`` (search queries) or
+            ``"question"`` (questions the passages answer); replaces the prompt's (or the
+            router's) wording. ``None``: keep it.
         max_prompt_tokens: token budget of one prompt; longer candidate lists go in windows.
         calibrate: subtract the content-free ("N/A") attention (ICR); on by default.
         mask_outliers: ICR token-outlier masking of the aggregated score.
-        dtype, device: for models we load (``None``: float32, CUDA when available else CPU).
+        dtype: for models we load: ``"auto"`` (default: bfloat16 on CUDA and on CPUs with native
+            bfloat16, float32 otherwise), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch.dtype.
+        device: for models we load (``None``: CUDA when available, else CPU).
         use_adapters: with a ``peft.PeftModel``, score with adapters on (default) or off.
 
-    The model is loaded lazily on the first :meth:`rank` (or :meth:`warm_up`).
+    Every argument is checked here, before any model work (fixed heads and a router's shape
+    against the model's config too, when that is readable without loading the model); the
+    model is loaded lazily on the first :meth:`rank` (or :meth:`warm_up`).
     """
 
     def __init__(
         self,
         model: Any = "smollm2-135m",
-        heads: str | Path | Sequence[Head | str | tuple[int, int]] = "auto",
+        heads: str | Path | Sequence[Head | str | tuple[int, int]] | HeadStrategy = "auto",
         *,
         tokenizer: Any = None,
         prompt: PromptConfig | None = None,
+        instruction: str | None = None,
         max_prompt_tokens: int = 4096,
         calibrate: bool = True,
         mask_outliers: bool = False,
-        dtype: Any = None,
+        dtype: Any = "auto",
         device: Any = None,
         use_adapters: bool = True,
     ):
+        from .model.devices import parse_device, parse_dtype
+
+        if not isinstance(model, (str, os.PathLike, torch.nn.Module)) and not callable(model):
+            raise TypeError(
+                f"model must be a model name or folder, a loaded transformers model (with tokenizer=...), or a "
+                f"callable returning (model, tokenizer), got {type(model).__name__}"
+            )
+        if isinstance(model, torch.nn.Module) and tokenizer is None:
+            raise TypeError(
+                f"model is a loaded {type(model).__name__} but tokenizer is None: pass the tokenizer it was trained "
+                "with (tokenizer=...)"
+            )
+        if not isinstance(use_adapters, bool):
+            raise TypeError(f"use_adapters must be True or False, got {use_adapters!r}")
+        if isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 64:
+            raise ValueError(
+                f"max_prompt_tokens must be an integer of at least 64, got {max_prompt_tokens!r} (the prompt's own "
+                "text needs some of the budget)"
+            )
+        if prompt is not None and not isinstance(prompt, PromptConfig):
+            raise TypeError(f"prompt must be a PromptConfig or None, got {type(prompt).__name__}")
         self.model = model
         self.tokenizer = tokenizer
-        self.dtype = dtype
-        self.device = device
+        self.dtype = parse_dtype(dtype)
+        self.device = parse_device(device)
         self.use_adapters = use_adapters
-        self.router_dir: Path | None = None
-        self.router_config = None
-        self.auto_heads = isinstance(heads, str) and heads == "auto"  # resolved when the backbone loads
-        self.heads: list[Head] | None = None
-        if isinstance(heads, (str, Path)) and not self.auto_heads and Path(heads).is_dir():
-            from .artifact import read_artifact_config
-
-            self.router_dir = Path(heads)
-            self.router_config = read_artifact_config(self.router_dir)  # validated now; weights load lazily
-        elif not self.auto_heads:
-            self.heads = self._resolve_heads(heads)
-        self._prompt = prompt
-        self.config = self._scoring_config(max_prompt_tokens, calibrate, mask_outliers)
-        self._router = None
+        self.strategy: HeadStrategy = parse_strategy(heads)
+        base_prompt = prompt or self.strategy.prompt or PromptConfig()
+        self.config = ScoringConfig(
+            prompt=base_prompt if instruction is None else base_prompt.with_instruction(instruction),
+            max_prompt_tokens=max_prompt_tokens,
+            calibrate=calibrate,
+            mask_outliers=mask_outliers,
+        )
+        self._prompt_given = prompt is not None
+        self._instruction = instruction
+        self._check_grid(convert=False)  # when the model's shape is readable without loading it
+        self._resolved: HeadStrategy | None = None
         self._scorer: AttentionScorer | None = None
         self._lock = threading.Lock()
 
-    def _scoring_config(self, max_prompt_tokens: int, calibrate: bool, mask_outliers: bool) -> ScoringConfig:
-        """The caller's settings; with a router and no ``prompt``, the prompt the router was fitted with."""
-        prompt = self._prompt
-        if prompt is None:
-            prompt = self.router_config.scoring.prompt if self.router_config is not None else PromptConfig()
-        return ScoringConfig(
-            prompt=prompt, max_prompt_tokens=max_prompt_tokens, calibrate=calibrate, mask_outliers=mask_outliers
-        )
-
-    @staticmethod
-    def _resolve_heads(heads) -> list[Head] | None:
-        if isinstance(heads, str) and heads == "all":
-            return None
-        if isinstance(heads, (str, Path)):
-            path = Path(heads)
-            if not path.exists():
-                raise ValueError(
-                    f"heads={str(heads)!r} is neither 'all' nor an existing heads file; pass 'all', "
-                    "a list like ['L12.H5', 'L3.H1'], or the path of a heads file"
-                )
-            return load_heads_file(path)
-        resolved = as_heads(heads)
-        if not resolved:
-            raise ValueError("heads is an empty list: pass 'all' or at least one head like 'L12.H5'")
-        return resolved
+    @property
+    def heads(self) -> list[Head] | None:
+        """The fixed head list (static heads), else ``None`` (every head, or routed per query)."""
+        return list(self.strategy.heads) if isinstance(self.strategy, StaticHeads) else None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def warm_up(self) -> None:
-        """Load the backbone (once; thread-safe)."""
+        """Load the backbone (once; thread-safe) and resolve the head choice on it."""
         if self._scorer is not None:
             return
         with self._lock:
             if self._scorer is not None:
                 return
-            from .backbone import load_backbone
+            from .model.backbone import load_backbone
 
+            self._check_grid(convert=True)  # before any weights are read
+            model, tokenizer = self.model, self.tokenizer
+            if callable(model) and not isinstance(model, torch.nn.Module):
+                model, tokenizer = model()  # a lazily loading generator's model, shared
             backbone = load_backbone(
-                self.model,
-                tokenizer=self.tokenizer,
+                model,
+                tokenizer=tokenizer,
                 dtype=self.dtype,
                 device=self.device,
                 use_adapters=self.use_adapters,
             )
-            if self.heads is not None:
-                validate_heads(self.heads, backbone.num_layers, backbone.num_heads)
-            if self.auto_heads:
-                self._use_shipped_router(backbone)
-            if self.router_dir is not None:
-                from .artifact import load_artifact
+            resolved = self.strategy.resolve(backbone)
+            config = self.config
+            if isinstance(self.strategy, AutoHeads) and resolved.prompt is not None and not self._prompt_given:
+                # "auto" found a shipped router: score in the prompt it was fitted with
+                prompt = resolved.prompt if self._instruction is None else resolved.prompt.with_instruction(self._instruction)
+                config = config.model_copy(update={"prompt": prompt})
+            self._resolved = resolved
+            self._scorer = AttentionScorer(backbone, config)
 
-                self._router, _ = load_artifact(self.router_dir, backbone.fingerprint())
-            self._scorer = AttentionScorer(backbone, self.config)
+    def check_model(self) -> None:
+        """Check the head choice against the model's layers x heads, read from its config without loading
+        weights (the embedded GGUF is converted first if its conversion is not cached); loads nothing else.
 
-    def _use_shipped_router(self, backbone) -> None:
-        """``heads="auto"``: the router shipped for this backbone (by fingerprint), else every head."""
-        from .artifact import read_artifact_config, shipped_router_for
+        Raises ``ValueError`` naming the head (or the router's shape) that does not fit.
+        """
+        self._check_grid(convert=True)
 
-        folder = shipped_router_for(backbone.fingerprint())
-        if folder is None:
-            logger.info("no router ships for %s: scoring with all heads (ICR)", backbone.name)
-            return
-        self.router_dir = folder
-        self.router_config = read_artifact_config(folder)
-        self.config = self._scoring_config(self.config.max_prompt_tokens, self.config.calibrate, self.config.mask_outliers)
+    def _check_grid(self, convert: bool) -> None:
+        from .model.architecture import peek_shape
+
+        shape = peek_shape(self.model, convert=convert)
+        if shape is not None:
+            where = f"this backbone ({self.model!r})" if isinstance(self.model, str) else "this backbone"
+            self.strategy.check_grid(HeadGrid(shape.num_layers, shape.num_heads), where)
+
+    @property
+    def resolved_strategy(self) -> HeadStrategy:
+        """The head choice as resolved on the loaded backbone (``"auto"`` decided); loads the backbone."""
+        self.warm_up()
+        assert self._resolved is not None  # set by warm_up
+        return self._resolved
 
     def heads_for(self, query: str) -> list[Head] | None:
         """The heads ``query`` is scored with: routed per query with a router, else the fixed choice."""
-        scorer = self.scorer  # loads the backbone; with heads="auto" this decides on the shipped router
-        if self.router_dir is None:
-            return self.heads
-        from .query_embedding import embed_query
-
-        embedding = embed_query(scorer.backbone, query, self.router_config.query_embedding)
-        return self._router.select(embedding, self.router_config.selection)
+        return self.resolved_strategy.heads_for(self.scorer.backbone, query)
 
     @property
     def is_loaded(self) -> bool:
@@ -241,19 +286,19 @@ class RouteHeadReranker:
         return self._scorer
 
     # -- ranking -----------------------------------------------------------------------------
-    def rank(self, query: str, documents: Iterable[Any], top_k: int | None = None) -> RankedResults:
+    def rank(
+        self, query: str, documents: Iterable[Any], top_k: int | None = None, score_threshold: float | None = None
+    ) -> RankedResults:
         """Re-rank ``documents`` (first-stage order, best first) for ``query``, best first.
 
         ``documents`` are strings (their id is their list index) or ``(id, text)`` pairs.
         Empty or whitespace-only passages are kept and ranked last with score
-        ``-inf`` (:data:`EMPTY_PASSAGE_SCORE`), in input order.  Nothing passed in is modified.
+        ``-inf`` (:data:`EMPTY_PASSAGE_SCORE`), in input order.  ``top_k`` keeps the best K,
+        ``score_threshold`` only those scoring at least that.  Nothing passed in is modified.
         """
-        if not isinstance(query, str):
-            raise TypeError(f"query must be a string, got {type(query).__name__}")
-        if not query.strip():
-            raise ValueError("query is empty: pass the question or search text to rank documents for")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        check_query(query)
+        check_top_k(top_k)
+        check_score_threshold(score_threshold)
         pairs = _normalise_documents(documents)
         if not pairs:
             return RankedResults(query, [])
@@ -265,6 +310,8 @@ class RouteHeadReranker:
                 scores[i] = float(score) if math.isfinite(score) else EMPTY_PASSAGE_SCORE
         # Stable: ties keep first-stage order.
         order = sorted(range(len(pairs)), key=lambda i: -scores[i] if scores[i] != EMPTY_PASSAGE_SCORE else math.inf)
+        if score_threshold is not None:
+            order = [i for i in order if scores[i] >= score_threshold]
         if top_k is not None:
             order = order[:top_k]
         results = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from routehead_rag.backbone import Backbone, load_backbone
+from routehead_rag.model.backbone import Backbone, load_backbone
 
 
 @pytest.fixture(scope="session")
@@ -14,4 +14,4 @@ def embedded_backbone() -> Backbone:
     The first run on a machine converts the GGUF (~20 s); later sessions load the cached
     safetensors folder (~1 s). Treat it as read-only: it is shared by every integration test.
     """
-    return load_backbone("smollm2-135m")
+    return load_backbone("smollm2-135m", dtype="float32")  # the reference figures are float32

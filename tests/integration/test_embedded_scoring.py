@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from routehead_rag.attention import CaptureRequest, capture_scope, run_capture
+from routehead_rag.engine.capture import CaptureRequest, capture_scope, run_capture
 from routehead_rag.reranker import RouteHeadReranker
-from routehead_rag.scoring import AttentionScorer, ScoringConfig
+from routehead_rag.engine.scorer import AttentionScorer, ScoringConfig
 
 pytestmark = pytest.mark.integration
 

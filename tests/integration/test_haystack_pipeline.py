@@ -18,7 +18,7 @@ from haystack.document_stores.in_memory import InMemoryDocumentStore
 from haystack_integrations.components.generators.transformers import TransformersChatGenerator
 
 from haystack_integrations.components.rankers.routehead import RouteHeadRanker
-from routehead_rag.backbone import convert_embedded
+from routehead_rag.model.gguf_cache import convert_embedded
 
 pytestmark = pytest.mark.integration
 

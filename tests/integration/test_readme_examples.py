@@ -1,25 +1,61 @@
-"""The README's Haystack and LlamaIndex examples run as written (offline, embedded default)."""
+"""Every README example runs as written: each Python block, and each ``routehead-rag`` command line.
 
-import re
-from pathlib import Path
+The command lines run for real, in README order (``select-heads`` writes the heads file a later
+line reads, ``fit`` the router), in a scratch folder laid out like a checkout (``../shared/data``
+resolves); ``eval``, ``select-heads`` and ``fit`` get ``--max-queries 2`` added, nothing else.
+Every flag of every line is also parsed without running anything in tests/unit/test_readme_commands.py.
+"""
+
+import json
 
 import pytest
+from typer.testing import CliRunner
+
+from routehead_rag.cli import app
+from tests.readme import cli_lines, python_blocks
 
 pytestmark = pytest.mark.integration
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+BLOCKS = python_blocks()
+CAPPED = {"eval", "select-heads", "fit"}  # long on a full set: capped at two queries per source
 
 
-def python_block(section: str) -> str:
-    """The first ```python block under the ``## section`` heading."""
-    body = README.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    match = re.search(r"```python\n(.*?)```", body, re.S)
-    assert match, f"README section {section!r} has no python example"
-    return match.group(1)
+@pytest.mark.parametrize(("where", "code"), BLOCKS, ids=[where for where, _ in BLOCKS])
+def test_readme_python_block_runs_as_written(where, code, capsys):
+    exec(compile(code, f"README.md ({where})", "exec"), {"__name__": "readme_example"})
+    assert capsys.readouterr().out.strip(), f"README.md ({where}) printed nothing"
 
 
-@pytest.mark.parametrize("section", ["Haystack", "LlamaIndex"])
-def test_readme_example_runs_and_answers(section, capsys):
-    exec(compile(python_block(section), f"README.md ({section})", "exec"), {"__name__": "readme_example"})
-    printed = capsys.readouterr().out
-    assert printed.strip(), "the example printed no answer"
+@pytest.fixture
+def checkout_like(tmp_path, data_dir, monkeypatch):
+    """``work/`` with ``../shared/data`` beside it, and the query log the README's ``fit`` line names."""
+    from routehead_rag.eval.harness import prepare_set
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(data_dir, target_is_directory=True)
+    eval_set = prepare_set("trec-dl-2019", max_queries=3, top_k=10, data_dir=data_dir)
+    with (work / "my-query-log.jsonl").open("w", encoding="utf-8") as log:
+        for qid in eval_set.qids:
+            ids = eval_set.candidates[qid]
+            relevance = {d: g for d, g in eval_set.dataset.qrels[qid].items() if d in ids}
+            log.write(json.dumps({"id": qid, "query": eval_set.dataset.queries[qid], "relevance": relevance,
+                                  "candidates": [{"id": d, "text": t} for d, t in zip(ids, eval_set.passages(qid))]}))
+            log.write("\n")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("ROUTEHEAD_DATA", str(data_dir))
+    return work
+
+
+def test_readme_command_lines_run_in_order(checkout_like):
+    runner = CliRunner()
+    ran = []
+    for argv in cli_lines():
+        argv = [*argv, "--max-queries", "2"] if argv[0] in CAPPED else list(argv)
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0, f"routehead-rag {' '.join(argv)}:\n{result.output}"
+        ran.append(argv[0])
+    assert {"rerank", "eval", "select-heads", "fit"} <= set(ran)
+    assert (checkout_like / "heads.json").is_file() and (checkout_like / "my-router" / "config.json").is_file()
+    assert json.loads((checkout_like / "icr.json").read_text())["strategy"] == "all"

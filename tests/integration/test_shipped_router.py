@@ -2,7 +2,7 @@
 
 import pytest
 
-from routehead_rag.artifact import SHIPPED_ROUTERS, load_artifact, read_artifact_config, shipped_router_for
+from routehead_rag.router.artifact import SHIPPED_ROUTERS, load_artifact, read_artifact_config, shipped_router_for
 from routehead_rag.reranker import RouteHeadReranker
 from tests.integration.test_embedded_scoring import DOCS, QUERY
 
@@ -26,7 +26,7 @@ def test_default_reranker_routes_with_the_shipped_router(embedded_backbone):
     reranker = RouteHeadReranker(model=embedded_backbone.model, tokenizer=embedded_backbone.tokenizer)
     heads = reranker.heads_for(QUERY)
     config = read_artifact_config(SHIPPED)
-    assert reranker.router_dir == SHIPPED
+    assert reranker.resolved_strategy.folder == SHIPPED
     assert len(heads) == config.selection.k
     results = reranker.rank(QUERY, DOCS)
     assert results[0].index == 1, results

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from routehead_rag.attention import CAPTURE_IMPLEMENTATION, CaptureRequest, capture_scope, run_capture
+from routehead_rag.engine.capture import CAPTURE_IMPLEMENTATION, CaptureRequest, capture_scope, run_capture
 from tests.tiny_models import tiny_causal_lm
 
 ARCHS = ["llama", "qwen2", "gemma3"]

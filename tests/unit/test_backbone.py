@@ -1,4 +1,4 @@
-"""Unit tests for routehead_rag.backbone: tiny random models, fake GGUF conversions (milliseconds)."""
+"""Unit tests for routehead_rag.model (backbone, GGUF cache): tiny random models, fake GGUF conversions (milliseconds)."""
 
 from __future__ import annotations
 
@@ -15,21 +15,19 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from routehead_rag import backbone as bb_mod
-from routehead_rag.backbone import (
+from routehead_rag.model import gguf_cache as bb_mod
+from routehead_rag.model.architecture import UnsupportedArchitectureError, check_supported
+from routehead_rag.model.backbone import Backbone, load_backbone, tokenizer_sha256
+from routehead_rag.model.gguf_cache import (
     EMBEDDED_DEFAULT,
     INSTALL_EMBEDDED_HINT,
     MANIFEST_NAME,
-    Backbone,
     BackboneNotAvailableError,
-    UnsupportedArchitectureError,
-    check_supported,
     convert_embedded,
-    default_cache_dir,
     embedded_gguf_path,
-    load_backbone,
-    tokenizer_sha256,
 )
+from routehead_rag.model.devices import cpu_has_native_bf16
+from routehead_rag.paths import default_cache_dir
 from tests.tiny_models import ARCHS, tiny_backbone, tiny_causal_lm, tiny_tokenizer
 
 
@@ -57,7 +55,7 @@ def test_shared_model_is_used_as_is() -> None:
 
 def test_shared_model_in_training_mode_is_left_alone(caplog: pytest.LogCaptureFixture) -> None:
     lm = tiny_causal_lm("qwen2").train()
-    with caplog.at_level(logging.WARNING, logger="routehead_rag.backbone"):
+    with caplog.at_level(logging.WARNING, logger="routehead_rag.model.backbone"):
         backbone = load_backbone(lm, tokenizer=tiny_tokenizer())
     assert backbone.model.training and all(m.training for m in lm.modules())
     assert any("training mode" in r.getMessage() for r in caplog.records)
@@ -309,12 +307,15 @@ def test_local_folder_round_trip(tmp_path: pathlib.Path) -> None:
     shared.causal_lm.save_pretrained(tmp_path)
     shared.tokenizer.save_pretrained(tmp_path)
 
-    loaded = load_backbone(str(tmp_path), device="cpu")
+    loaded = load_backbone(str(tmp_path), device="cpu", dtype="float32")
     assert loaded.name == str(tmp_path)
     assert loaded.fingerprint() == shared.fingerprint()
     assert not loaded.causal_lm.training
     assert loaded.causal_lm.config._attn_implementation == "sdpa"
     assert loaded.dtype == torch.float32
+
+    auto = load_backbone(str(tmp_path), device="cpu")  # dtype="auto": bfloat16 only where it is native
+    assert auto.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
 
     half = load_backbone(tmp_path, dtype="bfloat16", tokenizer=shared.tokenizer)
     assert half.dtype == torch.bfloat16 and half.tokenizer is shared.tokenizer
@@ -357,6 +358,17 @@ def _converted(cache: pathlib.Path) -> list[pathlib.Path]:
 
 def _temp_dirs(cache: pathlib.Path) -> list[pathlib.Path]:
     return [p for p in cache.iterdir() if ".tmp-" in p.name]
+
+
+def test_the_one_time_conversion_says_so_in_one_visible_line(
+    fake_gguf: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(bb_mod, "_convert_gguf_to_folder", FakeConverter())
+    with caplog.at_level(logging.WARNING):  # WARNING: Python shows it even with no logging set up
+        convert_embedded()
+        convert_embedded()  # cached: nothing more to say
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "converting" in lines[0] and "once (about" in lines[0], lines
 
 
 def test_convert_once_then_reuse(fake_gguf: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -439,7 +451,7 @@ def test_damaged_folder_is_rebuilt(
 
     converter = FakeConverter()
     monkeypatch.setattr(bb_mod, "_convert_gguf_to_folder", converter)
-    with caplog.at_level(logging.WARNING, logger="routehead_rag.backbone"):
+    with caplog.at_level(logging.WARNING, logger="routehead_rag.model.gguf_cache"):
         assert convert_embedded() == folder
     assert converter.calls == 1
     assert any("rebuilding" in r.getMessage() for r in caplog.records)
@@ -485,9 +497,11 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Pa
 
 
 def test_device_matching_never_assumes_cuda_0() -> None:
-    same = bb_mod._same_device
+    from routehead_rag.model.backbone import _same_device as same
+    from routehead_rag.model.devices import default_device
+
     assert same(torch.device("cuda"), torch.device("cuda", 1))  # "cuda" = whichever CUDA device it is on
     assert not same(torch.device("cuda", 0), torch.device("cuda", 1))
     assert not same(torch.device("cpu"), torch.device("cuda", 0))
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert bb_mod._resolve_device(None) == torch.device(expected)
+    assert default_device() == torch.device(expected)

@@ -1,6 +1,9 @@
 """The CLI end to end on a tiny model saved to a folder and a tiny BEIR-layout set."""
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -8,7 +11,7 @@ from typer.testing import CliRunner
 from routehead_rag.cli import app
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
-runner = CliRunner()
+runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +120,131 @@ def test_routed_without_router_is_a_usage_error(model_dir, beir_dir):
     result = runner.invoke(app, ["eval", str(beir_dir), "--strategy", "routed", "--model", str(model_dir)])
     assert result.exit_code != 0
     assert "--router" in result.output and "no router ships" in result.output
+
+
+# -- failing like a good CLI (issue: one red line, exit 2 for usage errors, 1 at run time) ------
+
+
+def no_model_loads(monkeypatch):
+    import routehead_rag.model.backbone as backbone
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(backbone, "load_backbone", refuse)
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_an_unknown_head_is_a_usage_error_before_the_model_loads(model_dir, beir_dir, monkeypatch):
+    no_model_loads(monkeypatch)
+    result = runner.invoke(app, ["rerank", "sea", "a passage", "--model", str(model_dir), "--heads", "L99.H99"])
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert "L99.H99 does not exist" in line and "L0.H0 .. L1.H3" in line
+    result = runner.invoke(app, ["eval", str(beir_dir), "--strategy", "static", "--heads", "L99.H99",
+                                 "--model", str(model_dir)])
+    assert result.exit_code == 2 and "L99.H99 does not exist" in one_error_line(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "no-such-set", "--strategy", "bm25"], r"no data set 'no-such-set'.*looked up in \$ROUTEHEAD_DATA"),
+        (["rerank", "q", "--file", "missing.jsonl"], "--file 'missing.jsonl' is not a file"),
+        (["rerank", "q", "p", "--dtype", "int8"], "dtype='int8' is not supported"),
+        (["rerank", "q", "p", "--device", "gpu"], "device='gpu' is not a valid torch device"),
+        (["rerank", "q", "p", "--model", "./no/such/folder"], "is a path that does not exist"),
+        (["rerank", "q", "p", "--no-such-option"], "No such option: --no-such-option"),
+        (["eval", "x", "--strategy", "static"], "--strategy static needs --heads"),
+        (["select-heads", "x", "--k", "0", "--out", "h.json"], "--k must be at least 1"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(args, message, monkeypatch, tmp_path):
+    no_model_loads(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ROUTEHEAD_DATA", str(tmp_path / "data"))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert re.search(message, one_error_line(result)), result.output
+
+
+def test_a_bad_passages_file_names_the_line(tmp_path, monkeypatch):
+    no_model_loads(monkeypatch)
+    bad = tmp_path / "passages.jsonl"
+    bad.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": \n')
+    result = runner.invoke(app, ["rerank", "q", "--file", str(bad)])
+    assert result.exit_code == 2 and "passages.jsonl:2: invalid JSON" in one_error_line(result)
+
+
+def test_a_folder_that_is_not_a_model_is_a_usage_error(tmp_path, monkeypatch):
+    no_model_loads(monkeypatch)
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    result = runner.invoke(app, ["rerank", "q", "p", "--model", str(folder), "--heads", "L0.H0"])
+    assert result.exit_code == 2 and "holds no model config transformers can read" in one_error_line(result)
+
+
+def test_a_model_that_cannot_load_offline_is_a_runtime_error_with_exit_code_1(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at start-up
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    result = runner.invoke(app, ["rerank", "q", "p", "--model", "routehead-tests/not-cached", "--quiet"])
+    assert result.exit_code == 1
+    line = one_error_line(result)
+    assert "not available offline" in line and "smollm2-135m" in line
+
+
+def test_a_missing_extra_names_the_install_command(monkeypatch, beir_dir):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bm25s" else real(name, *a))
+    result = runner.invoke(app, ["eval", str(beir_dir), "--strategy", "bm25"])
+    assert result.exit_code == 1
+    assert "pip install 'routehead-rag[fit]'" in one_error_line(result)
+
+
+def test_version():
+    from routehead_rag import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"routehead-rag {__version__}"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["rerank", "--help"], ["eval", "--help"]])
+def test_help_and_version_import_neither_torch_nor_transformers(args):
+    code = (
+        "import sys\nfrom routehead_rag.cli import main\nsys.argv = ['routehead-rag', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
+        "print('heavy:', sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "heavy: []", done.stdout + done.stderr
+
+
+def test_eval_json_prints_one_object_and_quiet_prints_no_progress(model_dir, beir_dir, tmp_path):
+    result = runner.invoke(app, [
+        "eval", str(beir_dir), "--strategy", "all", "--model", str(model_dir), "--top-k", "5", "--json",
+        "--quiet", "--cache-dir", str(tmp_path / "cache"), "--dtype", "float32",
+    ])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["strategy"] == "all" and data["queries"] == 4 and data["dtype"] == "float32"
+    assert result.stderr == ""
+
+
+def test_eval_shows_per_query_progress(model_dir, beir_dir, tmp_path):
+    result = runner.invoke(app, [
+        "eval", str(beir_dir), "--strategy", "all", "--model", str(model_dir), "--top-k", "5",
+        "--cache-dir", str(tmp_path / "cache"),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "extracting" in result.stderr and "4/4" in result.stderr

@@ -9,26 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from routehead_rag.data import (
-    PROTOCOL,
+from routehead_rag.engine.prompt import cut_words
+from routehead_rag.eval.beir import (
     CandidateSource,
     DataFormatError,
     DataWarning,
     Document,
-    Role,
     available_sets,
-    bm25_order,
-    build_candidates,
-    cut_words,
-    default_data_dir,
     load_beir,
-    load_protocol_set,
     load_qrels,
-    protocol_queries,
     resolve_data_dir,
-    select_queries,
 )
-from routehead_rag.metrics import candidate_recall, evaluate, rankings_to_run
+from routehead_rag.eval.candidates import bm25_order, build_candidates
+from routehead_rag.eval.protocol import PROTOCOL, Role, load_protocol_set, protocol_queries, select_queries
+from routehead_rag.paths import checkout_root, default_data_dir
+from routehead_rag.eval.metrics import candidate_recall, evaluate, rankings_to_run
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("ROUTEHEAD_DATA") or REPO / ".." / "shared" / "data").resolve()
@@ -76,14 +71,26 @@ def test_as_passage_includes_title_then_cuts():
 # ---------------------------------------------------------------- data folder
 
 
-def test_default_data_dir_env_then_cwd(monkeypatch, tmp_path):
+def test_default_data_dir_env_then_checkout_never_the_cwd(monkeypatch, tmp_path):
     monkeypatch.setenv("ROUTEHEAD_DATA", str(tmp_path))
     assert default_data_dir() == tmp_path.resolve()
     monkeypatch.delenv("ROUTEHEAD_DATA")
     work = tmp_path / "repo"
     work.mkdir()
-    monkeypatch.chdir(work)
-    assert default_data_dir() == (tmp_path / "shared" / "data").resolve()
+    monkeypatch.chdir(work)  # the current directory plays no part
+    assert checkout_root() == REPO
+    assert default_data_dir() == (REPO.parent / "shared" / "data").resolve()
+
+
+def test_a_set_name_is_looked_up_in_the_data_dir_never_beside_the_cwd(monkeypatch, tmp_path):
+    (tmp_path / "shared" / "data" / "toy").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("ROUTEHEAD_DATA", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match=r"looked up in \$ROUTEHEAD_DATA \(.*elsewhere\)"):
+        resolve_data_dir("toy")
+    with pytest.raises(FileNotFoundError, match="it is not a folder"):
+        resolve_data_dir("../shared/data/nope")
 
 
 def _write_set(root: Path, *, corpus=None, queries=None, qrels=None, candidates=None) -> Path:
@@ -114,7 +121,7 @@ def test_resolve_data_dir_by_path_and_name(tmp_path):
     assert resolve_data_dir(tmp_path / "toy") == (tmp_path / "toy").resolve()
     assert resolve_data_dir("toy", data_dir=tmp_path) == (tmp_path / "toy").resolve()
     assert available_sets(tmp_path) == ["toy"]
-    with pytest.raises(FileNotFoundError, match="available sets under .*: toy"):
+    with pytest.raises(FileNotFoundError, match="looked up in .*, which holds: toy"):
         resolve_data_dir("nope", data_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="ROUTEHEAD_DATA"):
         resolve_data_dir("nope", data_dir=tmp_path / "empty")
@@ -342,7 +349,7 @@ def test_musique_source_order_reference_ndcg_and_pool_bm25():
 
 @needs_data
 def test_arguana_drops_the_query_itself():
-    from routehead_rag.first_stage import Bm25Index
+    from routehead_rag.eval.first_stage import Bm25Index
 
     ds = load("beir-arguana")
     ids = protocol_queries(ds, Role.CROSS_DOMAIN_TEST)[:25]

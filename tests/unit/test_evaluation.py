@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from routehead_rag.evaluation import extract, strategy_run
+from routehead_rag.engine.scorer import AttentionScorer, aggregate
+from routehead_rag.eval.harness import strategy_run
+from routehead_rag.fit.extraction import extract
 from routehead_rag.heads import Head
-from routehead_rag.scoring import AttentionScorer, aggregate
+from routehead_rag.strategy import AllHeads, StaticHeads
 from tests.tiny_models import tiny_backbone
 
 QUERIES = {"q1": "moon and sea", "q2": "stock prices", "q3": "five players"}
@@ -62,10 +64,10 @@ def test_corrupt_cache_file_is_recomputed(scorer, tmp_path):
 def test_strategy_runs_rank_by_the_head_sums(scorer, tmp_path):
     extractions = extract(scorer, "tiny", QUERIES, CANDIDATES, passages_of, None)
     heads = [Head(1, 0), Head(0, 2)]
-    run = strategy_run(extractions, heads)
+    run = strategy_run(extractions, StaticHeads(tuple(heads)), None, QUERIES)
     for qid, extraction in extractions.items():
         scores = aggregate(extraction.calibrated, heads)
         best = extraction.doc_ids[int(scores.argmax())]
         assert max(run[qid], key=run[qid].get) == best
-    icr = strategy_run(extractions, None)
+    icr = strategy_run(extractions, AllHeads(), None, QUERIES)
     assert set(icr) == set(QUERIES)

@@ -6,13 +6,15 @@ import stat
 
 import pytest
 
-from routehead_rag.artifact import RouterArtifactError, load_artifact, read_artifact_config
-from routehead_rag.fit import read_query_log, run_fit
-from routehead_rag.query_embedding import QueryEmbeddingConfig, embed_query
+from routehead_rag.router.artifact import RouterArtifactError, load_artifact, read_artifact_config
+from routehead_rag.fit.pipeline import run_fit
+from routehead_rag.fit.sources import read_query_log
+from routehead_rag.engine.embedding import QueryEmbeddingConfig, embed_query
 from routehead_rag.reranker import RouteHeadReranker
-from routehead_rag.scoring import aggregate
-from routehead_rag.search import SearchConfig
-from routehead_rag.training import TrainingConfig
+from routehead_rag.engine.scorer import aggregate
+from routehead_rag.fit.search import SearchConfig
+from routehead_rag.fit.training import TrainingConfig
+from routehead_rag.strategy import AllHeads
 from tests.tiny_models import tiny_backbone
 
 TOPICS = ["moon tides sea", "stock market prices", "basketball players court", "bread bananas recipe", "rain clouds storm"]
@@ -115,7 +117,7 @@ def test_corrupt_and_partial_artifacts_are_errors(fitted, tmp_path):
 
 def test_refit_reuses_the_extraction_cache(fitted, monkeypatch):
     backbone, source, _, folder = fitted
-    import routehead_rag.scoring as scoring
+    import routehead_rag.engine.scorer as scoring
 
     calls = []
     original = scoring.AttentionScorer.head_scores
@@ -129,7 +131,7 @@ def test_refit_reuses_the_extraction_cache(fitted, monkeypatch):
 
 
 def test_interrupted_fit_resumes_where_it_stopped(tmp_path, monkeypatch):
-    import routehead_rag.scoring as scoring
+    import routehead_rag.engine.scorer as scoring
 
     backbone = tiny_backbone("llama")
     source = read_query_log(write_log(tmp_path / "log.jsonl", count=10))
@@ -173,7 +175,7 @@ def test_search_settings_are_chosen_on_dev(fitted):
 def test_auto_heads_use_the_router_shipped_for_the_backbone(fitted, tmp_path, monkeypatch):
     import shutil
 
-    import routehead_rag.artifact as artifact
+    import routehead_rag.router.artifact as artifact
 
     backbone, source, result, _ = fitted
     shipped = tmp_path / "routers"
@@ -183,11 +185,11 @@ def test_auto_heads_use_the_router_shipped_for_the_backbone(fitted, tmp_path, mo
     auto = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer)  # heads="auto" by default
     routed = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=result.artifact)
     assert auto.heads_for(query) == routed.heads_for(query)
-    assert auto.router_dir == shipped / "tiny-llama"
+    assert auto.resolved_strategy.folder == shipped / "tiny-llama"
     # another backbone has no shipped router: every head (ICR), not an error
     other = tiny_backbone("qwen2")
     fallback = RouteHeadReranker(model=other.model, tokenizer=other.tokenizer)
-    assert fallback.heads_for(query) is None and fallback.router_dir is None
+    assert fallback.heads_for(query) is None and isinstance(fallback.resolved_strategy, AllHeads)
 
 
 def test_query_log_errors_name_the_line(tmp_path):

@@ -23,8 +23,9 @@ from haystack.utils.misc import _deduplicate_documents as haystack_deduplicate
 from haystack_integrations.components.generators.transformers import TransformersChatGenerator
 
 from haystack_integrations.components.rankers.routehead import RouteHeadRanker
-from routehead_rag.prompt import QUESTION_INSTRUCTION
-from routehead_rag.reranker import RankedDocument, RankedResults, RouteHeadReranker
+from routehead_rag.engine.prompt import QUESTION_INSTRUCTION
+from routehead_rag.reranker import RouteHeadReranker
+from routehead_rag.strategy import AllHeads
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
 RANKER_TYPE = "haystack_integrations.components.rankers.routehead.ranker.RouteHeadRanker"
@@ -34,25 +35,23 @@ GENERATOR_TYPE = (
 
 
 class FakeScorer:
-    """Stands in for ``RouteHeadReranker.rank``: each text's score is looked up in ``scores``.
+    """Stands in for the engine's attention scorer: each text's score is looked up in ``scores``.
 
-    Keeps the engine's contract: best first, ties in input order, blank texts last with ``-inf``.
-    Records every (query, texts) it is asked to rank.
+    The engine's own ``rank`` runs on top (best first, ties in input order, blank texts last with
+    ``-inf``, ``top_k`` and ``score_threshold``).  Records every (query, texts) it is asked to score
+    (blank texts are never sent to a scorer).
     """
+
+    backbone = None  # every head: the head choice needs no backbone
 
     def __init__(self, scores: dict[str, float] | None = None):
         self.scores = scores or {}
         self.calls: list[tuple[str, list[str]]] = []
         self.warm_ups = 0
 
-    def rank(self, query: str, documents: list[str], top_k: int | None = None) -> RankedResults:
-        texts = list(documents)
-        self.calls.append((query, texts))
-        scores = [self.scores.get(text, 0.0) if text.strip() else -math.inf for text in texts]
-        order = sorted(range(len(texts)), key=lambda i: (scores[i] == -math.inf, -scores[i]))
-        return RankedResults(
-            query, [RankedDocument(i, texts[i], scores[i], rank, i) for rank, i in enumerate(order, start=1)]
-        )
+    def passage_scores(self, query: str, passages: list[str], heads=None) -> torch.Tensor:
+        self.calls.append((query, list(passages)))
+        return torch.tensor([self.scores.get(text, 0.0) for text in passages], dtype=torch.float64)  # [passage]
 
 
 @pytest.fixture
@@ -61,12 +60,9 @@ def fake(monkeypatch) -> FakeScorer:
 
     def warm_up(self):
         fake.warm_ups += 1
+        self._scorer, self._resolved = fake, AllHeads()
 
     monkeypatch.setattr(RouteHeadReranker, "warm_up", warm_up)
-    def rank(self, query, documents, top_k=None):
-        return fake.rank(query, documents, top_k)
-
-    monkeypatch.setattr(RouteHeadReranker, "rank", rank)
     return fake
 
 
@@ -211,14 +207,13 @@ def test_a_model_object_cannot_be_serialised_and_the_error_says_what_to_do():
         ({"meta_fields_to_embed": ["title", 3]}, r"got \['title', 3\]"),
         ({"embedding_separator": None}, "embedding_separator must be a string, got None"),
         ({"device": "cuda:0"}, r"ComponentDevice.from_str\('cuda:0'\)"),
-        ({"dtype": "int8"}, "dtype must be None.*got 'int8'"),
-        ({"dtype": torch.int8}, "got 'int8'"),
-        ({"max_prompt_tokens": 0}, "max_prompt_tokens must be a positive integer, got 0"),
-        ({"instruction": "summarise"}, r"one of \['question', 'relevance'\] or None, got 'summarise'"),
+        ({"dtype": "int8"}, "dtype='int8' is not supported"),
+        ({"dtype": torch.int8}, "dtype=torch.int8 is not supported"),
+        ({"max_prompt_tokens": 0}, "max_prompt_tokens must be an integer of at least 64, got 0"),
+        ({"instruction": "summarise"}, r"one of \['question', 'relevance'\], got 'summarise'"),
         ({"heads": "/no/such/router"}, "heads='/no/such/router' is neither 'auto' nor 'all'"),
         ({"heads": []}, "heads is an empty list"),
         ({"heads": ["L1"]}, "cannot parse head 'L1'"),
-        ({"heads": [1.5]}, "heads=.* is not usable"),
     ],
 )
 def test_bad_init_arguments_are_value_errors_naming_the_value(kwargs, message):
@@ -226,10 +221,23 @@ def test_bad_init_arguments_are_value_errors_naming_the_value(kwargs, message):
         RouteHeadRanker(**kwargs)
 
 
+def test_a_head_of_the_wrong_type_is_a_type_error():
+    with pytest.raises(TypeError, match="head #0 is 1.5"):
+        RouteHeadRanker(heads=[1.5])
+
+
+def test_dtype_is_parsed_by_the_engine_the_same_way_in_both_adapters():
+    from llama_index.postprocessor.routehead import RouteHeadPostprocessor
+
+    for spelled in ("torch.bfloat16", "BFloat16", torch.bfloat16):
+        assert RouteHeadRanker(dtype=spelled).dtype == RouteHeadPostprocessor(dtype=spelled).dtype == "bfloat16"
+        assert RouteHeadReranker(dtype=spelled).dtype == torch.bfloat16
+
+
 def test_bad_model_arguments():
     with pytest.raises(TypeError, match="model must be a model name.*got int"):
         RouteHeadRanker(model=3)
-    with pytest.raises(ValueError, match="tokenizer is None: pass its tokenizer"):
+    with pytest.raises(TypeError, match="tokenizer is None: pass the tokenizer"):
         RouteHeadRanker(model=tiny_causal_lm("llama"))
     generator = TransformersChatGenerator(model="a/local-folder", task="text-generation")
     with pytest.raises(ValueError, match="generator's own tokenizer is used"):
@@ -354,7 +362,7 @@ def test_init_arguments_reach_the_engine(fake):
     assert [str(h) for h in engine.heads] == ["L0.H1"]
     assert engine.config.prompt.task_instruction == QUESTION_INSTRUCTION
     assert engine.config.max_prompt_tokens == 1000
-    assert (engine.model, engine.dtype, engine.device) == ("smollm2-135m", "bfloat16", "cpu")
+    assert (engine.model, engine.dtype, engine.device) == ("smollm2-135m", torch.bfloat16, torch.device("cpu"))
 
 
 def test_concurrent_warm_ups_build_one_engine(monkeypatch):

@@ -1,6 +1,6 @@
 import pytest
 
-from routehead_rag.heads import Head, as_heads, load_heads_file, validate_heads
+from routehead_rag.heads import Head, HeadGrid, as_heads, load_heads_file
 
 
 def test_head_prints_and_parses():
@@ -21,7 +21,7 @@ def test_as_heads_normalises_and_dedupes():
 
 def test_validate_heads_names_the_bad_head():
     with pytest.raises(ValueError, match="L30.H0 does not exist"):
-        validate_heads([Head(30, 0)], num_layers=30, num_heads=9)
+        HeadGrid(num_layers=30, num_heads=9).check([Head(30, 0)])
 
 
 def test_heads_files(tmp_path):

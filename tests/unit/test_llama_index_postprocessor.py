@@ -18,9 +18,10 @@ from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
 
-import routehead_rag.backbone
+import routehead_rag.model.backbone
 from llama_index.postprocessor.routehead import RouteHeadPostprocessor
 from routehead_rag import RouteHeadReranker
+from routehead_rag.strategy import AllHeads
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
 QUERY = "what pulls the sea tides"
@@ -53,6 +54,8 @@ def expected_order(query: str, texts: list[str]) -> list[int]:
 class OverlapScorer:
     """Stand-in for ``AttentionScorer.passage_scores``; records what it was asked to score."""
 
+    backbone = None  # the head choice below needs none
+
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
 
@@ -66,7 +69,7 @@ def scorer(monkeypatch) -> OverlapScorer:
     fake = OverlapScorer()
 
     def warm_up(self) -> None:
-        self._scorer = fake
+        self._scorer, self._resolved = fake, AllHeads()
 
     monkeypatch.setattr(RouteHeadReranker, "warm_up", warm_up)
     return fake
@@ -81,7 +84,7 @@ def no_loading(monkeypatch) -> list:
         attempts.append((args, kwargs))
         raise AssertionError("a backbone was loaded")
 
-    monkeypatch.setattr(routehead_rag.backbone, "load_backbone", load_backbone)
+    monkeypatch.setattr(routehead_rag.model.backbone, "load_backbone", load_backbone)
     return attempts
 
 
@@ -220,7 +223,7 @@ def test_constructing_and_serialising_load_nothing(no_loading):
 
 def test_to_dict_from_dict_round_trip(no_loading):
     rerank = RouteHeadPostprocessor(
-        router=["L0.H1", "L1.H3"],
+        heads=["L0.H1", "L1.H3"],
         top_n=3,
         score_threshold=0.25,
         keep_retrieval_score=True,
@@ -231,37 +234,39 @@ def test_to_dict_from_dict_round_trip(no_loading):
     )
     data = rerank.to_dict()
     assert data["class_name"] == "RouteHeadPostprocessor"
-    assert data["router"] == ["L0.H1", "L1.H3"] and data["dtype"] == "bfloat16" and data["shared_model"] is False
+    assert data["heads"] == ["L0.H1", "L1.H3"] and data["dtype"] == "bfloat16" and data["shared_model"] is False
     again = RouteHeadPostprocessor.from_dict(data)
     assert again.to_dict() == data
     assert RouteHeadPostprocessor.from_json(rerank.to_json()).to_dict() == data
     assert [str(h) for h in again.reranker.heads] == ["L0.H1", "L1.H3"]
 
 
-def test_router_accepts_head_objects_pairs_and_paths(tmp_path, no_loading):
+def test_heads_accepts_head_objects_pairs_and_paths(tmp_path, no_loading):
     from routehead_rag.heads import Head
 
-    assert RouteHeadPostprocessor(router=[Head(0, 1), (1, 3), "L0.H1"]).router == ["L0.H1", "L1.H3"]
+    assert RouteHeadPostprocessor(heads=[Head(0, 1), (1, 3), "L0.H1"]).heads == ["L0.H1", "L1.H3"]
     heads_file = tmp_path / "heads.txt"
     heads_file.write_text("L1.H2\n")
-    rerank = RouteHeadPostprocessor(router=heads_file)
-    assert rerank.router == str(heads_file) and [str(h) for h in rerank.reranker.heads] == ["L1.H2"]
-    assert RouteHeadPostprocessor(router=None).reranker.heads is None  # None: every head, like "all"
+    rerank = RouteHeadPostprocessor(heads=heads_file)
+    assert rerank.heads == str(heads_file) and [str(h) for h in rerank.reranker.heads] == ["L1.H2"]
+    assert RouteHeadPostprocessor(heads="all").reranker.heads is None  # every head
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(top_n=0), "top_n must be a positive integer, got 0"),
+        (dict(top_n=0), "top_n must be a positive integer.*got 0"),
         (dict(top_n=-2), "got -2"),
         (dict(top_n=True), "got True"),
         (dict(top_n="3"), "got '3'"),
-        (dict(max_prompt_tokens=0), "max_prompt_tokens must be a positive integer"),
+        (dict(max_prompt_tokens=0), "max_prompt_tokens must be an integer of at least 64, got 0"),
         (dict(dtype="int8"), "dtype='int8' is not supported"),
         (dict(device="gpu"), "device='gpu' is not a valid torch device"),
-        (dict(router="no/such/router"), "router='no/such/router'"),
-        (dict(router=["L0.H1", "layer zero"]), "router=.*is not a list of heads"),
-        (dict(router=3), "router must be 'auto'"),
+        (dict(heads="no/such/router"), "heads='no/such/router' is neither"),
+        (dict(heads=["L0.H1", "layer zero"]), "cannot parse head 'layer zero'"),
+        (dict(heads=3), "heads must be 'auto'"),
+        (dict(score_threshold=float("nan")), "score_threshold must be a number or None, got nan"),
+        (dict(instruction="summarise"), "instruction must be one of"),
         (dict(tokenizer=object()), "tokenizer= is only used with a model object"),
         (dict(model=42), "model must be a name"),
         (dict(shared_model=True), "from_dict\\(data, llm=your_llm\\)"),
@@ -285,7 +290,7 @@ def test_engine_settings_are_frozen_and_top_n_is_validated_on_assignment(no_load
     with pytest.raises(ValueError, match="got 0"):
         rerank.top_n = 0
     with pytest.raises(ValueError, match="frozen"):
-        rerank.router = "all"  # the engine was built from it: changing it later would be ignored
+        rerank.heads = "all"  # the engine was built from it: changing it later would be ignored
 
 
 # -- the real engine on a tiny model -------------------------------------------------------------
@@ -296,7 +301,7 @@ def tiny():
 
 def test_tiny_model_end_to_end_matches_the_core_reranker(tiny):
     model, tokenizer = tiny
-    rerank = RouteHeadPostprocessor(model=model, tokenizer=tokenizer, router="all", top_n=3)
+    rerank = RouteHeadPostprocessor(model=model, tokenizer=tokenizer, heads="all", top_n=3)
     nodes = make_nodes()
     result = rerank.postprocess_nodes(nodes, query_str=QUERY)
 
@@ -313,7 +318,7 @@ def test_shares_a_huggingface_llm_and_reattaches_after_from_dict(tiny):
 
     model, tokenizer = tiny
     llm = HuggingFaceLLM(model=model, tokenizer=tokenizer, context_window=512, max_new_tokens=4)
-    rerank = RouteHeadPostprocessor(llm=llm, router="all", top_n=2)
+    rerank = RouteHeadPostprocessor(llm=llm, heads="all", top_n=2)
     result = rerank.postprocess_nodes(make_nodes(), query_str=QUERY)
     assert len(result) == 2
     assert rerank.reranker.scorer.backbone.model is model  # the generator's own object

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from routehead_rag.metrics import (
+from routehead_rag.eval.metrics import (
     candidate_recall,
     evaluate,
     parse_measure,
@@ -106,7 +106,7 @@ def test_candidate_recall_at_a_relevance_level():
 def test_paired_randomization_matches_exact_enumeration():
     import itertools
 
-    from routehead_rag.metrics import paired_randomization_test
+    from routehead_rag.eval.metrics import paired_randomization_test
 
     a = [0.9, 0.4, 0.7, 0.8, 0.3, 0.6, 0.75, 0.5]
     b = [0.5, 0.45, 0.6, 0.4, 0.35, 0.3, 0.7, 0.2]
@@ -120,7 +120,7 @@ def test_paired_randomization_matches_exact_enumeration():
 
 
 def test_paired_randomization_rejects_misaligned_input():
-    from routehead_rag.metrics import paired_randomization_test
+    from routehead_rag.eval.metrics import paired_randomization_test
 
     with pytest.raises(ValueError, match="must align"):
         paired_randomization_test([0.1, 0.2], [0.1])

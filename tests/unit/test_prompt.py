@@ -2,7 +2,7 @@
 
 import pytest
 
-from routehead_rag.prompt import PromptBuilder, PromptConfig
+from routehead_rag.engine.prompt import PromptBuilder, PromptConfig
 from tests.tiny_models import tiny_tokenizer
 
 PASSAGES = ["the moon pulls the sea", "stock prices fell on monday", "two teams of five players"]
@@ -84,13 +84,13 @@ def test_config_rejects_unknown_fields():
 
 
 def test_named_instructions():
-    from routehead_rag.prompt import QUESTION_INSTRUCTION, RELEVANCE_INSTRUCTION, prompt_config_for
+    from routehead_rag.engine.prompt import QUESTION_INSTRUCTION, RELEVANCE_INSTRUCTION
 
-    assert prompt_config_for("question").task_instruction == QUESTION_INSTRUCTION
-    assert prompt_config_for("relevance", max_passage_words=50).max_passage_words == 50
+    assert PromptConfig().with_instruction("question").task_instruction == QUESTION_INSTRUCTION
+    assert PromptConfig(max_passage_words=50).with_instruction("relevance").max_passage_words == 50
     assert PromptConfig().task_instruction == RELEVANCE_INSTRUCTION
     with pytest.raises(ValueError, match="instruction must be one of"):
-        prompt_config_for("qa")
+        PromptConfig().with_instruction("qa")
 
 
 GEMMA_LIKE = (

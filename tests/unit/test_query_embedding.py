@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from routehead_rag.query_embedding import QueryEmbeddingConfig, embed_query
+from routehead_rag.engine.embedding import QueryEmbeddingConfig, embed_query
 from tests.tiny_models import tiny_backbone
 
 

@@ -11,7 +11,7 @@ import torch
 
 from routehead_rag.heads import Head
 from routehead_rag.reranker import EMPTY_PASSAGE_SCORE, RankedResults, RouteHeadReranker
-from routehead_rag.scoring import aggregate
+from routehead_rag.engine.scorer import aggregate
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
 DOCS = ["the moon pulls the sea", "stock prices fell", "tides follow the moon", "five players a team"]
@@ -106,7 +106,7 @@ def test_bad_heads_are_clear_errors(shared, tmp_path):
     model, tokenizer = shared
     with pytest.raises(ValueError, match="L<layer>.H<head>"):
         RouteHeadReranker(model=model, tokenizer=tokenizer, heads=["layer1head2"])
-    with pytest.raises(ValueError, match="neither 'all' nor an existing heads file"):
+    with pytest.raises(ValueError, match="neither 'auto' nor 'all' nor an existing heads file"):
         RouteHeadReranker(model=model, tokenizer=tokenizer, heads="nothing-here.json")
     with pytest.raises(ValueError, match="empty list"):
         RouteHeadReranker(model=model, tokenizer=tokenizer, heads=[])
@@ -131,7 +131,7 @@ def test_shared_model_is_left_as_it_was(shared):
 
 def test_lazy_loading(monkeypatch):
     calls = []
-    import routehead_rag.backbone as backbone_module
+    import routehead_rag.model.backbone as backbone_module
 
     monkeypatch.setattr(backbone_module, "load_backbone", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(RuntimeError("loaded")))
     reranker = RouteHeadReranker()  # constructing loads nothing

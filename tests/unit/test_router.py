@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save
 
 from routehead_rag.heads import Head
-from routehead_rag.router import Router, RouterConfig, SelectionConfig
+from routehead_rag.router.model import Router, RouterConfig, SelectionConfig
 
 
 def make_router(**overrides):

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from routehead_rag.heads import Head
-from routehead_rag.scoring import AttentionScorer, ScoringConfig, aggregate, plan_windows, rank_heads_by_ndcg
+from routehead_rag.engine.scorer import AttentionScorer, ScoringConfig, aggregate, plan_windows
+from routehead_rag.fit.labelled import build_labelled_set, rank_heads
+from routehead_rag.strategy import StaticHeads
 from tests.tiny_models import tiny_backbone
 
 PASSAGES = ["the moon pulls the sea twice a day", "stock prices fell on monday", "two teams of five players", "tides follow the moon"]
@@ -105,12 +107,12 @@ def test_outlier_masking_changes_only_the_aggregate(scorer):
     assert with_mask.aggregated is not None and with_mask.aggregated.shape == (len(PASSAGES),)
 
 
-def test_unknown_head_is_rejected(scorer):
+def test_unknown_head_is_rejected_by_the_one_head_check(scorer):
     with pytest.raises(ValueError, match="does not exist"):
-        scorer.head_scores(QUERY, PASSAGES, [Head(99, 0)])
+        StaticHeads((Head(99, 0),)).resolve(scorer.backbone)
 
 
-def test_rank_heads_by_ndcg_finds_the_planted_head():
+def test_rank_heads_finds_the_planted_head():
     torch.manual_seed(0)
     per_query, doc_ids, qrels = {}, {}, {}
     for q in range(6):
@@ -122,7 +124,7 @@ def test_rank_heads_by_ndcg_finds_the_planted_head():
         per_query[qid] = scores
         doc_ids[qid] = [f"d{i}" for i in range(5)]
         qrels[qid] = {f"d{relevant}": 1}
-    ranked = rank_heads_by_ndcg(per_query, doc_ids, qrels)
+    ranked = rank_heads(build_labelled_set(per_query, doc_ids, qrels))
     assert ranked[0][0] == Head(1, 2)
     assert ranked[0][1] == pytest.approx(1.0)
     assert len(ranked) == 6
@@ -130,8 +132,8 @@ def test_rank_heads_by_ndcg_finds_the_planted_head():
 
 def test_outlier_mask_follows_icr_rule():
     """Tokens whose calibrated score is below mean - 2 std within the passage are dropped."""
-    from routehead_rag.prompt import PromptLayout, Span
-    from routehead_rag.scoring import _masked_passage_scores
+    from routehead_rag.engine.prompt import PromptLayout, Span
+    from routehead_rag.engine.scorer import _masked_passage_scores
 
     real = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -20.0, 2.0, 3.0])
     free = torch.zeros_like(real)

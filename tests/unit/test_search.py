@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from routehead_rag.heads import Head
-from routehead_rag.metrics import per_query, ranking_to_run
-from routehead_rag.search import SearchConfig, batched_ndcg, build_labelled_set, search_heads
+from routehead_rag.eval.metrics import per_query, ranking_to_run
+from routehead_rag.fit.labelled import batched_ndcg, build_labelled_set
+from routehead_rag.fit.search import SearchConfig, search_heads
 
 
 def test_batched_ndcg_equals_ir_measures():

@@ -2,8 +2,9 @@
 
 import torch
 
-from routehead_rag.search import SearchConfig, build_labelled_set, search_heads
-from routehead_rag.training import TrainingConfig, routed_ndcg, split_train_dev, train_router
+from routehead_rag.fit.labelled import build_labelled_set
+from routehead_rag.fit.search import SearchConfig, search_heads
+from routehead_rag.fit.training import TrainingConfig, routed_ndcg, split_train_dev, train_router
 
 
 def planted(num_queries=200, seed=0):

@@ -24,12 +24,13 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
 from routehead_rag import RouteHeadReranker
-from routehead_rag.backbone import DTYPE_NAMES, EMBEDDED_DEFAULT, SHARED_MODEL_NAME
-from routehead_rag.heads import as_heads
+from routehead_rag.reranker import check_score_threshold, check_top_k
+from routehead_rag.model.backbone import SHARED_MODEL_NAME
+from routehead_rag.model.devices import DTYPE_NAMES, dtype_name, parse_dtype
+from routehead_rag.model.gguf_cache import EMBEDDED_DEFAULT
+from routehead_rag.strategy import heads_argument
 
 dispatcher = get_dispatcher(__name__)
-
-DTYPES = DTYPE_NAMES  # the names routehead_rag.backbone accepts
 
 
 class RouteHeadPostprocessor(BaseNodePostprocessor):
@@ -38,16 +39,19 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
     Args:
         model: ``"smollm2-135m"`` (embedded default, offline), a Hugging Face id or local folder,
             or a loaded transformers model object to share (then pass ``tokenizer`` too).
-        router: ``"auto"`` (the router shipped for the backbone, else every head), ``"all"``
-            or ``None`` (every head, ICR), a router directory from ``routehead-rag fit``, a
-            heads file, or a list of heads like ``["L12.H5"]``.
+        heads: ``"auto"`` (the router shipped for the backbone, else every head), ``"all"``
+            (every head, ICR), a router directory from ``routehead-rag fit``, a heads file, or a
+            list of heads like ``["L12.H5"]`` (the same argument as the Haystack ranker's).
         top_n: how many nodes to return, best first.
         score_threshold: drop nodes scoring below it (``None``: keep all ``top_n``).
         keep_retrieval_score: keep the retriever's score in ``node.metadata["retrieval_score"]``
             (on a copy of the node; the caller's node is untouched).
         metadata_mode: which metadata goes into the passage text the LLM reads.
-        device, dtype: for a model loaded by name (``None``: CUDA when available else CPU,
-            float32). With a shared model: ``None`` or where it already is.
+        instruction: the wording after the passages, ``"relevance"`` (search queries) or
+            ``"question"`` (questions the passages answer); ``None``: the router's, else relevance.
+        device, dtype: for a model loaded by name (``None``: CUDA when available else CPU;
+            ``"auto"``: bfloat16 where it is native, else float32). With a shared model: ``None``
+            or where it already is.
         max_prompt_tokens: token budget of one prompt; more candidates are scored in windows.
         tokenizer: the tokenizer of a ``model`` object (not serialised).
         llm: a ``llama_index.llms.huggingface.HuggingFaceLLM`` (or any LLM object holding
@@ -64,10 +68,10 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
         frozen=True,
         description="Backbone name, Hugging Face id or folder; for a shared model object, its name_or_path.",
     )
-    router: Optional[Union[str, List[str]]] = Field(
+    heads: Union[str, List[str]] = Field(
         default="auto",
         frozen=True,
-        description="'auto', 'all' (or None), a router directory, a heads file, or a list of heads like 'L12.H5'.",
+        description="'auto', 'all', a router directory, a heads file, or a list of heads like 'L12.H5'.",
     )
     top_n: int = Field(default=5, description="Number of nodes to return, best first.")
     score_threshold: Optional[float] = Field(
@@ -79,9 +83,12 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
     metadata_mode: MetadataMode = Field(
         default=MetadataMode.EMBED, description="Metadata mode of node.get_content() for the passage text."
     )
+    instruction: Optional[str] = Field(
+        default=None, frozen=True, description="'relevance' or 'question' wording after the passages (None: keep)."
+    )
     device: Optional[str] = Field(default=None, frozen=True, description="Device for a model loaded by name.")
     dtype: Optional[str] = Field(
-        default=None, frozen=True, description=f"One of {DTYPES} for a model loaded by name (None: float32)."
+        default=None, frozen=True, description=f"One of {DTYPE_NAMES} for a model loaded by name (None: auto)."
     )
     max_prompt_tokens: int = Field(default=4096, frozen=True, description="Token budget of one scoring prompt.")
     shared_model: bool = Field(
@@ -95,11 +102,12 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
     def __init__(
         self,
         model: Any = EMBEDDED_DEFAULT,
-        router: Optional[Union[str, os.PathLike, List[str]]] = "auto",
+        heads: Union[str, os.PathLike, List[Any]] = "auto",
         top_n: int = 5,
         score_threshold: Optional[float] = None,
         keep_retrieval_score: bool = False,
         metadata_mode: MetadataMode = MetadataMode.EMBED,
+        instruction: Optional[str] = None,
         device: Any = None,
         dtype: Any = None,
         max_prompt_tokens: int = 4096,
@@ -121,89 +129,50 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
             )
         elif isinstance(model, os.PathLike):
             model = os.fspath(model)
+        # The engine checks its own arguments, once, now (nothing loads until the first query).
+        engine = RouteHeadReranker(
+            model=model_object if model_object is not None else model,
+            heads=os.fspath(heads) if isinstance(heads, os.PathLike) else heads,
+            tokenizer=tokenizer,
+            instruction=instruction,
+            max_prompt_tokens=max_prompt_tokens,
+            dtype=dtype,
+            device=device,
+        )
         fields: dict[str, Any] = dict(
             model=model,
-            router=router,
+            heads=heads_argument(heads),
             top_n=top_n,
             score_threshold=score_threshold,
             keep_retrieval_score=keep_retrieval_score,
             metadata_mode=metadata_mode,
-            device=device,
-            dtype=dtype,
+            instruction=instruction,
+            device=None if engine.device is None else str(engine.device),
+            dtype=None if dtype is None else dtype_name(parse_dtype(dtype)),
             max_prompt_tokens=max_prompt_tokens,
             shared_model=model_object is not None,
         )
         if callback_manager is not None:
             fields["callback_manager"] = callback_manager
         super().__init__(**fields)
-        # Cheap: validates the router/heads now; the model loads on the first query.
-        try:
-            self._reranker = RouteHeadReranker(
-                model=model_object if model_object is not None else self.model,
-                heads="all" if self.router is None else self.router,
-                tokenizer=tokenizer,
-                max_prompt_tokens=self.max_prompt_tokens,
-                dtype=self.dtype,
-                device=self.device,
-            )
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"router={self.router!r} cannot be used: {err}") from err
+        self._reranker = engine
 
     @classmethod
     def class_name(cls) -> str:
         return "RouteHeadPostprocessor"
 
     # -- validation ------------------------------------------------------------------------
-    @field_validator("top_n", "max_prompt_tokens", mode="before")
+    @field_validator("top_n", mode="before")
     @classmethod
-    def _positive_int(cls, value: Any, info: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{info.field_name} must be a positive integer, got {value!r}; e.g. {info.field_name}=5")
-        return value
-
-    @field_validator("router", mode="before")
-    @classmethod
-    def _router_value(cls, value: Any) -> Optional[Union[str, List[str]]]:
-        """Paths become strings; a list of heads (``Head``, ``(layer, head)`` or ``"L12.H5"``) becomes ``"L12.H5"`` strings."""
-        if value is None or isinstance(value, str):
-            return value
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        if isinstance(value, (list, tuple)):
-            try:
-                return [str(head) for head in as_heads(value)]
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"router={value!r} is not a list of heads: {err}") from None
-        raise ValueError(
-            f"router must be 'auto', 'all', None, a router directory, a heads file or a list of heads like "
-            f"['L12.H5'], got {type(value).__name__}: {value!r}"
-        )
-
-    @field_validator("dtype", mode="before")
-    @classmethod
-    def _dtype_name(cls, value: Any) -> Optional[str]:
+    def _top_n(cls, value: Any) -> int:
         if value is None:
-            return None
-        if isinstance(value, torch.dtype):
-            value = str(value)
-        if not isinstance(value, str):
-            raise ValueError(f"dtype must be None, a torch.dtype or one of {DTYPES}, got {value!r}")
-        name = value.strip().lower().removeprefix("torch.")
-        if name not in DTYPES:
-            raise ValueError(f"dtype={value!r} is not supported; use one of {DTYPES} or None (float32)")
-        return name
+            raise ValueError("top_n must be a positive integer (> 0), got None")
+        return check_top_k(value, "top_n")
 
-    @field_validator("device", mode="before")
+    @field_validator("score_threshold", mode="before")
     @classmethod
-    def _device_name(cls, value: Any) -> Optional[str]:
-        if value is None:
-            return None
-        if not isinstance(value, (str, torch.device)):
-            raise ValueError(f"device must be None, a string like 'cpu' or 'cuda:0', or a torch.device, got {value!r}")
-        try:
-            return str(torch.device(value))
-        except RuntimeError as err:
-            raise ValueError(f"device={value!r} is not a valid torch device ({err}); use e.g. 'cpu' or 'cuda'") from None
+    def _score_threshold(cls, value: Any) -> Optional[float]:
+        return check_score_threshold(value)
 
     # -- engine ----------------------------------------------------------------------------
     @property
@@ -247,11 +216,10 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
     def _rerank(self, nodes: List[NodeWithScore], query: str) -> List[NodeWithScore]:
         """New ``NodeWithScore``s, best first, ``[:top_n]``; the caller's objects are not modified."""
         texts = [item.node.get_content(metadata_mode=self.metadata_mode) for item in nodes]
-        ranked = self._reranker.rank(query, texts, top_k=self.top_n)  # best first; ties keep retrieval order
+        # best first; ties keep retrieval order
+        ranked = self._reranker.rank(query, texts, top_k=self.top_n, score_threshold=self.score_threshold)
         new_nodes = []
         for document in ranked:
-            if self.score_threshold is not None and document.score < self.score_threshold:
-                break  # best first: every later score is lower
             original = nodes[document.index]
             node = original.node
             if self.keep_retrieval_score:

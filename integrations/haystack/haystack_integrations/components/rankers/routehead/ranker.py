@@ -10,29 +10,23 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import math
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
 import torch
 from haystack import Document, component, default_from_dict, default_to_dict
 from haystack.core.errors import SerializationError
 from haystack.core.serialization import component_to_dict
-from haystack.utils import ComponentDevice, deserialize_component_inplace
+from haystack.utils import ComponentDevice
+from haystack.utils.deserialization import deserialize_component_inplace  # exported in haystack.utils from 3.0
 
 from routehead_rag import RouteHeadReranker
-from routehead_rag.backbone import DTYPE_NAMES
-from routehead_rag.heads import as_heads
-from routehead_rag.prompt import INSTRUCTIONS, prompt_config_for
+from routehead_rag.reranker import check_query, check_score_threshold, check_top_k
+from routehead_rag.model.devices import dtype_name, parse_dtype
+from routehead_rag.strategy import heads_argument
 
 from .documents import deduplicate, text_to_rank
-
-DTYPES = DTYPE_NAMES  # the names routehead_rag.backbone accepts
-"""Accepted ``dtype`` strings (a ``torch.dtype`` is stored as its name)."""
-
-HEAD_CHOICES = ("auto", "all")
 
 
 @component
@@ -89,8 +83,9 @@ class RouteHeadRanker:
         :param embedding_separator: joins the meta values and the content.
         :param device: where to load a model by name (``None``: CUDA when available, else CPU). With a shared
             model: ``None`` or the device it is on.
-        :param dtype: ``"float32"`` (the default when ``None``), ``"bfloat16"``, ``"float16"``, ``"auto"``, or a
-            ``torch.dtype``. With a shared model: ``None`` or its dtype.
+        :param dtype: ``None`` or ``"auto"`` (bfloat16 on CUDA and on CPUs with native bfloat16, float32
+            otherwise), ``"float32"``, ``"bfloat16"``, ``"float16"``, or a ``torch.dtype``. With a shared model:
+            ``None`` or its dtype.
         :param max_prompt_tokens: token budget of one prompt; more candidates are scored in windows.
         :param instruction: the wording after the passages: ``"relevance"`` (search queries) or ``"question"``
             (questions the passages answer). ``None`` (default): the prompt the router was fitted with when
@@ -103,20 +98,26 @@ class RouteHeadRanker:
         self._model_kind = _model_kind(model)
         self.model = os.fspath(model) if self._model_kind == "name" else model
         self.tokenizer = _check_tokenizer(tokenizer, self._model_kind)
-        self.heads = _check_heads(heads)
-        self.top_k = _check_top_k(top_k)
-        self.score_threshold = _check_score_threshold(score_threshold)
+        self.top_k = check_top_k(top_k)
+        self.score_threshold = check_score_threshold(score_threshold)
         self.meta_fields_to_embed = _check_meta_fields(meta_fields_to_embed)
         if not isinstance(embedding_separator, str):
             raise ValueError(f"embedding_separator must be a string, got {embedding_separator!r}")
         self.embedding_separator = embedding_separator
         self.device = _check_device(device)
-        self.dtype = _check_dtype(dtype)
-        if isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be a positive integer, got {max_prompt_tokens!r}")
+        # Everything else is the engine's to check, once, now (nothing loads until warm_up).
+        self._engine = RouteHeadReranker(
+            model=self._generator_model if self._model_kind == "generator" else self.model,
+            heads=os.fspath(heads) if isinstance(heads, os.PathLike) else heads,
+            tokenizer=self.tokenizer,
+            instruction=instruction,
+            max_prompt_tokens=max_prompt_tokens,
+            dtype=dtype,
+            device=self.device.to_torch_str() if self.device is not None else None,
+        )
+        self.heads = heads_argument(heads)
+        self.dtype = None if dtype is None else dtype_name(parse_dtype(dtype))
         self.max_prompt_tokens = max_prompt_tokens
-        if instruction is not None and instruction not in INSTRUCTIONS:
-            raise ValueError(f"instruction must be one of {sorted(INSTRUCTIONS)} or None, got {instruction!r}")
         self.instruction = instruction
         self._reranker: RouteHeadReranker | None = None
         self._lock = threading.Lock()
@@ -127,20 +128,9 @@ class RouteHeadRanker:
         if self._reranker is not None:
             return
         with self._lock:
-            if self._reranker is not None:
-                return
-            model, tokenizer = self._model_and_tokenizer()
-            reranker = RouteHeadReranker(
-                model=model,
-                heads=self.heads,
-                tokenizer=tokenizer,
-                prompt=prompt_config_for(self.instruction) if self.instruction is not None else None,
-                max_prompt_tokens=self.max_prompt_tokens,
-                dtype=self.dtype,
-                device=self.device.to_torch_str() if self.device is not None else None,
-            )
-            reranker.warm_up()
-            self._reranker = reranker
+            if self._reranker is None:
+                self._engine.warm_up()
+                self._reranker = self._engine
 
     async def warm_up_async(self) -> None:
         """``warm_up`` in a worker thread, so loading does not block the event loop."""
@@ -151,9 +141,8 @@ class RouteHeadRanker:
         """The underlying ``routehead_rag.RouteHeadReranker`` once warmed up, else ``None``."""
         return self._reranker
 
-    def _model_and_tokenizer(self) -> tuple[Any, Any]:
-        if self._model_kind != "generator":
-            return self.model, self.tokenizer
+    def _generator_model(self) -> tuple[Any, Any]:
+        """The model and tokenizer of the generator passed as ``model`` (warming it up if needed)."""
         generator = self.model
         if getattr(generator, "pipeline", None) is None:
             generator.warm_up()
@@ -189,9 +178,9 @@ class RouteHeadRanker:
         :raises ValueError: empty query or a bad ``top_k`` / ``score_threshold``.
         :raises TypeError: ``query`` is not a string or ``documents`` holds something that is not a Document.
         """
-        top_k = self.top_k if top_k is None else _check_top_k(top_k)
-        score_threshold = self.score_threshold if score_threshold is None else _check_score_threshold(score_threshold)
-        _check_query(query)
+        top_k = self.top_k if top_k is None else check_top_k(top_k)
+        score_threshold = self.score_threshold if score_threshold is None else check_score_threshold(score_threshold)
+        check_query(query)
         _check_documents(documents)
         if not documents:
             return {"documents": []}
@@ -199,10 +188,8 @@ class RouteHeadRanker:
         assert self._reranker is not None  # set by warm_up
         candidates = deduplicate(documents)
         texts = [text_to_rank(doc, self.meta_fields_to_embed, self.embedding_separator) for doc in candidates]
-        ranked = [dataclasses.replace(candidates[r.index], score=r.score) for r in self._reranker.rank(query, texts)]
-        if score_threshold is not None:
-            ranked = [doc for doc in ranked if doc.score >= score_threshold]
-        return {"documents": ranked[:top_k]}
+        ranked = self._reranker.rank(query, texts, top_k=top_k, score_threshold=score_threshold)
+        return {"documents": [dataclasses.replace(candidates[r.index], score=r.score) for r in ranked]}
 
     @component.output_types(documents=list[Document])
     async def run_async(
@@ -282,46 +269,9 @@ def _check_tokenizer(tokenizer: Any, model_kind: str) -> Any:
             "tokenizer was given together with a generator as model: the generator's own tokenizer is used; "
             "leave tokenizer=None"
         )
-    if model_kind == "object" and tokenizer is None:
-        raise ValueError(
-            "model is a loaded model object but tokenizer is None: pass its tokenizer (tokenizer=...), or pass "
-            "the TransformersChatGenerator that holds both as model"
-        )
     if isinstance(tokenizer, os.PathLike):
         return os.fspath(tokenizer)
     return tokenizer
-
-
-def _check_heads(heads: Any) -> str | list[str]:
-    if isinstance(heads, (str, os.PathLike)):
-        text = os.fspath(heads)
-        if text not in HEAD_CHOICES and not Path(text).exists():
-            raise ValueError(
-                f"heads={text!r} is neither {' nor '.join(map(repr, HEAD_CHOICES))} nor an existing heads file or "
-                "router folder; pass one of those, or a list like ['L12.H5', 'L3.H1']"
-            )
-        return text
-    try:
-        parsed = as_heads(heads)
-    except TypeError as err:
-        raise ValueError(f"heads={heads!r} is not usable: {err}") from None
-    if not parsed:
-        raise ValueError("heads is an empty list: pass 'auto', 'all', or at least one head like 'L12.H5'")
-    return [str(head) for head in parsed]
-
-
-def _check_top_k(top_k: Any) -> int | None:
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer (> 0) or None, got {top_k!r}")
-    return top_k
-
-
-def _check_score_threshold(threshold: Any) -> float | None:
-    if threshold is None:
-        return None
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
-        raise ValueError(f"score_threshold must be a number or None, got {threshold!r}")
-    return threshold
 
 
 def _check_meta_fields(fields: Any) -> list[str]:
@@ -342,23 +292,6 @@ def _check_device(device: Any) -> ComponentDevice | None:
     if device.has_multiple_devices:
         raise ValueError(f"device {device!r} is a device map; the ranker runs on one device: pass a single device")
     return device
-
-
-def _check_dtype(dtype: Any) -> str | None:
-    if dtype is None:
-        return None
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ValueError(f"dtype must be None, one of {list(DTYPES)} or a floating torch.dtype, got {dtype!r}")
-    return dtype
-
-
-def _check_query(query: Any) -> None:
-    if not isinstance(query, str):
-        raise TypeError(f"query must be a string, got {type(query).__name__}")
-    if not query.strip():
-        raise ValueError("query is empty: pass the search text or question to rank the documents for")
 
 
 def _check_documents(documents: Any) -> None:

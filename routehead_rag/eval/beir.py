@@ -1,4 +1,4 @@
-"""BEIR-layout loading, the evaluation protocol as code, and candidate lists.
+"""BEIR-layout loading: corpus, queries, qrels and candidate files, with errors naming file and line.
 
 A set is a folder in the BEIR layout (see ``shared/data/README.md``)::
 
@@ -7,82 +7,24 @@ A set is a folder in the BEIR layout (see ``shared/data/README.md``)::
     qrels/<split>.tsv  header ``query-id<TAB>corpus-id<TAB>score``
     candidates.jsonl   optional: {"query_id", "doc_ids", "scores"?} per line
 
-Where candidates come from is read off the files (:class:`CandidateSource`):
-
-* ``candidates.jsonl`` whose lines carry ``scores`` -> a first-stage *ranking*
-  (trec-dl: Pyserini BM25 top-100); the protocol takes its first ``top_k``.
-* ``candidates.jsonl`` without scores -> each query's own paragraph *pool*
-  (hotpotqa, musique); its source order is not a ranking, so the BM25 baseline
-  is BM25 over the pool (:func:`bm25_order`).
-* no ``candidates.jsonl`` -> BM25 top-``top_k`` over the set's own *corpus*.
-
-What the files cannot tell (the TREC DL relevance level for binary measures,
-ArguAna's self-match rule, which queries each role uses) is fixed in
-:data:`PROTOCOL`, the protocol table of ``shared/data/README.md`` as code.
+Where candidates come from is read off the files (:class:`CandidateSource`); how the
+protocol uses each set is :mod:`.protocol`, and how candidate lists are formed is
+:mod:`.candidates`.  A set named without a folder is looked up in the data dir
+(:func:`routehead_rag.paths.default_data_dir`), never relative to the current directory.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-if TYPE_CHECKING:  # first_stage imports this module; import it lazily at run time
-    from routehead_rag.first_stage import Bm25Index
-
-__all__ = [
-    "DATA_ENV_VAR",
-    "DEFAULT_DATA_DIR",
-    "PROTOCOL",
-    "BeirDataset",
-    "CandidateSource",
-    "DataFormatError",
-    "DataWarning",
-    "Document",
-    "Protocol",
-    "ProtocolEntry",
-    "Role",
-    "SetSpec",
-    "available_sets",
-    "bm25_order",
-    "build_candidates",
-    "cut_words",
-    "default_data_dir",
-    "load_beir",
-    "load_candidates",
-    "load_corpus",
-    "load_protocol_set",
-    "load_qrels",
-    "load_queries",
-    "protocol_queries",
-    "resolve_data_dir",
-    "select_queries",
-]
-
-DATA_ENV_VAR = "ROUTEHEAD_DATA"
-
-
-def default_data_dir() -> Path:
-    """The data folder: ``$ROUTEHEAD_DATA`` if set, else ``../shared/data``.
-
-    The fallback is resolved against the current working directory, so running
-    from the repository root (``/work/main``) finds ``/work/shared/data``.
-    Read at each call, so setting the variable after import takes effect.
-    """
-    env = os.environ.get(DATA_ENV_VAR)
-    if env:
-        return Path(env).expanduser().resolve()
-    return (Path.cwd() / ".." / "shared" / "data").resolve()
-
-
-# The data folder as seen at import time (for messages and CLI defaults); the
-# functions below call default_data_dir() again so later changes count.
-DEFAULT_DATA_DIR = default_data_dir()
+from ..engine.prompt import cut_words
+from ..paths import DATA_ENV_VAR, data_dir_description, default_data_dir
 
 
 class DataFormatError(ValueError):
@@ -101,33 +43,6 @@ class DataWarning(UserWarning):
 
 # --------------------------------------------------------------------------
 # documents and the 100-word cut
-
-
-def cut_words(text: str, max_words: int | None) -> str:
-    """Keep the first ``max_words`` whitespace-separated words of ``text``.
-
-    The exact rule: a word is a maximal run of non-whitespace (what
-    ``str.split()`` yields). Words are counted across lines; the first
-    ``max_words`` are kept in order. Kept words on one line are joined by a
-    single space, lines by a single ``"\\n"``, and a line left without a kept
-    word is dropped. So ``cut_words("Title\\nA  b c", 2) == "Title\\nA"`` and,
-    always, ``cut_words(t, n).split() == t.split()[:n]``. ``max_words=None``
-    keeps every word (whitespace normalised the same way).
-    """
-    if max_words is not None and max_words < 0:
-        raise ValueError(f"max_words must be >= 0 or None, got {max_words}")
-    budget = max_words
-    lines: list[str] = []
-    for line in text.splitlines():
-        words = line.split()
-        if budget is not None:
-            words = words[:budget]
-            budget -= len(words)
-        if words:
-            lines.append(" ".join(words))
-        if budget == 0:
-            break
-    return "\n".join(lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,30 +332,36 @@ class BeirDataset:
 def available_sets(data_dir: Path | str | None = None) -> list[str]:
     """Names of the sets (sub-folders holding a ``corpus.jsonl``) under the data folder."""
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    if not root.is_dir():
+    if root is None or not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if (p / "corpus.jsonl").is_file())
 
 
 def resolve_data_dir(name_or_path: Path | str, data_dir: Path | str | None = None) -> Path:
-    """The folder of a set: ``name_or_path`` itself if it is a folder, else the
-    set of that name under ``data_dir`` (default :func:`default_data_dir`)."""
+    """The folder of a set: ``name_or_path`` itself if it is a folder, else the set of that name
+    in ``data_dir`` (default: :func:`routehead_rag.paths.default_data_dir`, i.e. ``$ROUTEHEAD_DATA``).
+
+    A name is never resolved against the current directory or its parent.
+
+    Raises:
+        FileNotFoundError: naming where the name was looked up and the sets found there.
+    """
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p.resolve()
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    candidate = root / str(name_or_path)
-    if candidate.is_dir():
-        return candidate.resolve()
+    where = str(root) if data_dir is not None else data_dir_description()
+    if root is not None and p.name == str(name_or_path) and (root / p.name).is_dir():
+        return (root / p.name).resolve()
     names = available_sets(root)
     if names:
-        hint = f"available sets under {root}: {', '.join(names)}"
+        hint = f"set names are looked up in {where}, which holds: {', '.join(names)}"
     else:
         hint = (
-            f"the data folder {root} holds no sets; set ${DATA_ENV_VAR} to the folder "
-            "that holds trec-dl-2019/, beir-scifact/, ..."
+            f"set names are looked up in {where}, which holds no sets; set ${DATA_ENV_VAR} to the folder "
+            "that holds trec-dl-2019/, beir-scifact/, ... or pass the set's folder"
         )
-    raise FileNotFoundError(f"no data set {str(name_or_path)!r}: not a folder; {hint}")
+    raise FileNotFoundError(f"no data set {str(name_or_path)!r}: it is not a folder; {hint}")
 
 
 def load_beir(
@@ -510,242 +431,3 @@ def load_beir(
         candidate_scores=candidate_scores,
         extra_files=extra,
     )
-
-
-# --------------------------------------------------------------------------
-# the evaluation protocol (shared/data/README.md, "How the project uses these sets")
-
-
-class Role(StrEnum):
-    FIT = "fit"  # router training and head search
-    IN_DOMAIN_TEST = "in-domain-test"  # scored after fitting on the same domain's fit split
-    CROSS_DOMAIN_TEST = "cross-domain-test"  # never fitted on
-
-
-@dataclass(frozen=True)
-class SetSpec:
-    """What the protocol fixes about a set that its files cannot tell."""
-
-    name: str
-    binary_rel: int = 1  # lowest grade that counts as relevant in binary measures (recall)
-    drop_self_match: bool = False  # drop a retrieved doc whose id equals the query id
-    instruction: str = "relevance"  # prompt wording: "question" for QA sets, as ICR's code does
-
-
-@dataclass(frozen=True)
-class ProtocolEntry:
-    """One (set, role): which qrels split and which of its judged queries."""
-
-    name: str
-    role: Role
-    n_queries: int  # the count data/README.md states; checked on selection
-    split: str = "test"  # qrels/<split>.tsv
-    first: int | None = None  # keep the first N judged ids (sorted as strings)
-    last: int | None = None  # keep the last N judged ids (sorted as strings)
-
-    def select(self, judged_ids: Iterable[str]) -> list[str]:
-        ids = sorted(judged_ids)
-        if self.first is not None:
-            ids = ids[: self.first]
-        if self.last is not None:
-            ids = ids[-self.last :] if self.last else []
-        return ids
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """The fixed splits, candidate depth, passage cut and measures of every reported number."""
-
-    entries: tuple[ProtocolEntry, ...]
-    sets: Mapping[str, SetSpec]
-    top_k: int = 20  # candidates per query handed to the re-ranker
-    max_words: int = 100  # passages cut to their first 100 words, title included
-    measure: str = "nDCG@10"  # graded, linear gain, ideal over every judged doc (ir_measures)
-    recall_depth: int = 20  # recall@20 of the candidate list
-
-    def spec(self, name: str) -> SetSpec:
-        """The set's spec; a set outside the protocol gets the defaults."""
-        return self.sets.get(name, SetSpec(name))
-
-    def entries_for(self, role: Role | str) -> list[ProtocolEntry]:
-        role = Role(role)
-        return [e for e in self.entries if e.role is role]
-
-    def entry(self, name: str, role: Role | str) -> ProtocolEntry:
-        role = Role(role)
-        for e in self.entries:
-            if e.name == name and e.role is role:
-                return e
-        roles = [e.role.value for e in self.entries if e.name == name]
-        raise KeyError(
-            f"{name!r} has no {role.value!r} split in the protocol"
-            + (f"; its roles: {', '.join(roles)}" if roles else "; it is not a protocol set")
-        )
-
-    def recall_measure(self, name: str) -> str:
-        """The ir_measures spelling of recall@``recall_depth`` at the set's relevance level."""
-        rel = self.spec(name).binary_rel
-        return f"R@{self.recall_depth}" if rel == 1 else f"R(rel={rel})@{self.recall_depth}"
-
-
-PROTOCOL = Protocol(
-    entries=(
-        ProtocolEntry("beir-scifact", Role.FIT, 809, split="train"),
-        ProtocolEntry("musique-ans-train100", Role.FIT, 100),
-        ProtocolEntry("hotpotqa-distractor-dev500", Role.FIT, 400, first=400),
-        ProtocolEntry("trec-dl-2019", Role.FIT, 43),
-        ProtocolEntry("beir-scifact", Role.IN_DOMAIN_TEST, 300),
-        ProtocolEntry("hotpotqa-distractor-dev500", Role.IN_DOMAIN_TEST, 100, last=100),
-        ProtocolEntry("trec-dl-2020", Role.CROSS_DOMAIN_TEST, 54),
-        ProtocolEntry("beir-arguana", Role.CROSS_DOMAIN_TEST, 200, first=200),
-        ProtocolEntry("musique-ans-migres200", Role.CROSS_DOMAIN_TEST, 200),
-        ProtocolEntry("cacm", Role.CROSS_DOMAIN_TEST, 52),
-        ProtocolEntry("npl", Role.CROSS_DOMAIN_TEST, 93),
-    ),
-    sets={
-        s.name: s
-        for s in (
-            SetSpec("trec-dl-2019", binary_rel=2),  # TREC DL: grade >= 2 is relevant
-            SetSpec("trec-dl-2020", binary_rel=2),
-            SetSpec("beir-arguana", drop_self_match=True),  # as MTEB does
-            SetSpec("beir-scifact"),
-            SetSpec("hotpotqa-distractor-dev500", instruction="question"),  # multi-hop QA
-            SetSpec("musique-ans-migres200", instruction="question"),
-            SetSpec("musique-ans-train100", instruction="question"),
-            SetSpec("cacm"),
-            SetSpec("npl"),
-        )
-    },
-)
-
-
-def protocol_queries(dataset: BeirDataset, role: Role | str) -> list[str]:
-    """The protocol's ordered query ids of ``dataset`` for ``role``.
-
-    Only queries with qrels in the dataset's split count; ids are sorted as
-    strings before any first/last-N cut. Raises if the dataset was loaded with
-    another split than the protocol's, or if the count differs from the one
-    ``data/README.md`` states.
-    """
-    entry = PROTOCOL.entry(dataset.name, role)
-    if dataset.split != entry.split:
-        raise ValueError(
-            f"{dataset.name} {entry.role.value} uses qrels/{entry.split}.tsv but the dataset "
-            f"was loaded with split={dataset.split!r}; use load_beir(..., split={entry.split!r})"
-        )
-    ids = entry.select(dataset.qrels)
-    if len(ids) != entry.n_queries:
-        raise ValueError(
-            f"{dataset.name} {entry.role.value}: {len(ids)} queries, the protocol expects "
-            f"{entry.n_queries}; is {dataset.path} the set data/README.md describes?"
-        )
-    return ids
-
-
-def load_protocol_set(
-    name: str, role: Role | str, data_dir: Path | str | None = None
-) -> tuple[BeirDataset, list[str]]:
-    """Load a protocol set with the split its role uses; return it with its query ids."""
-    entry = PROTOCOL.entry(name, role)
-    dataset = load_beir(name, split=entry.split, data_dir=data_dir)
-    return dataset, protocol_queries(dataset, role)
-
-
-def select_queries(
-    dataset: BeirDataset, max_queries: int | None = None, *, last: bool = False
-) -> list[str]:
-    """Judged query ids sorted as strings; the first (or, with ``last``, the last)
-    ``max_queries`` of them. For ad-hoc runs; reported numbers use :func:`protocol_queries`."""
-    ids = dataset.judged_query_ids()
-    if max_queries is None:
-        return ids
-    if max_queries < 0:
-        raise ValueError(f"max_queries must be >= 0, got {max_queries}")
-    if last:
-        return ids[len(ids) - max_queries :] if max_queries else []
-    return ids[:max_queries]
-
-
-# --------------------------------------------------------------------------
-# candidates
-
-
-def build_candidates(
-    dataset: BeirDataset,
-    qids: Iterable[str],
-    top_k: int = 20,
-    bm25_index: Bm25Index | None = None,
-    *,
-    pool_order: Literal["source", "bm25"] = "source",
-    drop_self_match: bool | None = None,
-) -> dict[str, list[str]]:
-    """Each query's candidate list as the protocol forms it, best first.
-
-    By :attr:`BeirDataset.candidate_source`:
-
-    * ``RANKING``: the first ``top_k`` of ``candidates.jsonl``.
-    * ``POOL``: the query's own paragraphs, in source order (``pool_order=
-      "source"``, not a ranking) or BM25-ranked over the pool alone
-      (``"bm25"``, the baseline to report), then the first ``top_k``.
-    * ``CORPUS``: BM25 top-``top_k`` over the set's corpus; pass ``bm25_index``
-      to reuse an index across calls (else one is built here). With
-      ``drop_self_match`` (default: the set's :data:`PROTOCOL` spec, True for
-      ArguAna) a document whose id equals the query id is dropped before the cut.
-    """
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if pool_order not in ("source", "bm25"):
-        raise ValueError(f"pool_order must be 'source' or 'bm25', got {pool_order!r}")
-    qids = list(qids)
-    unknown = [q for q in qids if q not in dataset.queries]
-    if unknown:
-        raise KeyError(
-            f"{dataset.name}: {len(unknown)} query ids not in queries.jsonl, e.g. {unknown[0]!r}"
-        )
-    source = dataset.candidate_source
-
-    if source is CandidateSource.CORPUS:
-        from routehead_rag.first_stage import Bm25Index
-
-        if drop_self_match is None:
-            drop_self_match = PROTOCOL.spec(dataset.name).drop_self_match
-        index = bm25_index if bm25_index is not None else Bm25Index(dataset.corpus)
-        return {
-            q: [
-                d
-                for d, _ in index.retrieve(
-                    dataset.queries[q], top_k, exclude=(q,) if drop_self_match else ()
-                )
-            ]
-            for q in qids
-        }
-
-    assert dataset.candidates is not None  # RANKING or POOL
-    lacking = [q for q in qids if q not in dataset.candidates]
-    if lacking:
-        raise KeyError(
-            f"{dataset.path / 'candidates.jsonl'} has no line for {len(lacking)} queries, "
-            f"e.g. {lacking[0]!r}"
-        )
-    if source is CandidateSource.POOL and pool_order == "bm25":
-        from routehead_rag.first_stage import rank_pool
-
-        return {
-            q: [d for d, _ in rank_pool(dataset.queries[q], dataset.candidates[q], dataset.corpus)][
-                :top_k
-            ]
-            for q in qids
-        }
-    return {q: list(dataset.candidates[q][:top_k]) for q in qids}
-
-
-def bm25_order(
-    dataset: BeirDataset,
-    qids: Iterable[str],
-    top_k: int = 20,
-    bm25_index: Bm25Index | None = None,
-) -> dict[str, list[str]]:
-    """The BM25 baseline ranking of every set: BM25 over the pool for a pool set,
-    otherwise the same lists as :func:`build_candidates`."""
-    return build_candidates(dataset, qids, top_k, bm25_index, pool_order="bm25")
-

@@ -8,7 +8,7 @@ Architecture (small on purpose: well under 5 MB saved, well under 1 ms per query
 
 Selection at inference: the top ``k`` heads, or every head whose probability
 ``sigmoid(s_h)`` passes ``threshold``, clamped to ``[min_heads, max_heads]``.
-Training lives in :mod:`routehead_rag.training`; this module never imports it.
+Training lives in :mod:`routehead_rag.fit.training`; this module never imports it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from .heads import Head
+from ..heads import Head, HeadGrid
 
 
 class RouterConfig(BaseModel):
@@ -68,6 +68,10 @@ class Router(nn.Module):
         self.head_bias = nn.Parameter(torch.zeros(total))  # [head]
 
     @property
+    def grid(self) -> HeadGrid:
+        return HeadGrid(self.config.num_layers, self.config.num_heads)
+
+    @property
     def num_total_heads(self) -> int:
         return self.head_bias.numel()
 
@@ -80,9 +84,6 @@ class Router(nn.Module):
         z = self.project(self.norm(query_embeddings.float()))  # [batch, dim]
         return z @ self.head_embeddings.T / math.sqrt(self.config.dim) + self.head_bias  # [batch, head]
 
-    def flat_to_head(self, index: int) -> Head:
-        return Head(index // self.config.num_heads, index % self.config.num_heads)
-
     @torch.no_grad()
     def select(self, query_embedding: torch.Tensor, selection: SelectionConfig) -> list[Head]:
         """The routed heads for one query embedding ``[input_dim]``, strongest first."""
@@ -93,4 +94,4 @@ class Router(nn.Module):
         else:
             count = int((torch.sigmoid(logits) >= selection.threshold).sum())
         count = max(selection.min_heads, min(count, selection.max_heads, self.num_total_heads))
-        return [self.flat_to_head(int(i)) for i in order[:count]]
+        return self.grid.heads(order[:count].tolist())

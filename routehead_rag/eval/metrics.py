@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-import ir_measures
-from ir_measures.measures import Measure
+from ..extras import require
+
+ir_measures = require("ir_measures", "fit")
+from ir_measures.measures import Measure  # noqa: E402  (after the extra's check)
 
 __all__ = [
     "Qrels",

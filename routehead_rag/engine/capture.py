@@ -20,6 +20,10 @@ Inside that scope the function does two things per attention layer:
   original attention and mask functions, so that code behaves as before.
 
 Two threads capturing at once each see only their own rows.
+
+The same early exit serves :func:`run_hidden_states`: the hidden states after one decoder
+layer (a query embedding), read by a forward hook that exists only for our call, acts
+only in the calling thread, and stops the pass right there.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ CAPTURE_IMPLEMENTATION = "routehead_capture"
 
 
 class _StopForward(Exception):
-    """Raised inside the deepest needed layer to skip every later layer."""
+    """Raised inside the deepest needed layer to skip every later layer (attention rows or hidden states)."""
 
 
 @dataclass
@@ -61,16 +65,13 @@ class CaptureRequest:
     layers_seen: set[int] = field(default_factory=set)
     _head_index_cache: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def head_index(self, layer: int, num_heads: int, device: torch.device) -> torch.Tensor | None:
+    def head_index(self, layer: int, device: torch.device) -> torch.Tensor | None:
         heads = self.heads_by_layer[layer]
         if heads is None:
             return None
         key = (layer, str(device))
-        if key not in self._head_index_cache:
-            index = torch.as_tensor(list(heads), dtype=torch.long, device=device)
-            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_heads):
-                raise ValueError(f"layer {layer} has {num_heads} heads; asked for heads {list(heads)}")
-            self._head_index_cache[key] = index
+        if key not in self._head_index_cache:  # heads come checked (routehead_rag.strategy)
+            self._head_index_cache[key] = torch.as_tensor(list(heads), dtype=torch.long, device=device)
         return self._head_index_cache[key]
 
 
@@ -109,7 +110,7 @@ def _capture_rows(module: nn.Module, request: CaptureRequest, query, key, attent
     groups = num_heads // num_kv_heads
     q_len, k_len = query.shape[2], key.shape[2]
     start = request.row_start
-    heads = request.head_index(layer, num_heads, query.device)
+    heads = request.head_index(layer, query.device)
     if heads is None:
         q = query[0, :, start:, :]  # [heads, rows, dim]
         k = key[0].repeat_interleave(groups, dim=0) if groups > 1 else key[0]  # [heads, keys, dim]
@@ -294,3 +295,39 @@ def run_capture(decoder: nn.Module, input_ids: torch.Tensor, cache, request: Cap
             "model's attention does not go through transformers' AttentionInterface"
         )
     return request
+
+
+# ---------------------------------------------------------------------------------------------
+# hidden states after one layer (the same early exit)
+# ---------------------------------------------------------------------------------------------
+_HIDDEN: ContextVar[dict | None] = ContextVar("routehead_hidden_states", default=None)
+
+
+def run_hidden_states(decoder: nn.Module, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Hidden states ``[1, T, hidden]`` after decoder layer ``layer`` (``-1``: the token embeddings).
+
+    The forward stops right after that layer.  The hook that reads the output is registered
+    for this call only, removed in ``finally``, and acts only in the calling thread, so a
+    generator sharing the model in another thread is unaffected.  The caller holds
+    ``torch.inference_mode`` (and any adapter scope).
+    """
+    module = decoder.get_input_embeddings() if layer == -1 else decoder.layers[layer]
+    state: dict = {}
+
+    def keep(_module, _args, output):
+        if _HIDDEN.get() is state:
+            state["hidden"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+    handle = module.register_forward_hook(keep)
+    token = _HIDDEN.set(state)
+    try:
+        decoder(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        _HIDDEN.reset(token)
+        handle.remove()
+    if "hidden" not in state:
+        raise RuntimeError(f"the forward pass never reached decoder layer {layer}")
+    return state["hidden"]

@@ -12,10 +12,12 @@ from collections.abc import Callable, Container, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import bm25s
 import numpy as np
 
-from routehead_rag.data import Document
+from ..extras import require
+from .beir import Document
+
+bm25s = require("bm25s", "fit")
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -194,13 +196,7 @@ class DenseRetriever:
         path = self.model_path if self.model_path is not None else packaged_minilm_path()
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no model folder here")
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ModuleNotFoundError as e:
-            raise ModuleNotFoundError(
-                "the dense baseline needs sentence-transformers; install it with "
-                "`pip install 'routehead-rag[dense]'`"
-            ) from e
+        SentenceTransformer = require("sentence_transformers", "dense").SentenceTransformer
         self._model = SentenceTransformer(str(path), device=self.device, local_files_only=True)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

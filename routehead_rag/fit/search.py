@@ -13,21 +13,19 @@ extraction pass, see :mod:`routehead_rag.evaluation`).  Steps:
    swapped in when it improves the query's nDCG@10 by at least ``margin``, and the
    objective blends in the heads' pool-wide quality with weight ``pool_weight``.
 
-Everything is vectorised over queries and pool heads: the metric is a batched nDCG@10 with
-linear gain, the ideal ranking over every judged document of the query (as ir_measures
-computes it; :func:`batched_ndcg` is checked against ir_measures in the tests), and ties
-in the summed scores keep candidate order (as :func:`routehead_rag.metrics.ranking_to_run`).
+Everything is vectorised over queries and pool heads, with the batched nDCG of
+:mod:`.labelled` (checked against ir_measures in the tests).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .heads import Head
+from ..heads import Head, HeadGrid
+from .labelled import LabelledSet, batched_ndcg, single_head_quality
 
 
 class SearchConfig(BaseModel):
@@ -47,95 +45,6 @@ class SearchConfig(BaseModel):
 
 
 @dataclass
-class LabelledSet:
-    """Padded tensors of a labelled set, ready for batched search.
-
-    ``scores`` ``[query, head, passage]`` (heads flattened as ``layer * num_heads + head``),
-    ``gains`` ``[query, passage]`` relevance grades (0 for padding), ``valid`` ``[query, passage]``
-    marks real passages, ``ideal_dcg`` ``[query]`` the ideal DCG over every judged document.
-    """
-
-    qids: list[str]
-    scores: torch.Tensor
-    gains: torch.Tensor
-    valid: torch.Tensor
-    ideal_dcg: torch.Tensor
-    num_layers: int
-    num_heads: int
-
-    def head(self, flat_index: int) -> Head:
-        return Head(flat_index // self.num_heads, flat_index % self.num_heads)
-
-
-def discounts(depth: int, length: int) -> torch.Tensor:
-    """``1 / log2(rank + 1)`` for ranks 1..``length``, zero past ``depth``: ``[length]``."""
-    ranks = torch.arange(1, length + 1, dtype=torch.float64)
-    weights = 1.0 / torch.log2(ranks + 1.0)
-    weights[depth:] = 0.0
-    return weights
-
-
-def build_labelled_set(
-    per_query_scores: Mapping[str, torch.Tensor],
-    doc_ids: Mapping[str, Sequence[str]],
-    qrels: Mapping[str, Mapping[str, int]],
-    depth: int = 10,
-) -> LabelledSet:
-    """Pad per-query ``[layer, head, passage]`` tensors into a :class:`LabelledSet`.
-
-    Queries without any relevant judged document are left out (no head can help them).
-    """
-    qids = [q for q in per_query_scores if any(g > 0 for g in qrels.get(q, {}).values())]
-    if not qids:
-        raise ValueError("no query has a relevant judged document: nothing to search heads on")
-    first = per_query_scores[qids[0]]
-    num_layers, num_heads = first.shape[:2]
-    width = max(per_query_scores[q].shape[-1] for q in qids)
-    scores = torch.zeros(len(qids), num_layers * num_heads, width, dtype=torch.float64)
-    gains = torch.zeros(len(qids), width, dtype=torch.float64)
-    valid = torch.zeros(len(qids), width, dtype=torch.bool)
-    ideal = torch.zeros(len(qids), dtype=torch.float64)
-    weights = discounts(depth, max(width, depth))
-    for row, qid in enumerate(qids):
-        tensor = per_query_scores[qid]
-        if tensor.shape[:2] != (num_layers, num_heads):
-            raise ValueError(f"query {qid!r} has scores of shape {tuple(tensor.shape)}, others {tuple(first.shape)}")
-        count = tensor.shape[-1]
-        scores[row, :, :count] = tensor.reshape(num_layers * num_heads, count).double()
-        judged = qrels.get(qid, {})
-        gains[row, :count] = torch.tensor([float(max(judged.get(d, 0), 0)) for d in doc_ids[qid]], dtype=torch.float64)
-        valid[row, :count] = True
-        best = sorted((max(g, 0) for g in judged.values()), reverse=True)[:depth]
-        ideal[row] = sum(g * float(weights[i]) for i, g in enumerate(best))
-    return LabelledSet(qids, scores, gains, valid, ideal, num_layers, num_heads)
-
-
-def batched_ndcg(
-    scores: torch.Tensor,  # [..., passage]
-    gains: torch.Tensor,  # [..., passage] (broadcastable)
-    valid: torch.Tensor,  # [..., passage] bool (broadcastable)
-    ideal_dcg: torch.Tensor,  # [...] (broadcastable)
-    depth: int = 10,
-) -> torch.Tensor:
-    """nDCG@``depth`` of rankings by ``scores`` (descending, ties in passage order): ``[...]``."""
-    masked = scores.masked_fill(~valid, float("-inf"))
-    order = torch.argsort(masked, dim=-1, descending=True, stable=True)
-    ranked_gains = torch.gather(gains.expand_as(masked), -1, order)
-    ranked_valid = torch.gather(valid.expand_as(masked), -1, order)
-    weights = discounts(depth, scores.shape[-1]).to(scores.device)
-    dcg = (ranked_gains * ranked_valid * weights).sum(dim=-1)
-    return torch.where(ideal_dcg > 0, dcg / ideal_dcg.clamp_min(1e-12), torch.zeros_like(dcg))
-
-
-def single_head_quality(data: LabelledSet, depth: int = 10) -> torch.Tensor:
-    """Mean single-head nDCG@``depth`` over the set: ``[head]`` (flattened)."""
-    per_query = batched_ndcg(
-        data.scores, data.gains[:, None, :], data.valid[:, None, :], data.ideal_dcg[:, None], depth
-    )  # [query, head]
-    return per_query.mean(dim=0)
-
-
-@dataclass
 class SearchResult:
     """Per-query labels over the flattened heads, and what the search saw."""
 
@@ -148,8 +57,7 @@ class SearchResult:
     num_heads: int
 
     def heads_of(self, row: int) -> list[Head]:
-        flat = self.labels[row].nonzero().flatten().tolist()
-        return [Head(i // self.num_heads, i % self.num_heads) for i in flat]
+        return HeadGrid(self.num_layers, self.num_heads).heads(self.labels[row].nonzero().flatten().tolist())
 
 
 def search_heads(data: LabelledSet, config: SearchConfig | None = None) -> SearchResult:

@@ -54,7 +54,7 @@ class PromptConfig(BaseModel):
         description="first-stage rank 1 placed last, next to the query (ICR found this best), or first",
     )
     max_passage_words: int | None = Field(
-        100, ge=1, description="cut each passage to its first N whitespace-separated words (None: no cut)"
+        100, ge=1, description="cut each passage to its first N words, line breaks kept (cut_words; None: no cut)"
     )
     max_passage_tokens: int | None = Field(
         None, ge=1, description="cut each passage to its first N tokens, after the word cut (None: no cut)"
@@ -67,12 +67,41 @@ class PromptConfig(BaseModel):
     )
     calibration_query: str = Field("N/A", min_length=1, description="content-free query used for calibration")
 
+    def with_instruction(self, instruction: str) -> "PromptConfig":
+        """A copy in a named instruction's wording (``"relevance"`` or ``"question"``), all else kept.
 
-def prompt_config_for(instruction: str, **overrides) -> PromptConfig:
-    """A :class:`PromptConfig` with a named instruction: ``"relevance"`` or ``"question"``."""
-    if instruction not in INSTRUCTIONS:
-        raise ValueError(f"instruction must be one of {sorted(INSTRUCTIONS)}, got {instruction!r}")
-    return PromptConfig(task_instruction=INSTRUCTIONS[instruction], **overrides)
+        The one place an instruction name becomes its wording.
+        """
+        if not isinstance(instruction, str) or instruction not in INSTRUCTIONS:
+            raise ValueError(f"instruction must be one of {sorted(INSTRUCTIONS)}, got {instruction!r}")
+        return self.model_copy(update={"task_instruction": INSTRUCTIONS[instruction]})
+
+
+def cut_words(text: str, max_words: int | None) -> str:
+    r"""Keep the first ``max_words`` whitespace-separated words of ``text``; the one word cut.
+
+    The exact rule: a word is a maximal run of non-whitespace (what ``str.split()`` yields).
+    Words are counted across lines; the first ``max_words`` are kept in order. Kept words on
+    one line are joined by a single space, lines by a single ``"\n"``, and a line left without
+    a kept word is dropped. So ``cut_words("Title\nA  b c", 2) == "Title\nA"`` and, always,
+    ``cut_words(t, n).split() == t.split()[:n]``. ``max_words=None`` keeps every word
+    (whitespace normalised the same way). Line breaks survive, so a passage built as
+    ``title + "\n" + text`` (or Haystack's ``embedding_separator``) reaches the model as built.
+    """
+    if max_words is not None and max_words < 0:
+        raise ValueError(f"max_words must be >= 0 or None, got {max_words}")
+    budget = max_words
+    lines: list[str] = []
+    for line in text.splitlines():
+        words = line.split()
+        if budget is not None:
+            words = words[:budget]
+            budget -= len(words)
+        if words:
+            lines.append(" ".join(words))
+        if budget == 0:
+            break
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -180,10 +209,8 @@ class PromptBuilder:
         return keep + user_header
 
     def cut_passage(self, text: str) -> list[int]:
-        """Token ids of one passage after the word and token cuts (the ``[i]`` label not included)."""
-        if self.config.max_passage_words is not None:
-            text = " ".join(text.split()[: self.config.max_passage_words])
-        ids = self._encode(text)
+        """Token ids of one passage after the word cut (:func:`cut_words`) and token cut (no ``[i]`` label)."""
+        ids = self._encode(cut_words(text, self.config.max_passage_words))
         if self.config.max_passage_tokens is not None:
             ids = ids[: self.config.max_passage_tokens]
         return ids

@@ -11,9 +11,8 @@ One query is scored like this (ICR, with a shared prefix):
 3. a head's score for a passage is the attention mass those rows put on the
    passage's tokens; the calibrated score is real minus content-free.
 
-Aggregations: ``all`` sums every head (ICR), ``static`` sums a fixed head list
-(QRHead-style, see :func:`rank_heads_by_ndcg`), and ``routed`` sums the heads a
-router picks for the query (the list is handed in the same way).
+Which heads are summed (all, a static list, or the heads a router picks per query) is
+decided by :mod:`routehead_rag.strategy`; this module computes what it is asked for.
 
 Long candidate lists are scored in windows (see :func:`plan_windows`).
 """
@@ -26,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .attention import CaptureRequest, capture_scope, run_capture
-from .heads import Head, validate_heads
+from ..heads import Head
+from .capture import CaptureRequest, capture_scope, run_capture
 from .prompt import PromptBuilder, PromptConfig, PromptLayout
 
 
@@ -48,13 +47,8 @@ class ScoringConfig(BaseModel):
     )
 
     def with_instruction(self, instruction: str) -> "ScoringConfig":
-        """A copy with a named instruction's wording (``"relevance"`` or ``"question"``), all else kept."""
-        from .prompt import INSTRUCTIONS
-
-        if instruction not in INSTRUCTIONS:
-            raise ValueError(f"instruction must be one of {sorted(INSTRUCTIONS)}, got {instruction!r}")
-        prompt = self.prompt.model_copy(update={"task_instruction": INSTRUCTIONS[instruction]})
-        return self.model_copy(update={"prompt": prompt})
+        """A copy whose prompt is in a named instruction's wording (:meth:`PromptConfig.with_instruction`)."""
+        return self.model_copy(update={"prompt": self.prompt.with_instruction(instruction)})
 
 
 @dataclass
@@ -156,10 +150,9 @@ class AttentionScorer:
         """Per-head scores ``[layer, head, passage]`` for ``passages`` (first-stage order, best first).
 
         Only ``heads`` are computed (``None``: all), and no layer past the deepest of them runs.
+        ``heads`` come checked against the backbone (:mod:`routehead_rag.strategy` checks them once).
         """
         backbone = self.backbone
-        if heads is not None:
-            validate_heads(heads, backbone.num_layers, backbone.num_heads)
         plan = heads_by_layer(heads, backbone.num_layers)
         passage_ids = [self.prompts.cut_passage(text) for text in passages]
         fixed = self.prompts.fixed_token_count(query)
@@ -232,45 +225,3 @@ class AttentionScorer:
         return HeadScores(
             real=per_query[0], content_free=per_query[1] if self.config.calibrate else None, aggregated=aggregated
         )
-
-
-def rank_heads_by_ndcg(
-    per_query_scores: dict[str, torch.Tensor],
-    doc_ids: dict[str, Sequence[str]],
-    qrels: dict[str, dict[str, int]],
-    measure: str = "nDCG@10",
-) -> list[tuple[Head, float]]:
-    """QRHead-style static head detection: every head's mean single-head ``measure`` over a labelled set.
-
-    ``per_query_scores[qid]`` is ``[layer, head, passage]`` (calibrated), ``doc_ids[qid]`` names the
-    passages.  Returns ``(head, mean measure)`` best first (ties: lower layer, then lower head).
-    Metrics come from ir_measures, evaluated for all heads in one call.
-    """
-    from .metrics import per_query, ranking_to_run
-
-    labelled = [qid for qid in per_query_scores if qrels.get(qid)]
-    if not labelled:
-        raise ValueError("none of the scored queries has relevance judgements to rank heads on")
-    first = per_query_scores[labelled[0]]
-    num_layers, num_heads = first.shape[:2]
-    run: dict[str, dict[str, float]] = {}
-    expanded_qrels: dict[str, dict[str, int]] = {}
-    for qid in labelled:
-        scores = per_query_scores[qid]
-        ids = list(doc_ids[qid])
-        for layer in range(num_layers):
-            for head in range(num_heads):
-                key = f"{qid}\x1f{layer}.{head}"
-                run.update(ranking_to_run(key, ids, scores[layer, head].tolist()))
-                expanded_qrels[key] = qrels[qid]
-    values = per_query(run, expanded_qrels, measure)
-    totals = torch.zeros(num_layers, num_heads)
-    for key, value in values.items():
-        layer, head = key.split("\x1f")[1].split(".")
-        totals[int(layer), int(head)] += value
-    means = totals / len(labelled)
-    ranked = [(Head(layer, head), float(means[layer, head])) for layer in range(num_layers) for head in range(num_heads)]
-    ranked.sort(key=lambda item: (-item[1], item[0].layer, item[0].head))
-    return ranked
-
-

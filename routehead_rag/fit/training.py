@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .router import Router, RouterConfig
-from .search import LabelledSet, batched_ndcg
+from ..router.model import Router, RouterConfig
+from .labelled import LabelledSet, batched_ndcg, single_head_quality
 
 
 class TrainingConfig(BaseModel):
@@ -140,10 +140,7 @@ def train_router(
 
 def static_dev_ndcg(data: LabelledSet, train_rows: torch.Tensor, dev_rows: torch.Tensor, k: int) -> float:
     """Dev nDCG@10 of the k heads with the best single-head quality on train (the static baseline)."""
-    quality = batched_ndcg(
-        data.scores[train_rows], data.gains[train_rows, None, :], data.valid[train_rows, None, :],
-        data.ideal_dcg[train_rows, None],
-    ).mean(dim=0)  # [head]
+    quality = single_head_quality(data.subset(train_rows))  # [head]
     heads = torch.argsort(quality, descending=True, stable=True)[:k]
     logits = torch.full((len(dev_rows), data.scores.shape[1]), -1.0, dtype=torch.float64)
     logits[:, heads] = 1.0

@@ -17,15 +17,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .query_embedding import QueryEmbeddingConfig
-from .router import Router, RouterConfig, SelectionConfig
-from .scoring import ScoringConfig
+from ..engine.embedding import QueryEmbeddingConfig
+from ..engine.scorer import ScoringConfig
+from .model import Router, RouterConfig, SelectionConfig
 
 ARTIFACT_FORMAT = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "router.safetensors"
 CARD_NAME = "README.md"
-SHIPPED_ROUTERS = Path(__file__).parent / "routers"
+SHIPPED_ROUTERS = Path(__file__).resolve().parents[1] / "routers"
 """Routers that ship inside the package, one folder per backbone (see :func:`shipped_router_for`)."""
 
 

@@ -1,0 +1,172 @@
+"""The evaluation protocol of ``shared/data/README.md`` as code: fixed splits, roles and per-set rules.
+
+What the files cannot tell (the TREC DL relevance level for binary measures, ArguAna's
+self-match rule, the prompt wording per set, which queries each role uses) is fixed in
+:data:`PROTOCOL`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from .beir import BeirDataset, load_beir
+
+class Role(StrEnum):
+    FIT = "fit"  # router training and head search
+    IN_DOMAIN_TEST = "in-domain-test"  # scored after fitting on the same domain's fit split
+    CROSS_DOMAIN_TEST = "cross-domain-test"  # never fitted on
+
+
+@dataclass(frozen=True)
+class SetSpec:
+    """What the protocol fixes about a set that its files cannot tell."""
+
+    name: str
+    binary_rel: int = 1  # lowest grade that counts as relevant in binary measures (recall)
+    drop_self_match: bool = False  # drop a retrieved doc whose id equals the query id
+    instruction: str = "relevance"  # prompt wording: "question" for QA sets, as ICR's code does
+
+
+@dataclass(frozen=True)
+class ProtocolEntry:
+    """One (set, role): which qrels split and which of its judged queries."""
+
+    name: str
+    role: Role
+    n_queries: int  # the count data/README.md states; checked on selection
+    split: str = "test"  # qrels/<split>.tsv
+    first: int | None = None  # keep the first N judged ids (sorted as strings)
+    last: int | None = None  # keep the last N judged ids (sorted as strings)
+
+    def select(self, judged_ids: Iterable[str]) -> list[str]:
+        ids = sorted(judged_ids)
+        if self.first is not None:
+            ids = ids[: self.first]
+        if self.last is not None:
+            ids = ids[-self.last :] if self.last else []
+        return ids
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The fixed splits, candidate depth, passage cut and measures of every reported number."""
+
+    entries: tuple[ProtocolEntry, ...]
+    sets: Mapping[str, SetSpec]
+    top_k: int = 20  # candidates per query handed to the re-ranker
+    max_words: int = 100  # passages cut to their first 100 words, title included
+    measure: str = "nDCG@10"  # graded, linear gain, ideal over every judged doc (ir_measures)
+    recall_depth: int = 20  # recall@20 of the candidate list
+
+    def spec(self, name: str) -> SetSpec:
+        """The set's spec; a set outside the protocol gets the defaults."""
+        return self.sets.get(name, SetSpec(name))
+
+    def entries_for(self, role: Role | str) -> list[ProtocolEntry]:
+        role = Role(role)
+        return [e for e in self.entries if e.role is role]
+
+    def entry(self, name: str, role: Role | str) -> ProtocolEntry:
+        role = Role(role)
+        for e in self.entries:
+            if e.name == name and e.role is role:
+                return e
+        roles = [e.role.value for e in self.entries if e.name == name]
+        raise KeyError(
+            f"{name!r} has no {role.value!r} split in the protocol"
+            + (f"; its roles: {', '.join(roles)}" if roles else "; it is not a protocol set")
+        )
+
+    def recall_measure(self, name: str) -> str:
+        """The ir_measures spelling of recall@``recall_depth`` at the set's relevance level."""
+        rel = self.spec(name).binary_rel
+        return f"R@{self.recall_depth}" if rel == 1 else f"R(rel={rel})@{self.recall_depth}"
+
+
+PROTOCOL = Protocol(
+    entries=(
+        ProtocolEntry("beir-scifact", Role.FIT, 809, split="train"),
+        ProtocolEntry("musique-ans-train100", Role.FIT, 100),
+        ProtocolEntry("hotpotqa-distractor-dev500", Role.FIT, 400, first=400),
+        ProtocolEntry("trec-dl-2019", Role.FIT, 43),
+        ProtocolEntry("beir-scifact", Role.IN_DOMAIN_TEST, 300),
+        ProtocolEntry("hotpotqa-distractor-dev500", Role.IN_DOMAIN_TEST, 100, last=100),
+        ProtocolEntry("trec-dl-2020", Role.CROSS_DOMAIN_TEST, 54),
+        ProtocolEntry("beir-arguana", Role.CROSS_DOMAIN_TEST, 200, first=200),
+        ProtocolEntry("musique-ans-migres200", Role.CROSS_DOMAIN_TEST, 200),
+        ProtocolEntry("cacm", Role.CROSS_DOMAIN_TEST, 52),
+        ProtocolEntry("npl", Role.CROSS_DOMAIN_TEST, 93),
+    ),
+    sets={
+        s.name: s
+        for s in (
+            SetSpec("trec-dl-2019", binary_rel=2),  # TREC DL: grade >= 2 is relevant
+            SetSpec("trec-dl-2020", binary_rel=2),
+            SetSpec("beir-arguana", drop_self_match=True),  # as MTEB does
+            SetSpec("beir-scifact"),
+            SetSpec("hotpotqa-distractor-dev500", instruction="question"),  # multi-hop QA
+            SetSpec("musique-ans-migres200", instruction="question"),
+            SetSpec("musique-ans-train100", instruction="question"),
+            SetSpec("cacm"),
+            SetSpec("npl"),
+        )
+    },
+)
+
+
+def protocol_queries(dataset: BeirDataset, role: Role | str) -> list[str]:
+    """The protocol's ordered query ids of ``dataset`` for ``role``.
+
+    Only queries with qrels in the dataset's split count; ids are sorted as
+    strings before any first/last-N cut. Raises if the dataset was loaded with
+    another split than the protocol's, or if the count differs from the one
+    ``data/README.md`` states.
+    """
+    entry = PROTOCOL.entry(dataset.name, role)
+    if dataset.split != entry.split:
+        raise ValueError(
+            f"{dataset.name} {entry.role.value} uses qrels/{entry.split}.tsv but the dataset "
+            f"was loaded with split={dataset.split!r}; use load_beir(..., split={entry.split!r})"
+        )
+    ids = entry.select(dataset.qrels)
+    if len(ids) != entry.n_queries:
+        raise ValueError(
+            f"{dataset.name} {entry.role.value}: {len(ids)} queries, the protocol expects "
+            f"{entry.n_queries}; is {dataset.path} the set data/README.md describes?"
+        )
+    return ids
+
+
+def load_protocol_set(
+    name: str, role: Role | str, data_dir: Path | str | None = None
+) -> tuple[BeirDataset, list[str]]:
+    """Load a protocol set with the split its role uses; return it with its query ids."""
+    entry = PROTOCOL.entry(name, role)
+    dataset = load_beir(name, split=entry.split, data_dir=data_dir)
+    return dataset, protocol_queries(dataset, role)
+
+
+def select_queries(
+    dataset: BeirDataset, max_queries: int | None = None, *, last: bool = False
+) -> list[str]:
+    """Judged query ids sorted as strings; the first (or, with ``last``, the last)
+    ``max_queries`` of them. For ad-hoc runs; reported numbers use :func:`protocol_queries`."""
+    ids = dataset.judged_query_ids()
+    if max_queries is None:
+        return ids
+    if max_queries < 0:
+        raise ValueError(f"max_queries must be >= 0, got {max_queries}")
+    if last:
+        return ids[len(ids) - max_queries :] if max_queries else []
+    return ids[:max_queries]
+
+
+def instruction_for(instruction: str, dataset_name: str | None = None) -> str:
+    """The named wording to score a set with: ``"auto"`` is the protocol's choice for a known set
+    (``"question"`` for the multi-hop QA sets), else ``"relevance"``; any other name is kept."""
+    if instruction != "auto":
+        return instruction
+    return PROTOCOL.spec(dataset_name).instruction if dataset_name else "relevance"

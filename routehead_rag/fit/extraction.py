@@ -1,0 +1,140 @@
+"""The extraction cache: every head's passage scores of each labelled query, computed once.
+
+``fit``, ``eval``, ``select-heads`` and the benchmarks all score strategies from one
+all-heads pass per query.  Tensors are cached on disk per (backbone fingerprint, dtype,
+prompt and scoring settings, source name), one file per query, written atomically: an
+interrupted extraction resumes where it stopped.  A file is reused only if its query id,
+candidate ids and the sha256 of the exact texts scored (query and passages) match, so an
+edited log or corpus is re-extracted even when its size is unchanged, and a data folder
+can move without invalidating anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..engine.scorer import AttentionScorer
+
+EXTRACTION_FORMAT = 2  # 2: passages keep their line breaks (one word cut); files keyed on content
+
+
+@dataclass
+class QueryExtraction:
+    """Per-head scores of one query's candidates (caller's candidate order)."""
+
+    qid: str
+    doc_ids: list[str]
+    real: torch.Tensor  # [layer, head, passage]
+    content_free: torch.Tensor  # [layer, head, passage]
+
+    @property
+    def calibrated(self) -> torch.Tensor:
+        return self.real - self.content_free
+
+
+def extraction_key(scorer: AttentionScorer, dataset_name: str, extra: dict | None = None) -> str:
+    """A stable hash of the settings that change the extracted tensors.
+
+    The candidate list is not part of it: each query's file records its own doc ids and is
+    recomputed when they differ, so a run over more queries resumes from a smaller one.
+    """
+    digest = hashlib.sha256()
+    payload = {
+        "format": EXTRACTION_FORMAT,
+        "backbone": scorer.backbone.fingerprint(),
+        "backbone_name": str(scorer.backbone.name),
+        "dtype": str(scorer.backbone.dtype),
+        "scoring": scorer.config.model_dump(mode="json"),
+        "dataset": dataset_name,
+        "extra": extra or {},
+    }
+    digest.update(json.dumps(payload, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def content_sha256(query: str, passages: Sequence[str]) -> str:
+    """sha256 of the exact texts one extraction scored (query, then passages, in order)."""
+    digest = hashlib.sha256()
+    for text in (query, *passages):
+        data = text.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _query_file(folder: Path, qid: str) -> Path:
+    return folder / f"{hashlib.sha1(qid.encode()).hexdigest()[:20]}.pt"
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_query_file(path: Path, qid: str, doc_ids: list[str], content: str) -> QueryExtraction | None:
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data.get("qid") != qid or data.get("doc_ids") != doc_ids or data.get("content_sha256") != content:
+            return None
+        return QueryExtraction(qid, doc_ids, data["real"].float(), data["content_free"].float())
+    except Exception:  # a corrupt or foreign file is recomputed, never trusted
+        return None
+
+
+def extract(
+    scorer: AttentionScorer,
+    dataset_name: str,
+    queries: dict[str, str],
+    candidates: dict[str, list[str]],
+    passages_of: Callable[[str, list[str]], list[str]],
+    cache_dir: Path | None,
+    progress: Callable[[int], None] | None = None,
+    key_extra: dict | None = None,
+) -> dict[str, QueryExtraction]:
+    """All-head scores of every query's candidates, from the cache where present.
+
+    ``passages_of(qid, doc_ids)`` returns the passage texts (for a BEIR set already cut as the
+    protocol says; the scorer applies the same word cut, which then changes nothing).
+    ``progress(n)`` is called after each query.
+    """
+    folder = None
+    if cache_dir is not None:
+        folder = Path(cache_dir) / "extractions" / extraction_key(scorer, dataset_name, key_extra)
+        folder.mkdir(parents=True, exist_ok=True)
+    results: dict[str, QueryExtraction] = {}
+    for qid, doc_ids in candidates.items():
+        doc_ids = list(doc_ids)
+        passages = passages_of(qid, doc_ids)
+        content = content_sha256(queries[qid], passages)
+        cached = _load_query_file(_query_file(folder, qid), qid, doc_ids, content) if folder else None
+        if cached is None:
+            scores = scorer.head_scores(queries[qid], passages, heads=None)
+            content_free = scores.content_free if scores.content_free is not None else torch.zeros_like(scores.real)
+            cached = QueryExtraction(qid, doc_ids, scores.real, content_free)
+            if folder is not None:
+                _atomic_torch_save(
+                    {"qid": qid, "doc_ids": doc_ids, "content_sha256": content,
+                     "real": scores.real, "content_free": content_free},
+                    _query_file(folder, qid),
+                )
+        results[qid] = cached
+        if progress is not None:
+            progress(1)
+    return results

@@ -1,0 +1,194 @@
+"""``routehead-rag fit``: extract -> head search -> router training -> artifact + fit report.
+
+Training side only; never imported by inference code.  Fit data is any mix of
+BEIR-layout folders (their fit split) and JSONL query logs, one line per query::
+
+    {"query": "...", "candidates": [{"id": "d1", "text": "..."}, ...], "relevance": {"d1": 2}}
+
+(``"id"`` optional; clicks count as grade 1).  Extraction is cached per query, so an
+interrupted fit resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..engine.embedding import QueryEmbeddingConfig, embed_query
+from ..engine.scorer import AttentionScorer, ScoringConfig
+from ..router.artifact import RouterArtifactConfig, save_artifact
+from ..router.model import SelectionConfig
+from .extraction import extract
+from ..heads import Head
+from .labelled import LabelledSet, build_labelled_set, rank_heads
+from .report import heatmap, model_card
+from .search import SearchConfig, search_heads
+from .sources import FitSource
+from .training import TrainingConfig, train_router
+
+
+@dataclass
+class PooledExtractions:
+    """Every fit query's calibrated per-head scores, across sources, keyed ``"<source>/<qid>"``."""
+
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # [layer, head, passage]
+    doc_ids: dict[str, list[str]] = field(default_factory=dict)
+    qrels: dict[str, dict[str, int]] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+
+    def labelled_set(self, depth: int = 10) -> LabelledSet:
+        return build_labelled_set(self.scores, self.doc_ids, self.qrels, depth=depth)
+
+
+def extract_sources(
+    backbone,
+    sources: Sequence[FitSource],
+    scoring: ScoringConfig,
+    cache_dir: str | Path | None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> PooledExtractions:
+    """One cached all-heads extraction per query of every source, in each source's prompt wording."""
+    report = progress or (lambda stage, done, total: None)
+    scorers: dict[str | None, AttentionScorer] = {}
+    pooled = PooledExtractions()
+    total, done = sum(len(s.candidates) for s in sources), 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        report("extract", done, total)
+
+    for source in sources:
+        if source.instruction not in scorers:
+            scorers[source.instruction] = AttentionScorer(
+                backbone, scoring if source.instruction is None else scoring.with_instruction(source.instruction)
+            )
+        extractions = extract(
+            scorers[source.instruction], source.name, source.queries, source.candidates, source.passages,
+            Path(cache_dir) if cache_dir is not None else None, progress=tick, key_extra=source.key,
+        )
+        for qid, extraction in extractions.items():
+            key = f"{source.name}/{qid}"
+            pooled.scores[key] = extraction.calibrated
+            pooled.doc_ids[key] = extraction.doc_ids
+            pooled.qrels[key] = source.qrels.get(qid, {})
+            pooled.texts[key] = source.queries[qid]
+    return pooled
+
+
+def select_static_heads(
+    backbone, sources: Sequence[FitSource], k: int, scoring: ScoringConfig | None = None,
+    cache_dir: str | Path | None = None, progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[list[tuple[Head, float]], int]:
+    """QRHead-style static heads: the ``k`` best by mean single-head nDCG@10 over the sources' labelled queries.
+
+    Returns ``([(head, quality), ...], number of labelled queries)``.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    data = extract_sources(backbone, sources, scoring or ScoringConfig(), cache_dir, progress).labelled_set()
+    return rank_heads(data)[:k], len(data.qids)
+
+
+@dataclass
+class FitResult:
+    artifact: Path
+    config: RouterArtifactConfig
+    report: Path
+    heatmap: Path
+
+
+def run_fit(
+    backbone,
+    sources: list[FitSource],
+    out: str | Path,
+    *,
+    scoring: ScoringConfig | None = None,
+    query_embedding: QueryEmbeddingConfig | None = None,
+    search: SearchConfig | Sequence[SearchConfig] | None = None,
+    training: TrainingConfig | None = None,
+    cache_dir: str | Path | None = None,
+    command: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    report_dir: str | Path | None = None,
+) -> FitResult:
+    """Fit a router on ``sources`` and write the artifact and its fit report to ``out``.
+
+    ``search`` may be a list of settings (e.g. pool sizes K and label sizes P): each gets its
+    own head search and router, and the one with the best dev nDCG@10 of the routed
+    aggregation wins (the dev queries are the same for all).  ``progress(stage, done, total)``
+    is called as extraction, embedding, search and training advance.
+    """
+    scoring = scoring or ScoringConfig()
+    query_embedding = query_embedding or QueryEmbeddingConfig(layer=backbone.num_layers // 2)
+    searches = [search or SearchConfig()] if search is None or isinstance(search, SearchConfig) else list(search)
+    if not searches:
+        raise ValueError("search is an empty list: pass at least one SearchConfig")
+    if len({s.depth for s in searches}) != 1:
+        raise ValueError("every search setting must use the same nDCG depth")
+    training = training or TrainingConfig()
+    report = progress or (lambda stage, done, total: None)
+    pooled = extract_sources(backbone, sources, scoring, cache_dir, report)
+    data = pooled.labelled_set(depth=searches[0].depth)
+    embeddings = []
+    for index, key in enumerate(data.qids):
+        embeddings.append(embed_query(backbone, pooled.texts[key], query_embedding))
+        report("embed", index + 1, len(data.qids))
+    embeddings = torch.stack(embeddings)  # [query, hidden]
+    best = None
+    grid = []
+    for index, setting in enumerate(searches):
+        report("search + train", index, len(searches))
+        found = search_heads(data, setting)
+        trained = train_router(embeddings, found.labels, data, training)
+        grid.append({**setting.model_dump(mode="json"), "dev_routed_ndcg@10": trained.dev_ndcg, "k": trained.k})
+        if best is None or trained.dev_ndcg > best[2].dev_ndcg + 1e-12:
+            best = (setting, found, trained)
+    report("search + train", len(searches), len(searches))
+    search, found, trained = best
+
+    static_heads = [str(head) for head, _ in rank_heads(data, search.depth)[: trained.k]]
+    with torch.no_grad():
+        routed = trained.router(embeddings).topk(trained.k, dim=1).indices  # [query, k]
+    counts = torch.zeros(data.num_layers * data.num_heads)
+    counts.index_add_(0, routed.flatten(), torch.ones(routed.numel()))
+    config = RouterArtifactConfig(
+        backbone_name=str(backbone.name),
+        backbone_fingerprint=backbone.fingerprint(),
+        scoring=scoring,
+        query_embedding=query_embedding,
+        router=trained.router.config,
+        selection=SelectionConfig(mode="top_k", k=trained.k, max_heads=max(trained.k, 1)),
+        search={**search.model_dump(mode="json"), "grid": grid},
+        training={**training.model_dump(mode="json"), "chosen_k": trained.k, "chosen_sparsity": trained.sparsity,
+                  "chosen_epoch": trained.epoch},
+        data=[
+            {"name": s.name, "origin": s.origin, "queries": len(s.candidates),
+             "instruction": s.instruction or "the scoring prompt's"}
+            for s in sources
+        ],
+        dev_metrics={
+            "routed_ndcg@10": trained.dev_ndcg,
+            "static_ndcg@10": trained.dev_static_ndcg,
+            "oracle_label_ndcg@10": float(found.query_ndcg[torch.tensor(trained.dev_rows)].mean()),
+            "train_queries": float(len(trained.train_rows)),
+            "dev_queries": float(len(trained.dev_rows)),
+        },
+        static_heads=static_heads,
+        command=command,
+        fit_dtype=str(backbone.dtype).removeprefix("torch."),
+    )
+    out = Path(out)
+    card = model_card(config)
+    save_artifact(out, trained.router, config, card)
+    report_dir = Path(report_dir) if report_dir is not None else out.parent
+    report_dir.mkdir(parents=True, exist_ok=True)
+    heatmap_path = report_dir / f"{out.name}-routed-heads.png"
+    heatmap(counts.reshape(data.num_layers, data.num_heads), heatmap_path,
+            title=f"routed heads over {len(data.qids)} fit queries")
+    report_path = report_dir / f"{out.name}-fit-report.md"
+    report_path.write_text(card + f"\n![routed heads]({heatmap_path.name})\n", encoding="utf-8")
+    return FitResult(artifact=out, config=config, report=report_path, heatmap=heatmap_path)

@@ -1,0 +1,69 @@
+"""What a fit writes besides the weights: the model card (also the fit report) and the routed-heads heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..router.artifact import RouterArtifactConfig
+
+
+def model_card(config: RouterArtifactConfig) -> str:
+    metrics = config.dev_metrics
+    lines = [
+        "# RouteHead router",
+        "",
+        f"Backbone: `{config.backbone_name}` ({config.backbone_fingerprint.get('model_type')}, "
+        f"{config.router.num_layers} layers x {config.router.num_heads} heads).",
+        "",
+        "## Fit data",
+        "",
+        "| source | queries | prompt instruction |",
+        "|---|---|---|",
+        *[f"| {d['name']} (`{d['origin']}`) | {d['queries']} | {d.get('instruction', '')} |" for d in config.data],
+        "",
+        "## Dev metrics (nDCG@10 on held-out fit queries)",
+        "",
+        "| routed | static top-k (same k) | search labels (hindsight) |",
+        "|---|---|---|",
+        f"| {metrics['routed_ndcg@10']:.4f} | {metrics['static_ndcg@10']:.4f} | {metrics['oracle_label_ndcg@10']:.4f} |",
+        "",
+        "## Head-search settings tried (chosen by dev nDCG@10 of the routed aggregation)",
+        "",
+        "| pool K | max heads P | margin | pool weight | routed k | dev routed nDCG@10 |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {g['pool_size']} | {g['max_heads']} | {g['margin']} | {g['pool_weight']} | {g['k']} | "
+            f"{g['dev_routed_ndcg@10']:.4f} |"
+            for g in config.search.get("grid", [])
+        ],
+        "",
+        f"Chosen on dev: k = {config.training['chosen_k']}, sparsity weight = {config.training['chosen_sparsity']}, "
+        f"epoch {config.training['chosen_epoch']}. Query embedding: layer {config.query_embedding.layer}, "
+        f"{config.query_embedding.pooling} pooling. Backbone dtype during the fit: {config.fit_dtype}. "
+        f"Static baseline heads: {', '.join(config.static_heads)}.",
+        "",
+        "## Reproduce",
+        "",
+        f"```\n{config.command or 'routehead-rag fit ...'}\n```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(counts: torch.Tensor, path: Path, title: str) -> None:
+    from ..extras import require
+
+    matplotlib = require("matplotlib", "fit")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, counts.shape[1] * 0.5), max(3, counts.shape[0] * 0.25)))
+    image = ax.imshow(counts.numpy(), aspect="auto", cmap="viridis")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="queries routed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
