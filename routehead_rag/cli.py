@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -121,6 +121,17 @@ QUIET_HELP = "No progress display (for scripts and notebooks)."
 MODEL_HELP = "Backbone: 'smollm2-135m' (embedded), a Hugging Face id or a folder."
 
 
+# Options several commands share, declared once.
+Model = Annotated[str, typer.Option(help=MODEL_HELP)]
+Dtype = Annotated[str, typer.Option(help=DTYPE_HELP)]
+Device = Annotated[Optional[str], typer.Option(help=DEVICE_HELP)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)]
+CacheDir = Annotated[Optional[Path], typer.Option(help="Extraction cache (default: $ROUTEHEAD_CACHE).")]
+SetInstruction = Annotated[Instruction, typer.Option(help=INSTRUCTION_HELP)]
+Candidates = Annotated[int, typer.Option(help="Candidates per query.")]
+MaxQueries = Annotated[Optional[int], typer.Option(help="First N judged queries of each set (ids sorted as strings).")]
+
+
 def _heads_argument(heads: Optional[str]):
     """``--heads`` as the core takes it: a path, 'auto'/'all', or a comma/space-separated head list."""
     if heads is None:
@@ -170,7 +181,7 @@ def rerank(
     file: Optional[Path] = typer.Option(
         None, "--file", "-f", help="Read passages from a file: JSONL with 'text' (and 'id'), or one per line."
     ),
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    model: Model = "smollm2-135m",
     heads: Optional[str] = typer.Option(
         None, help="'all', a heads file, heads like 'L12.H5,L3.H1', or a router folder (default: the router shipped "
         "for the backbone, else all)."
@@ -179,17 +190,19 @@ def rerank(
     instruction: Optional[Instruction] = typer.Option(
         None, help="Prompt wording: 'relevance' (search queries) or 'question' (QA); default: the router's, else relevance."
     ),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Dtype = "auto",
+    device: Device = None,
     max_prompt_tokens: int = typer.Option(4096, help="Token budget of one prompt; more passages go in windows."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    quiet: Quiet = False,
 ):
     """Re-rank passages for a query and print the ranking."""
     with _usage():
+        from .documents import read_documents
+
         documents: list = list(passages or [])
         if file is not None:
-            documents += _read_passages(file)
+            documents += read_documents(file)
         if not documents:
             raise ValueError("no passages: give passages as arguments or with --file")
         if instruction is Instruction.auto:
@@ -222,30 +235,6 @@ def rerank(
     _console(stderr=False).print(table)
 
 
-def _read_passages(path: Path) -> list:
-    if not path.is_file():
-        raise FileNotFoundError(f"--file {str(path)!r} is not a file")
-    documents: list = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{number}: a JSON line needs a string 'text' field (and optionally 'id')")
-            documents.append((record["id"], record["text"]) if "id" in record else record["text"])
-        else:
-            documents.append(line)
-    return documents
-
-
 @app.command("eval")
 def evaluate_command(
     data: str = typer.Argument(..., help="A BEIR-layout folder, or a set name looked up in $ROUTEHEAD_DATA."),
@@ -256,18 +245,18 @@ def evaluate_command(
     router: Optional[Path] = typer.Option(
         None, help="Router folder (routehead-rag fit) for routed or static (routed default: the router shipped for the backbone)."
     ),
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    top_k: int = typer.Option(20, help="Candidates per query."),
-    max_queries: Optional[int] = typer.Option(None, help="First N judged queries (ids sorted as strings)."),
+    model: Model = "smollm2-135m",
+    dtype: Dtype = "auto",
+    device: Device = None,
+    top_k: Candidates = 20,
+    max_queries: MaxQueries = None,
     split: str = typer.Option("test", help="qrels split: test or train."),
     max_words: int = typer.Option(100, help="Cut passages to their first N words (title included)."),
     output: Optional[Path] = typer.Option(None, help="Write the metrics as JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout instead of a table."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
-    instruction: Instruction = typer.Option(Instruction.auto, help=INSTRUCTION_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    cache_dir: CacheDir = None,
+    instruction: SetInstruction = Instruction.auto,
+    quiet: Quiet = False,
 ):
     """Evaluate a strategy on a labelled BEIR-layout set (nDCG@10, recall of the candidates)."""
     from .extras import ensure
@@ -338,15 +327,15 @@ def select_heads(
     data: list[str] = typer.Argument(..., help="Labelled BEIR-layout folders or set names."),
     k: int = typer.Option(4, help="How many heads to keep."),
     out_file: Path = typer.Option(..., "--out", help="Write the heads (JSON) here."),
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    model: Model = "smollm2-135m",
+    dtype: Dtype = "auto",
+    device: Device = None,
     split: str = typer.Option("test", help="qrels split to learn from (use a fit split)."),
-    top_k: int = typer.Option(20, help="Candidates per query."),
-    max_queries: Optional[int] = typer.Option(None, help="First N judged queries of each set."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
-    instruction: Instruction = typer.Option(Instruction.auto, help=INSTRUCTION_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    top_k: Candidates = 20,
+    max_queries: MaxQueries = None,
+    cache_dir: CacheDir = None,
+    instruction: SetInstruction = Instruction.auto,
+    quiet: Quiet = False,
 ):
     """QRHead-style static heads: the top-k heads by single-head nDCG@10 on labelled data."""
     from .extras import ensure
@@ -383,23 +372,23 @@ def select_heads(
 def fit(
     data: list[str] = typer.Argument(..., help="BEIR-layout folders or set names (their fit split) or JSONL query logs."),
     out: Path = typer.Option(..., help="Write the router artifact here (a directory)."),
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
-    top_k: int = typer.Option(20, help="Candidates per query for BEIR folders."),
-    max_queries: Optional[int] = typer.Option(None, help="First N fit queries of each source."),
+    model: Model = "smollm2-135m",
+    top_k: Candidates = 20,
+    max_queries: MaxQueries = None,
     seed: int = typer.Option(0, help="Seed of the train/dev split and of training."),
     epochs: int = typer.Option(300, help="Most training epochs per candidate setting (early stopping on dev)."),
     layer: Optional[int] = typer.Option(None, help="Query-embedding layer (default: the middle layer)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Extraction cache (default: $ROUTEHEAD_CACHE)."),
-    instruction: Instruction = typer.Option(Instruction.auto, help=INSTRUCTION_HELP),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    cache_dir: CacheDir = None,
+    instruction: SetInstruction = Instruction.auto,
+    dtype: Dtype = "auto",
+    device: Device = None,
     pool_size: list[int] = typer.Option([64], help="Head-search pool size K; repeat to try several (chosen on dev)."),
     max_heads: list[int] = typer.Option(
         [8], help="Most heads P in a query's label; repeat to try several. (The routed k is chosen on dev from 1, 2, 4, 8.)"
     ),
     margin: list[float] = typer.Option([0.01], help="Least nDCG gain to add a head to a label; repeat to try several."),
     report_dir: Optional[Path] = typer.Option(None, help="Where the fit report and heatmap go (default: beside --out)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    quiet: Quiet = False,
 ):
     """Fit a router: extract (cached, resumable), search head labels, train, write the artifact + report."""
     import itertools

@@ -13,6 +13,14 @@ from typing import Any
 
 import torch
 
+from .documents import (
+    EMPTY_PASSAGE_SCORE,
+    check_query,
+    check_score_threshold,
+    check_top_k,
+    normalise_documents,
+    scoreable,
+)
 from .engine.prompt import PromptConfig
 from .engine.scorer import AttentionScorer, ScoringConfig
 from .heads import Head, HeadGrid
@@ -20,8 +28,7 @@ from .strategy import AutoHeads, HeadStrategy, StaticHeads, parse_strategy
 
 logger = logging.getLogger(__name__)
 
-EMPTY_PASSAGE_SCORE = float("-inf")
-"""Score given to empty or whitespace-only passages: they are kept, ranked last, in input order."""
+__all__ = ["EMPTY_PASSAGE_SCORE", "RankedDocument", "RankedResults", "RouteHeadReranker"]
 
 
 @dataclass(frozen=True)
@@ -67,61 +74,6 @@ class RankedResults(Sequence[RankedDocument]):
 
     def ids(self) -> list[Any]:
         return [r.id for r in self._results]
-
-
-def check_query(query: Any) -> str:
-    """A non-blank string; else ``TypeError``/``ValueError`` saying what to pass. Shared by the adapters."""
-    if not isinstance(query, str):
-        raise TypeError(f"query must be a string, got {type(query).__name__}")
-    if not query.strip():
-        raise ValueError("query is empty: pass the question or search text to rank documents for")
-    return query
-
-
-def check_top_k(value: Any, name: str = "top_k") -> int | None:
-    """``None`` or a positive int; else ``ValueError`` naming ``name`` and the value. Shared by the adapters."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive integer (> 0) or None, got {value!r}")
-    return value
-
-
-def check_score_threshold(value: Any, name: str = "score_threshold") -> float | None:
-    """``None`` or a number that is not NaN; else ``ValueError`` naming the value. Shared by the adapters."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number or None, got {value!r}")
-    return value
-
-
-def _normalise_documents(documents: Iterable[Any]) -> list[tuple[Any, str]]:
-    """``(id, text)`` pairs from strings (id = list index) or ``(id, text)`` pairs; inputs untouched."""
-    if isinstance(documents, (str, bytes)):
-        raise TypeError("documents must be a list of strings or (id, text) pairs, not a single string")
-    pairs: list[tuple[Any, str]] = []
-    seen: dict[Any, int] = {}
-    for index, document in enumerate(documents):
-        if isinstance(document, str):
-            doc_id, text = index, document
-        elif isinstance(document, tuple) and len(document) == 2:
-            doc_id, text = document
-            if not isinstance(text, str):
-                raise TypeError(f"document {index} has text of type {type(text).__name__}; expected str")
-            try:
-                hash(doc_id)
-            except TypeError:
-                raise TypeError(f"document {index} has an unhashable id {doc_id!r}") from None
-            if doc_id in seen:
-                raise ValueError(
-                    f"duplicate document id {doc_id!r} at positions {seen[doc_id]} and {index}: ids must be unique"
-                )
-            seen[doc_id] = index
-        else:
-            raise TypeError(
-                f"document {index} is of type {type(document).__name__}; expected a string or an (id, text) tuple"
-            )
-        pairs.append((doc_id, text))
-    return pairs
 
 
 class RouteHeadReranker:
@@ -291,31 +243,35 @@ class RouteHeadReranker:
     ) -> RankedResults:
         """Re-rank ``documents`` (first-stage order, best first) for ``query``, best first.
 
-        ``documents`` are strings (their id is their list index) or ``(id, text)`` pairs.
-        Empty or whitespace-only passages are kept and ranked last with score
-        ``-inf`` (:data:`EMPTY_PASSAGE_SCORE`), in input order.  ``top_k`` keeps the best K,
-        ``score_threshold`` only those scoring at least that.  Nothing passed in is modified.
+        ``documents`` are strings (their id is their list index) or ``(id, text)`` pairs, ids unique
+        (:mod:`routehead_rag.documents`). Empty or whitespace-only passages are kept and ranked last
+        with score :data:`EMPTY_PASSAGE_SCORE` (finite, so results serialise as JSON), in input order.
+        Text no tokenizer can encode (lone surrogates) is scored from a cleaned copy; the results
+        carry the caller's text. ``top_k`` keeps the best K, ``score_threshold`` only those scoring
+        at least that. Nothing passed in is modified.
         """
         check_query(query)
         check_top_k(top_k)
         check_score_threshold(score_threshold)
-        pairs = _normalise_documents(documents)
-        if not pairs:
-            return RankedResults(query, [])
-        scores = [EMPTY_PASSAGE_SCORE] * len(pairs)
-        live = [i for i, (_, text) in enumerate(pairs) if text.strip()]
+        candidates = normalise_documents(documents)
+        scores = {c.index: EMPTY_PASSAGE_SCORE for c in candidates}
+        live = [c for c in candidates if not c.blank]
         if live:
-            computed = self.scorer.passage_scores(query, [pairs[i][1] for i in live], self.heads_for(query))
-            for i, score in zip(live, computed.tolist()):
-                scores[i] = float(score) if math.isfinite(score) else EMPTY_PASSAGE_SCORE
-        # Stable: ties keep first-stage order.
-        order = sorted(range(len(pairs)), key=lambda i: -scores[i] if scores[i] != EMPTY_PASSAGE_SCORE else math.inf)
+            scorer = self.scorer
+            text = scoreable(query)
+            scorer.check_query(text)  # the token budget, before any model work (the routing pass included)
+            heads = self.resolved_strategy.heads_for(scorer.backbone, text)
+            computed = scorer.passage_scores(text, [c.scored_text for c in live], heads)
+            for candidate, score in zip(live, computed.tolist()):
+                scores[candidate.index] = float(score) if math.isfinite(score) else EMPTY_PASSAGE_SCORE
+        # Stable: ties keep first-stage order; blank (or unscorable) passages last.
+        order = sorted(candidates, key=lambda c: (scores[c.index] == EMPTY_PASSAGE_SCORE, -scores[c.index]))
         if score_threshold is not None:
-            order = [i for i in order if scores[i] >= score_threshold]
+            order = [c for c in order if scores[c.index] >= score_threshold]
         if top_k is not None:
             order = order[:top_k]
         results = [
-            RankedDocument(id=pairs[i][0], text=pairs[i][1], score=scores[i], rank=rank, index=i)
-            for rank, i in enumerate(order, start=1)
+            RankedDocument(id=c.id, text=c.text, score=scores[c.index], rank=rank, index=c.index)
+            for rank, c in enumerate(order, start=1)
         ]
         return RankedResults(query, results)

@@ -160,11 +160,17 @@ class AutoHeads(HeadStrategy):
     name: str = field(default="auto", init=False)
 
     def resolve(self, backbone: Backbone) -> HeadStrategy:
-        from .router.artifact import shipped_router_for
+        from .router.artifact import REINSTALL_HINT, RouterArtifactError, shipped_router_for
 
         folder = shipped_router_for(backbone.fingerprint())
         if folder is not None:
-            return RoutedHeads.from_folder(folder).resolve(backbone)
+            try:
+                return RoutedHeads.from_folder(folder).resolve(backbone)
+            except RouterArtifactError as err:
+                raise RouterArtifactError(
+                    f"the router shipped in the package at {folder} is damaged ({err}); repair the installation: "
+                    f"{REINSTALL_HINT}"
+                ) from None
         if self.require_router:
             raise ValueError(
                 f"no router ships for {backbone.name}: pass a router folder (`--router DIR` on the command line; "

@@ -19,7 +19,7 @@ from .capture import run_hidden_states
 class QueryEmbeddingConfig(BaseModel):
     """Which hidden states embed a query; recorded with a fitted router."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     layer: StrictInt = Field(15, ge=-1, description="decoder layer whose output is pooled (-1: token embeddings)")
     pooling: Literal["mean", "last"] = Field("mean", description="mean over the query tokens, or the last token")

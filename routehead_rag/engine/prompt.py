@@ -37,7 +37,7 @@ INSTRUCTIONS = {"relevance": RELEVANCE_INSTRUCTION, "question": QUESTION_INSTRUC
 class PromptConfig(BaseModel):
     """How the re-ranking prompt is laid out.  Every field is recorded with a fitted router."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     header: str = Field(
         "Here are some paragraphs:", description="instruction before the passages (ICR's wording)"

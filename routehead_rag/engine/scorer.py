@@ -33,7 +33,7 @@ from .prompt import PromptBuilder, PromptConfig, PromptLayout
 class ScoringConfig(BaseModel):
     """How passages are scored from attention."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     max_prompt_tokens: int = Field(
@@ -146,6 +146,19 @@ class AttentionScorer:
             self._budget = min(self._budget, int(backbone.max_positions))
 
     # -- public ------------------------------------------------------------------------------
+    def check_query(self, query: str) -> int:
+        """The prompt tokens everything but the passages needs for ``query``; ``ValueError`` if over budget.
+
+        Cheap (tokenising only): callers run it before any model work.
+        """
+        fixed = self.prompts.fixed_token_count(query)
+        if fixed + 8 > self._budget:
+            raise ValueError(
+                f"the query alone needs {fixed} prompt tokens, over the budget of {self._budget}: "
+                "shorten the query or raise max_prompt_tokens"
+            )
+        return fixed
+
     def head_scores(self, query: str, passages: Sequence[str], heads: Sequence[Head] | None = None) -> HeadScores:
         """Per-head scores ``[layer, head, passage]`` for ``passages`` (first-stage order, best first).
 
@@ -154,13 +167,8 @@ class AttentionScorer:
         """
         backbone = self.backbone
         plan = heads_by_layer(heads, backbone.num_layers)
+        fixed = self.check_query(query)
         passage_ids = [self.prompts.cut_passage(text) for text in passages]
-        fixed = self.prompts.fixed_token_count(query)
-        if fixed + 8 > self._budget:
-            raise ValueError(
-                f"the query alone needs {fixed} prompt tokens, over the budget of {self._budget}: "
-                "shorten the query or raise max_prompt_tokens"
-            )
         # A passage that cannot fit alone is cut to fit (documented policy).
         room = self._budget - fixed - self.prompts.passage_cost([], len(passages) or 1)
         passage_ids = [ids[: max(room, 1)] for ids in passage_ids]

@@ -14,7 +14,7 @@ def model_card(config: RouterArtifactConfig) -> str:
     lines = [
         "# RouteHead router",
         "",
-        f"Backbone: `{config.backbone_name}` ({config.backbone_fingerprint.get('model_type')}, "
+        f"Backbone: `{config.backbone_name}` ({config.backbone_fingerprint.model_type}, "
         f"{config.router.num_layers} layers x {config.router.num_heads} heads).",
         "",
         "## Fit data",

@@ -31,7 +31,7 @@ from .labelled import LabelledSet, batched_ndcg, single_head_quality
 class SearchConfig(BaseModel):
     """Settings of the head search; recorded with a fitted router."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     pool_size: int = Field(64, ge=1, description="K: heads kept by single-head quality over the set")
     max_heads: int = Field(8, ge=1, description="P: most heads in one query's label")

@@ -25,7 +25,7 @@ from .labelled import LabelledSet, batched_ndcg, single_head_quality
 class TrainingConfig(BaseModel):
     """Router training settings; recorded with a fitted router."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     seed: int = 0
     dev_fraction: float = Field(0.2, gt=0.0, lt=1.0)

@@ -1,50 +1,92 @@
 """A fitted router on disk: ``config.json`` (validated, versioned), ``router.safetensors``, ``README.md``.
 
-Writes are atomic (a temporary folder renamed into place), and a corrupt, partial or
-foreign artifact is a clear :class:`RouterArtifactError`, never a silent fallback.
-Loading a router into a backbone other than the one it was fitted on is an error naming
-both fingerprints.
+Trust nothing on disk:
+
+* ``config.json`` is read with strict types (``"30"``, ``1.0``, ``true`` are refused where an
+  integer is meant; unknown fields too) and must agree with itself: the router's layers x heads
+  and input size are the backbone fingerprint's, the static heads fit that grid;
+* it records the sha256 and size of every weight file, and loading checks them, so flipped
+  bytes are caught even when the file still parses; weights must be finite and not all zero;
+* every file must be a regular file inside the folder (no symlink out of it); the model card
+  may be missing (a warning), nothing else may;
+* writes are atomic (a temporary folder renamed into place, under a lock), and temporary folders
+  a killed writer left behind are removed by the next write.
+
+Loading a router into a backbone other than the one it was fitted on is an error naming both
+fingerprints; a damaged router shipped in the package is an error saying how to repair the
+installation, never a silent fallback to another method.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from filelock import FileLock
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from ..engine.embedding import QueryEmbeddingConfig
 from ..engine.scorer import ScoringConfig
+from ..heads import Head, HeadGrid
 from .model import Router, RouterConfig, SelectionConfig
 
-ARTIFACT_FORMAT = 1
+ARTIFACT_FORMAT = 2  # 2: weight checksums, strict types
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "router.safetensors"
 CARD_NAME = "README.md"
 SHIPPED_ROUTERS = Path(__file__).resolve().parents[1] / "routers"
 """Routers that ship inside the package, one folder per backbone (see :func:`shipped_router_for`)."""
+REINSTALL_HINT = "pip install --force-reinstall --no-deps routehead-rag (from a checkout: git checkout -- routehead_rag/routers)"
 
 
 class RouterArtifactError(ValueError):
     """An artifact folder that cannot be used; the message says why and what to do."""
 
 
+class RouterArtifactWarning(UserWarning):
+    """An artifact that loads but lacks something optional (its model card)."""
+
+
+class BackboneFingerprint(BaseModel):
+    """What a router depends on in its backbone: the shape of its attention and its tokenizer."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    model_type: str | None
+    num_layers: StrictInt = Field(..., ge=1)
+    num_heads: StrictInt = Field(..., ge=1)
+    num_kv_heads: StrictInt = Field(..., ge=1)
+    hidden_size: StrictInt = Field(..., ge=1)
+    head_dim: StrictInt = Field(..., ge=1)
+    tokenizer_sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+
+
+class FileRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+    bytes: StrictInt = Field(..., ge=0)
+
+
 class RouterArtifactConfig(BaseModel):
     """Everything needed to route with, and to reproduce, a fitted router."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    format: int = Field(ARTIFACT_FORMAT, description="artifact format version")
+    format: StrictInt = Field(ARTIFACT_FORMAT, description="artifact format version")
     backbone_name: str
-    backbone_fingerprint: dict[str, Any]
+    backbone_fingerprint: BackboneFingerprint
     scoring: ScoringConfig
     query_embedding: QueryEmbeddingConfig
     router: RouterConfig
     selection: SelectionConfig
+    files: dict[str, FileRecord] = Field(default_factory=dict, description="sha256 and size of every weight file")
     search: dict[str, Any] = Field(default_factory=dict, description="head search settings")
     training: dict[str, Any] = Field(default_factory=dict, description="training settings and the chosen values")
     data: list[dict[str, Any]] = Field(default_factory=list, description="fit data: sources and query counts")
@@ -53,102 +95,171 @@ class RouterArtifactConfig(BaseModel):
     command: str | None = Field(None, description="the command that produced this artifact")
     fit_dtype: str | None = Field(None, description="dtype of the backbone the fit extracted attention with")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> RouterArtifactConfig:
+        fingerprint, router = self.backbone_fingerprint, self.router
+        if (router.num_layers, router.num_heads) != (fingerprint.num_layers, fingerprint.num_heads):
+            raise ValueError(
+                f"router is {router.num_layers} x {router.num_heads} (layers x heads) but its backbone fingerprint "
+                f"says {fingerprint.num_layers} x {fingerprint.num_heads}"
+            )
+        if router.input_dim != fingerprint.hidden_size:
+            raise ValueError(f"router input_dim {router.input_dim} is not the backbone's hidden size {fingerprint.hidden_size}")
+        if self.query_embedding.layer >= fingerprint.num_layers:
+            raise ValueError(f"query_embedding.layer {self.query_embedding.layer} is past the backbone's layers")
+        grid = HeadGrid(router.num_layers, router.num_heads)
+        grid.check([Head.parse(h) for h in self.static_heads], "the router's backbone")
+        if max(self.selection.k, self.selection.min_heads) > grid.size:
+            raise ValueError(f"selection asks for more heads than the backbone's {grid.size}")
+        return self
+
+    @property
+    def grid(self) -> HeadGrid:
+        return HeadGrid(self.router.num_layers, self.router.num_heads)
+
 
 def check_backbone(config: RouterArtifactConfig, fingerprint: dict[str, Any], where: str = "") -> None:
     """Raise if ``fingerprint`` (the backbone at hand) differs from the one the router was fitted on."""
-    if config.backbone_fingerprint != fingerprint:
-        diff = {
-            key: (config.backbone_fingerprint.get(key), fingerprint.get(key))
-            for key in sorted(set(config.backbone_fingerprint) | set(fingerprint))
-            if config.backbone_fingerprint.get(key) != fingerprint.get(key)
-        }
+    recorded = config.backbone_fingerprint.model_dump()
+    if recorded != fingerprint:
+        diff = {key: (recorded.get(key), fingerprint.get(key))
+                for key in sorted(set(recorded) | set(fingerprint)) if recorded.get(key) != fingerprint.get(key)}
         raise RouterArtifactError(
             f"the router{(' at ' + where) if where else ''} was fitted on backbone {config.backbone_name!r} "
-            f"with fingerprint {config.backbone_fingerprint}, but the backbone in use has fingerprint "
-            f"{fingerprint} (differs in: {diff}); load it with the backbone it was fitted on, or fit a router "
-            "for this backbone with `routehead-rag fit`"
+            f"with fingerprint {recorded}, but the backbone in use has fingerprint {fingerprint} (differs in: "
+            f"{diff}); load it with the backbone it was fitted on, or fit a router for this backbone with "
+            "`routehead-rag fit`"
         )
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def save_artifact(folder: str | Path, router: Router, config: RouterArtifactConfig, card: str) -> Path:
-    """Write the artifact atomically to ``folder`` (replacing an existing artifact there)."""
-    from safetensors.torch import save_file
+    """Write the artifact atomically to ``folder`` (replacing an existing artifact there).
+
+    The weights' sha256 is recorded in ``config.json``. The write holds a lock beside the
+    folder, and first removes temporary folders an earlier, killed write left behind.
+    """
+    from safetensors.torch import save as safetensors_bytes
 
     folder = Path(folder)
     if router.config != config.router:
         raise ValueError("the router's shape differs from config.router")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in router.state_dict().items()}
-        save_file(tensors, str(temporary / WEIGHTS_NAME), metadata={"format": str(ARTIFACT_FORMAT)})
-        (temporary / CARD_NAME).write_text(card, encoding="utf-8")
-        (temporary / CONFIG_NAME).write_text(config.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o777 & ~umask)  # mkdtemp makes it 0700; a router folder is meant to be shared
-        for path in temporary.iterdir():
-            os.chmod(path, 0o666 & ~umask)
-        if folder.exists():
-            if not (folder / CONFIG_NAME).is_file() and any(folder.iterdir()):
-                raise RouterArtifactError(
-                    f"{folder} exists and is not a router artifact: refusing to replace it; choose another --out"
-                )
-            backup = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, backup)
-            os.replace(temporary, folder)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(temporary, folder)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in router.state_dict().items()}
+    weights = safetensors_bytes(tensors, metadata={"format": str(ARTIFACT_FORMAT)})
+    config = config.model_copy(update={"files": {WEIGHTS_NAME: FileRecord(sha256=_sha256(weights), bytes=len(weights))}})
+    lock = folder.parent / f".{folder.name}.lock"
+    with FileLock(lock):
+        for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed write; we hold the lock
+        if folder.exists() and not (folder / CONFIG_NAME).is_file() and any(folder.iterdir()):
+            raise RouterArtifactError(
+                f"{folder} exists and is not a router artifact: refusing to replace it; choose another --out"
+            )
+        temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            (temporary / WEIGHTS_NAME).write_bytes(weights)
+            (temporary / CARD_NAME).write_text(card, encoding="utf-8")
+            (temporary / CONFIG_NAME).write_text(config.model_dump_json(indent=2) + "\n", encoding="utf-8")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temporary, 0o777 & ~umask)  # mkdtemp makes it 0700; a router folder is meant to be shared
+            for path in temporary.iterdir():
+                os.chmod(path, 0o666 & ~umask)
+            if folder.exists():
+                backup = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+                os.replace(folder, backup)
+                os.replace(temporary, folder)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(temporary, folder)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+    lock.unlink(missing_ok=True)
     return folder
 
 
+def _inside(folder: Path, name: str, *, required: bool = True) -> Path | None:
+    """``folder/name`` as a regular file inside ``folder`` (not a symlink), or an error saying what is wrong."""
+    path = folder / name
+    if path.is_symlink():
+        raise RouterArtifactError(f"{path} is a symbolic link: an artifact's files must be regular files inside it")
+    if not path.exists():
+        if required:
+            raise RouterArtifactError(f"{folder} has no {name}: not a router artifact (or a partial one); fit it again")
+        return None
+    if not path.is_file() or path.resolve().parent != folder.resolve():
+        raise RouterArtifactError(f"{path} is not a regular file inside {folder}")
+    return path
+
+
 def read_artifact_config(folder: str | Path) -> RouterArtifactConfig:
-    """The validated ``config.json`` of an artifact folder."""
+    """The validated ``config.json`` of an artifact folder (strict types, self-consistent)."""
     folder = Path(folder)
-    path = folder / CONFIG_NAME
     if not folder.is_dir():
         raise RouterArtifactError(f"router artifact {str(folder)!r} is not a folder")
-    if not path.is_file():
-        raise RouterArtifactError(f"{folder} has no {CONFIG_NAME}: not a router artifact (or a partial one)")
+    path = _inside(folder, CONFIG_NAME)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RouterArtifactError(f"{path} is not valid JSON ({err}): the artifact is corrupt; fit it again") from None
-    if isinstance(raw, dict) and raw.get("format") not in (None, ARTIFACT_FORMAT):
+    version = raw.get("format") if isinstance(raw, dict) else None
+    if type(version) is not int:  # noqa: E721  (1.0 and true are not formats)
+        raise RouterArtifactError(f"{path} has no integer 'format' (got {version!r}): not a router artifact; fit it again")
+    if version != ARTIFACT_FORMAT:
+        newer = version > ARTIFACT_FORMAT
         raise RouterArtifactError(
-            f"{path} has artifact format {raw.get('format')!r}; this version of routehead-rag reads format "
-            f"{ARTIFACT_FORMAT}: upgrade routehead-rag or fit the router again"
+            f"{path} has artifact format {version}; this version of routehead-rag reads format {ARTIFACT_FORMAT}: "
+            + ("upgrade routehead-rag" if newer else "fit the router again with `routehead-rag fit`")
         )
     try:
-        return RouterArtifactConfig.model_validate(raw)
+        return RouterArtifactConfig.model_validate_json(text)
     except ValidationError as err:
-        raise RouterArtifactError(f"{path} is not a valid router config: {err}") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
+        raise RouterArtifactError(f"{path} is not a valid router config ({problems})") from None
 
 
 def load_artifact(folder: str | Path, fingerprint: dict[str, Any] | None = None) -> tuple[Router, RouterArtifactConfig]:
     """Load the router and its config; with ``fingerprint``, check it matches the fitted backbone."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as safetensors_load
 
     folder = Path(folder)
     config = read_artifact_config(folder)
     if fingerprint is not None:
         check_backbone(config, fingerprint, str(folder))
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise RouterArtifactError(f"{folder} has no {WEIGHTS_NAME}: the artifact is partial; fit it again")
+    if _inside(folder, CARD_NAME, required=False) is None:
+        warnings.warn(f"{folder} has no {CARD_NAME} (its model card); the router itself is complete",
+                      RouterArtifactWarning, stacklevel=2)
+    weights_path = _inside(folder, WEIGHTS_NAME)
+    record = config.files.get(WEIGHTS_NAME)
+    if record is None:
+        raise RouterArtifactError(f"{folder / CONFIG_NAME} records no checksum of {WEIGHTS_NAME}; fit it again")
+    data = weights_path.read_bytes()
+    if len(data) != record.bytes or _sha256(data) != record.sha256:
+        raise RouterArtifactError(
+            f"{weights_path} is not the file {CONFIG_NAME} records (sha256 {_sha256(data)[:16]}..., "
+            f"{len(data)} bytes; expected {record.sha256[:16]}..., {record.bytes} bytes): the artifact is corrupt or "
+            "was edited; fit it again or restore it"
+        )
     try:
-        state = load_file(str(weights))
+        state = safetensors_load(data)
     except (SafetensorError, OSError, ValueError) as err:
-        raise RouterArtifactError(f"{weights} cannot be read ({err}): the artifact is corrupt; fit it again") from None
+        raise RouterArtifactError(f"{weights_path} cannot be read ({err}): the artifact is corrupt; fit it again") from None
+    for name, tensor in state.items():
+        if not tensor.is_floating_point() or not bool(tensor.isfinite().all()):
+            raise RouterArtifactError(f"{weights_path}: tensor {name!r} is not finite floating point; fit it again")
+    if all(not bool(tensor.any()) for tensor in state.values()):
+        raise RouterArtifactError(f"{weights_path}: every weight is zero, so no head can be chosen; fit it again")
     router = Router(config.router)
     try:
         router.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise RouterArtifactError(f"{weights} does not match {CONFIG_NAME}'s router shape: {err}") from None
+        raise RouterArtifactError(f"{weights_path} does not match {CONFIG_NAME}'s router shape: {err}") from None
     router.eval()
     return router, config
 
@@ -157,11 +268,21 @@ def shipped_router_for(fingerprint: dict[str, Any]) -> Path | None:
     """The router shipped in the package for the backbone with ``fingerprint``, or ``None``.
 
     Matching is by fingerprint (model shape and tokenizer hash), never by model name, so a
-    shared model object that is the embedded default gets the shipped router too.
+    shared model object that is the embedded default gets the shipped router too. Every
+    shipped folder is checked: a damaged one is an error saying how to repair the install.
     """
     if not SHIPPED_ROUTERS.is_dir():
         return None
-    for folder in sorted(p for p in SHIPPED_ROUTERS.iterdir() if (p / CONFIG_NAME).is_file()):
-        if read_artifact_config(folder).backbone_fingerprint == fingerprint:
+    for folder in sorted(p for p in SHIPPED_ROUTERS.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        try:
+            config = read_artifact_config(folder)
+            _inside(folder, WEIGHTS_NAME)
+        except RouterArtifactError as err:
+            raise RouterArtifactError(
+                f"the router shipped in the package at {folder} is damaged ({err}); repair the installation: "
+                f"{REINSTALL_HINT}"
+            ) from None
+        if config.backbone_fingerprint.model_dump() == fingerprint:
             return folder
     return None
+

@@ -26,7 +26,7 @@ from ..heads import Head, HeadGrid
 class RouterConfig(BaseModel):
     """Shape of a router; saved in the artifact's ``config.json``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     input_dim: int = Field(..., ge=1, description="size of the query embedding (the backbone's hidden size)")
     num_layers: int = Field(..., ge=1)
@@ -38,7 +38,7 @@ class RouterConfig(BaseModel):
 class SelectionConfig(BaseModel):
     """How many heads a query gets at inference."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     mode: Literal["top_k", "threshold"] = "top_k"
     k: int = Field(4, ge=1, description="heads per query in top_k mode")

@@ -156,7 +156,7 @@ def test_an_unknown_head_is_a_usage_error_before_the_model_loads(model_dir, beir
     ("args", "message"),
     [
         (["eval", "no-such-set", "--strategy", "bm25"], r"no data set 'no-such-set'.*looked up in \$ROUTEHEAD_DATA"),
-        (["rerank", "q", "--file", "missing.jsonl"], "--file 'missing.jsonl' is not a file"),
+        (["rerank", "q", "--file", "missing.jsonl"], "'missing.jsonl' is not a file"),
         (["rerank", "q", "p", "--dtype", "int8"], "dtype='int8' is not supported"),
         (["rerank", "q", "p", "--device", "gpu"], "device='gpu' is not a valid torch device"),
         (["rerank", "q", "p", "--model", "./no/such/folder"], "is a path that does not exist"),

@@ -48,7 +48,7 @@ def test_artifact_files_and_config(fitted):
     backbone, _, result, folder = fitted
     assert {p.name for p in result.artifact.iterdir()} == {"config.json", "router.safetensors", "README.md"}
     config = read_artifact_config(result.artifact)
-    assert config.backbone_fingerprint == backbone.fingerprint()
+    assert config.backbone_fingerprint.model_dump() == backbone.fingerprint()
     assert config.selection.k in (1, 2) and len(config.static_heads) == config.selection.k
     assert 0.0 <= config.dev_metrics["routed_ndcg@10"] <= 1.0
     assert result.report.is_file() and result.heatmap.is_file()
@@ -107,7 +107,7 @@ def test_corrupt_and_partial_artifacts_are_errors(fitted, tmp_path):
     (broken / "config.json").write_text("{not json")
     with pytest.raises(RouterArtifactError, match="not valid JSON"):
         read_artifact_config(broken)
-    (broken / "config.json").write_text(json.dumps({"format": 1}))
+    (broken / "config.json").write_text(json.dumps({"format": 2}))
     with pytest.raises(RouterArtifactError, match="not a valid router config"):
         read_artifact_config(broken)
     (broken / "config.json").unlink()

@@ -24,6 +24,7 @@ from haystack_integrations.components.generators.transformers import Transformer
 
 from haystack_integrations.components.rankers.routehead import RouteHeadRanker
 from routehead_rag.engine.prompt import QUESTION_INSTRUCTION
+from routehead_rag.documents import EMPTY_PASSAGE_SCORE
 from routehead_rag.reranker import RouteHeadReranker
 from routehead_rag.strategy import AllHeads
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
@@ -38,11 +39,14 @@ class FakeScorer:
     """Stands in for the engine's attention scorer: each text's score is looked up in ``scores``.
 
     The engine's own ``rank`` runs on top (best first, ties in input order, blank texts last with
-    ``-inf``, ``top_k`` and ``score_threshold``).  Records every (query, texts) it is asked to score
+    ``EMPTY_PASSAGE_SCORE``, ``top_k`` and ``score_threshold``).  Records every (query, texts) it is asked to score
     (blank texts are never sent to a scorer).
     """
 
     backbone = None  # every head: the head choice needs no backbone
+
+    def check_query(self, query: str) -> int:  # the engine's budget check: the stand-in has no budget
+        return 0
 
     def __init__(self, scores: dict[str, float] | None = None):
         self.scores = scores or {}
@@ -314,9 +318,9 @@ def test_documents_without_content_are_kept_and_ranked_last(fake):
         Document(id="titled", content=None, meta={"title": "Only a title"}),
     ]
     result = RouteHeadRanker().run(query="q", documents=documents)["documents"]
-    assert [(d.id, d.score) for d in result] == [("a", 0.5), ("empty", -math.inf), ("titled", -math.inf)]
+    assert [(d.id, d.score) for d in result] == [("a", 0.5), ("empty", EMPTY_PASSAGE_SCORE), ("titled", EMPTY_PASSAGE_SCORE)]
     result = RouteHeadRanker(meta_fields_to_embed=["title"]).run(query="q", documents=documents)["documents"]
-    assert [(d.id, d.score) for d in result] == [("titled", 0.9), ("a", 0.5), ("empty", -math.inf)]
+    assert [(d.id, d.score) for d in result] == [("titled", 0.9), ("a", 0.5), ("empty", EMPTY_PASSAGE_SCORE)]
     assert documents[0].content is None and documents[0].score is None
 
 
@@ -402,7 +406,7 @@ def test_tiny_llama_end_to_end_matches_the_engine(tiny):
     assert [(d.id, d.content) for d in result[:4]] == [(f"d{r.index}", r.text) for r in reference]
     for doc, expected in zip(result, reference):
         assert doc.score == pytest.approx(expected.score, abs=1e-6)
-    assert (result[4].id, result[4].score) == ("none", -math.inf)
+    assert (result[4].id, result[4].score) == ("none", EMPTY_PASSAGE_SCORE)
     assert ranker.reranker.scorer.backbone.model is model  # shared, not copied
 
 

@@ -21,6 +21,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, Te
 import routehead_rag.model.backbone
 from llama_index.postprocessor.routehead import RouteHeadPostprocessor
 from routehead_rag import RouteHeadReranker
+from routehead_rag.documents import EMPTY_PASSAGE_SCORE
 from routehead_rag.strategy import AllHeads
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
@@ -31,7 +32,7 @@ TEXTS = [
     "tides follow the moon and the sea",  # 3: the, sea, tides (tie with 1: keeps retrieval order)
     "five players make a team",  # 0
     "what the tides do",  # 3: what, the, tides
-    "",  # empty: ranked last with -inf
+    "",  # empty: ranked last with EMPTY_PASSAGE_SCORE
 ]
 
 
@@ -55,6 +56,9 @@ class OverlapScorer:
     """Stand-in for ``AttentionScorer.passage_scores``; records what it was asked to score."""
 
     backbone = None  # the head choice below needs none
+
+    def check_query(self, query: str) -> int:  # the engine's budget check: the stand-in has no budget
+        return 0
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
@@ -111,7 +115,7 @@ def test_best_first_and_truncated_to_top_n(scorer):
 def test_top_n_larger_than_candidates_returns_all_with_empty_last(scorer):
     result = RouteHeadPostprocessor(top_n=50).postprocess_nodes(make_nodes(), query_str=QUERY)
     assert [n.node.node_id for n in result] == [f"n{i}" for i in expected_order(QUERY, TEXTS)]
-    assert result[-1].score == float("-inf") and result[-1].node.get_content() == ""
+    assert result[-1].score == EMPTY_PASSAGE_SCORE and result[-1].node.get_content() == ""
 
 
 def test_new_objects_and_inputs_untouched(scorer):

@@ -22,7 +22,7 @@ from haystack.utils import ComponentDevice
 from haystack.utils.deserialization import deserialize_component_inplace  # exported in haystack.utils from 3.0
 
 from routehead_rag import RouteHeadReranker
-from routehead_rag.reranker import check_query, check_score_threshold, check_top_k
+from routehead_rag.documents import check_query, check_score_threshold, check_top_k
 from routehead_rag.model.devices import dtype_name, parse_dtype
 from routehead_rag.strategy import heads_argument
 
@@ -51,7 +51,7 @@ class RouteHeadRanker:
     Documents are de-duplicated by id first (the highest score wins, as in Haystack's rankers); the
     documents returned are copies with the attention score set, best first; the ones passed in are not
     modified. A document with no text to rank (``content=None`` or blank, and no embedded meta) is kept
-    and ranked last with score ``-inf``.
+    and ranked last with score ``routehead_rag.documents.EMPTY_PASSAGE_SCORE`` (finite: valid JSON).
     """
 
     def __init__(

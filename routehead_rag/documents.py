@@ -1,0 +1,141 @@
+"""What a re-ranker accepts as a query and documents: the one place they are checked and normalised.
+
+* ``documents`` is a sequence in first-stage order (best first) of strings (their id is their
+  position) or ``(id, text)`` pairs; ids are unique across both kinds.  A dict, a set, ``None`` or
+  a single string is a ``TypeError`` that says what to pass instead.
+* Text that cannot be encoded (lone surrogates such as ``"\\ud800"``, which no tokenizer takes)
+  is scored from a cleaned copy, each invalid code point replaced by U+FFFD; the caller's
+  strings are returned untouched.
+* Nothing passed in is modified.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EMPTY_PASSAGE_SCORE = -1e9
+"""Score of an empty or whitespace-only passage: finite (valid JSON), below any real score, ranked last."""
+
+REPLACEMENT = "\ufffd"
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def scoreable(text: str) -> str:
+    """``text`` with every lone surrogate (unencodable in UTF-8) replaced by U+FFFD; else ``text`` itself."""
+    return _SURROGATES.sub(REPLACEMENT, text) if _SURROGATES.search(text) else text
+
+
+def check_query(query: Any) -> str:
+    """A non-blank string; else ``TypeError``/``ValueError`` saying what to pass. Shared by the adapters."""
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a string, got {type(query).__name__}")
+    if not query.strip():
+        raise ValueError("query is empty: pass the question or search text to rank documents for")
+    return query
+
+
+def check_top_k(value: Any, name: str = "top_k") -> int | None:
+    """``None`` or a positive int; else ``ValueError`` naming ``name`` and the value. Shared by the adapters."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer (> 0) or None, got {value!r}")
+    return value
+
+
+def check_score_threshold(value: Any, name: str = "score_threshold") -> float | None:
+    """``None`` or a number that is not NaN; else ``ValueError`` naming the value. Shared by the adapters."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number or None, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One document as given (``id``, ``text``) and the text actually scored."""
+
+    id: Any
+    text: str  # the caller's text, untouched
+    index: int  # position in the caller's list
+
+    @property
+    def scored_text(self) -> str:
+        return scoreable(self.text)
+
+    @property
+    def blank(self) -> bool:
+        return not self.text.strip()
+
+
+def normalise_documents(documents: Any) -> list[Candidate]:
+    """The caller's documents as :class:`Candidate` s, in order; every id unique. Nothing is modified."""
+    if documents is None:
+        raise TypeError("documents is None: pass a list of strings or (id, text) pairs (an empty list is fine)")
+    if isinstance(documents, (str, bytes)):
+        raise TypeError("documents must be a list of strings or (id, text) pairs, not a single string")
+    if isinstance(documents, Mapping):
+        raise TypeError(
+            "documents is a dict: pass its items as (id, text) pairs in first-stage order, e.g. list(docs.items())"
+        )
+    if isinstance(documents, Set):
+        raise TypeError("documents is a set, which has no order: pass a list in first-stage order (best first)")
+    if not isinstance(documents, Iterable):
+        raise TypeError(f"documents must be a list of strings or (id, text) pairs, got {type(documents).__name__}")
+    candidates: list[Candidate] = []
+    seen: dict[Any, int] = {}
+    for index, document in enumerate(documents):
+        if isinstance(document, str):
+            doc_id, text = index, document
+        elif isinstance(document, tuple) and len(document) == 2:
+            doc_id, text = document
+            if not isinstance(text, str):
+                raise TypeError(f"document {index} has text of type {type(text).__name__}; expected str")
+        else:
+            raise TypeError(
+                f"document {index} is of type {type(document).__name__}; expected a string or an (id, text) tuple"
+            )
+        try:
+            hash(doc_id)
+        except TypeError:
+            raise TypeError(f"document {index} has an unhashable id {doc_id!r}") from None
+        if doc_id in seen:
+            first = seen[doc_id]
+            raise ValueError(
+                f"duplicate document id {doc_id!r} at positions {first} and {index}: ids must be unique "
+                "(a string's id is its position in the list; give every document an (id, text) pair to choose ids)"
+            )
+        seen[doc_id] = index
+        candidates.append(Candidate(doc_id, text, index))
+    return candidates
+
+
+def read_documents(path: str | Path) -> list[Any]:
+    """Documents from a file: JSONL lines with ``"text"`` (and optionally ``"id"``), or one passage per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    documents: list[Any] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{number}: a JSON line needs a string 'text' field (and optionally 'id')")
+            documents.append((record["id"], record["text"]) if "id" in record else record["text"])
+        else:
+            documents.append(line)
+    return documents
