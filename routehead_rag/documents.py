@@ -4,8 +4,8 @@
   position) or ``(id, text)`` pairs; ids are unique across both kinds.  A dict, a set, ``None`` or
   a single string is a ``TypeError`` that says what to pass instead.
 * Text that cannot be encoded (lone surrogates such as ``"\\ud800"``, which no tokenizer takes)
-  is scored from a cleaned copy, each invalid code point replaced by U+FFFD; the caller's
-  strings are returned untouched.
+  is scored as if each invalid code point were U+FFFD (the engine cleans whatever it encodes,
+  :func:`routehead_rag.engine.prompt.encodable`); the caller's strings are returned untouched.
 * Nothing passed in is modified.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +20,6 @@ from typing import Any
 
 EMPTY_PASSAGE_SCORE = -1e9
 """Score of an empty or whitespace-only passage: finite (valid JSON), below any real score, ranked last."""
-
-REPLACEMENT = "\ufffd"
-_SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-def scoreable(text: str) -> str:
-    """``text`` with every lone surrogate (unencodable in UTF-8) replaced by U+FFFD; else ``text`` itself."""
-    return _SURROGATES.sub(REPLACEMENT, text) if _SURROGATES.search(text) else text
-
 
 def check_query(query: Any) -> str:
     """A non-blank string; else ``TypeError``/``ValueError`` saying what to pass. Shared by the adapters."""
@@ -63,10 +53,6 @@ class Candidate:
     id: Any
     text: str  # the caller's text, untouched
     index: int  # position in the caller's list
-
-    @property
-    def scored_text(self) -> str:
-        return scoreable(self.text)
 
     @property
     def blank(self) -> bool:

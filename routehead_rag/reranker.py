@@ -19,7 +19,6 @@ from .documents import (
     check_score_threshold,
     check_top_k,
     normalise_documents,
-    scoreable,
 )
 from .engine.prompt import PromptConfig
 from .engine.scorer import AttentionScorer, ScoringConfig
@@ -258,10 +257,9 @@ class RouteHeadReranker:
         live = [c for c in candidates if not c.blank]
         if live:
             scorer = self.scorer
-            text = scoreable(query)
-            scorer.check_query(text)  # the token budget, before any model work (the routing pass included)
-            heads = self.resolved_strategy.heads_for(scorer.backbone, text)
-            computed = scorer.passage_scores(text, [c.scored_text for c in live], heads)
+            scorer.check_query(query)  # the token budget, before any model work (the routing pass included)
+            heads = self.resolved_strategy.heads_for(scorer.backbone, query)
+            computed = scorer.passage_scores(query, [c.text for c in live], heads)
             for candidate, score in zip(live, computed.tolist()):
                 scores[candidate.index] = float(score) if math.isfinite(score) else EMPTY_PASSAGE_SCORE
         # Stable: ties keep first-stage order; blank (or unscorable) passages last.

@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from .capture import run_hidden_states
+from .prompt import encodable
 
 
 class QueryEmbeddingConfig(BaseModel):
@@ -27,7 +28,7 @@ class QueryEmbeddingConfig(BaseModel):
 
 def query_token_ids(backbone, query: str) -> list[int]:
     """The ids the embedding pass reads: the query text alone, with the tokenizer's own special tokens."""
-    return list(backbone.tokenizer(query.strip())["input_ids"])
+    return list(backbone.tokenizer(encodable(query.strip()))["input_ids"])
 
 
 def embed_query(backbone, query: str, config: QueryEmbeddingConfig | None = None) -> torch.Tensor:

@@ -18,6 +18,7 @@ attends to the passages; the query text itself is never cut.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -75,6 +76,18 @@ class PromptConfig(BaseModel):
         if not isinstance(instruction, str) or instruction not in INSTRUCTIONS:
             raise ValueError(f"instruction must be one of {sorted(INSTRUCTIONS)}, got {instruction!r}")
         return self.model_copy(update={"task_instruction": INSTRUCTIONS[instruction]})
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def encodable(text: str) -> str:
+    """``text`` with every lone surrogate (which UTF-8, and so no tokenizer, can encode) replaced by U+FFFD.
+
+    Applied wherever text becomes token ids, so a stray surrogate in a passage, a query or a
+    metadata value is scored as a replacement character instead of failing the whole call.
+    """
+    return _SURROGATES.sub("\ufffd", text) if _SURROGATES.search(text) else text
 
 
 def cut_words(text: str, max_words: int | None) -> str:
@@ -156,7 +169,7 @@ class PromptBuilder:
     def _encode(self, text: str) -> list[int]:
         if not text:
             return []
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(encodable(text), add_special_tokens=False))
 
     def _render(self, messages, generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)

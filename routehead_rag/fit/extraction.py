@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,12 @@ def extract(
     if cache_dir is not None:
         folder = Path(cache_dir) / "extractions" / extraction_key(scorer, dataset_name, key_extra)
         folder.mkdir(parents=True, exist_ok=True)
+    for qid in candidates:  # every query's token budget first: cheap, and before any model work
+        try:
+            scorer.check_query(queries[qid])
+        except ValueError as err:
+            raise ValueError(f"{dataset_name}: query {qid!r}: {err}") from None
+    started = time.time()
     results: dict[str, QueryExtraction] = {}
     for qid, doc_ids in candidates.items():
         doc_ids = list(doc_ids)
@@ -137,4 +144,16 @@ def extract(
         results[qid] = cached
         if progress is not None:
             progress(1)
+    if folder is not None:
+        _remove_stale_temporaries(folder, before=started)
     return results
+
+
+def _remove_stale_temporaries(folder: Path, before: float) -> None:
+    """Temporary files a killed writer left behind (older than this run: never a live writer's)."""
+    for path in folder.glob(".tmp-*.pt"):
+        try:
+            if path.stat().st_mtime < before:
+                path.unlink()
+        except FileNotFoundError:
+            pass  # its writer just finished (or another run cleaned it)

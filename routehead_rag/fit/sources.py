@@ -31,22 +31,61 @@ class FitSource:
     instruction: str | None = None  # a named prompt instruction for this source; None: the fit's scoring prompt
 
 
-def read_query_log(path: str | Path, max_queries: int | None = None) -> FitSource:
-    """A JSONL query log as a :class:`FitSource`; a bad line is an error naming the line."""
+@dataclass(frozen=True)
+class LoggedQuery:
+    """One line of a query log, checked."""
+
+    qid: str
+    query: str
+    texts: dict[str, str]  # candidate id -> text, in first-stage order
+    grades: dict[str, int]
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number a grade can be")
+
+
+def _text_id(value, where: str, what: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{where}: {what} must be a string or an integer, got {value!r}")
+    text = str(value)
+    if not text or _has_surrogates(text):
+        raise ValueError(f"{where}: {what} {text!r} is empty or holds an invalid character (a lone surrogate)")
+    return text
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _grade(value, where: str, doc_id: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not value.is_integer()
+    ):
+        raise ValueError(f"{where}: the grade of {doc_id!r} is {value!r}; grades are integers (a click counts as 1)")
+    return int(value)
+
+
+def iter_query_log(path: str | Path):
+    """Each line of a JSONL query log as a :class:`LoggedQuery`, read as a stream; a bad line is an error
+    naming the line (invalid JSON or UTF-8, ``Infinity``/``NaN``, a non-integer grade, a repeated id...)."""
     path = Path(path)
-    queries: dict[str, str] = {}
-    candidates: dict[str, list[str]] = {}
-    qrels: dict[str, dict[str, int]] = {}
-    texts: dict[str, dict[str, str]] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    seen: set[str] = set()
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
             try:
-                record = json.loads(line)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not UTF-8 ({err.reason} at byte {err.start})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line, parse_constant=_refuse_constant)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
             if not isinstance(record, dict) or not isinstance(record.get("query"), str) or not record["query"].strip():
                 raise ValueError(f"{where}: each line needs a non-empty string 'query'")
             items = record.get("candidates")
@@ -55,27 +94,37 @@ def read_query_log(path: str | Path, max_queries: int | None = None) -> FitSourc
             relevance = record.get("relevance", {})
             if not isinstance(relevance, dict):
                 raise ValueError(f"{where}: 'relevance' must map candidate ids to integer grades")
-            qid = str(record.get("id", f"line{number}"))
-            if qid in queries:
+            qid = _text_id(record.get("id", f"line{number}"), where, "the query id")
+            if qid in seen:
                 raise ValueError(f"{where}: query id {qid!r} repeats an earlier line")
-            per_query: dict[str, str] = {}
+            seen.add(qid)
+            texts: dict[str, str] = {}
             for index, item in enumerate(items):
                 if not isinstance(item, dict) or "id" not in item or not isinstance(item.get("text"), str):
                     raise ValueError(f"{where}: candidate {index} needs an 'id' and a string 'text'")
-                doc_id = str(item["id"])
-                if doc_id in per_query:
+                doc_id = _text_id(item["id"], where, f"candidate {index}'s id")
+                if doc_id in texts:
                     raise ValueError(f"{where}: candidate id {doc_id!r} repeats within the query")
-                per_query[doc_id] = item["text"]
-            unknown = [d for d in relevance if str(d) not in per_query]
+                texts[doc_id] = item["text"]
+            unknown = [d for d in relevance if d not in texts]
             if unknown:
                 raise ValueError(f"{where}: 'relevance' names ids that are not candidates: {unknown[:3]}")
-            try:
-                grades = {str(d): int(g) for d, g in relevance.items()}
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}: relevance grades must be integers (a click counts as 1)") from None
-            queries[qid], candidates[qid], qrels[qid], texts[qid] = record["query"], list(per_query), grades, per_query
-            if max_queries is not None and len(queries) >= max_queries:
-                break
+            grades = {d: _grade(g, where, d) for d, g in relevance.items()}
+            yield LoggedQuery(qid, record["query"], texts, grades)
+
+
+def read_query_log(path: str | Path, max_queries: int | None = None) -> FitSource:
+    """A JSONL query log as a :class:`FitSource` (see :func:`iter_query_log` for what is checked)."""
+    path = Path(path)
+    queries: dict[str, str] = {}
+    candidates: dict[str, list[str]] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    texts: dict[str, dict[str, str]] = {}
+    for logged in iter_query_log(path):
+        queries[logged.qid], qrels[logged.qid], texts[logged.qid] = logged.query, logged.grades, logged.texts
+        candidates[logged.qid] = list(logged.texts)
+        if max_queries is not None and len(queries) >= max_queries:
+            break
     if not queries:
         raise ValueError(f"{path} holds no queries")
     return FitSource(

@@ -24,7 +24,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
 from routehead_rag import RouteHeadReranker
-from routehead_rag.documents import check_score_threshold, check_top_k
+from routehead_rag.documents import check_query, check_score_threshold, check_top_k
 from routehead_rag.model.backbone import SHARED_MODEL_NAME
 from routehead_rag.model.devices import DTYPE_NAMES, dtype_name, parse_dtype
 from routehead_rag.model.gguf_cache import EMBEDDED_DEFAULT
@@ -196,6 +196,7 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
                 "postprocess_nodes(nodes, query_str=query) or postprocess_nodes(nodes, query_bundle=QueryBundle(query)); "
                 "query engines pass it for you."
             )
+        check_query(query_bundle.query_str)
         dispatcher.event(
             ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=self.top_n, model_name=self.model)
         )
