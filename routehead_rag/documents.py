@@ -46,6 +46,34 @@ def check_score_threshold(value: Any, name: str = "score_threshold") -> float | 
     return value
 
 
+def check_first_stage_scores(scores: Any, count: int) -> list[float] | None:
+    """One finite number per document, or ``None`` (also when any score is ``None``: then the order is used)."""
+    if scores is None:
+        return None
+    if isinstance(scores, (str, bytes, Mapping)) or not isinstance(scores, Iterable):
+        raise TypeError(f"first_stage_scores must be a list of numbers, one per document, got {type(scores).__name__}")
+    scores = list(scores)
+    if len(scores) != count:
+        raise ValueError(f"first_stage_scores has {len(scores)} scores for {count} documents: give one per document")
+    if any(s is None for s in scores):
+        return None
+    for index, score in enumerate(scores):
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ValueError(f"first_stage_scores[{index}] is {score!r}: scores must be finite numbers (or None)")
+    return [float(s) for s in scores]
+
+
+def retrieval_scores(scores: Iterable[Any]) -> list[float] | None:
+    """A framework's retrieval scores if every one is a finite number, else ``None`` (fuse with the order).
+
+    For the adapters: a Haystack ``Document.score`` or LlamaIndex ``NodeWithScore.score`` may be
+    missing (``None``) or not a number; then the documents' order is the first-stage signal.
+    """
+    scores = list(scores)
+    usable = all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores)
+    return [float(s) for s in scores] if usable else None
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One document as given (``id``, ``text``) and the text actually scored."""

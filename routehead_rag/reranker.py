@@ -15,6 +15,7 @@ import torch
 
 from .documents import (
     EMPTY_PASSAGE_SCORE,
+    check_first_stage_scores,
     check_query,
     check_score_threshold,
     check_top_k,
@@ -22,6 +23,7 @@ from .documents import (
 )
 from .engine.prompt import PromptConfig
 from .engine.scorer import AttentionScorer, ScoringConfig
+from .fusion import calibrate, first_stage_signal, fuse
 from .heads import Head, HeadGrid
 from .strategy import AutoHeads, HeadStrategy, StaticHeads, parse_strategy
 
@@ -101,6 +103,12 @@ class RouteHeadReranker:
             bfloat16, float32 otherwise), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch.dtype.
         device: for models we load (``None``: CUDA when available, else CPU).
         use_adapters: with a ``peft.PeftModel``, score with adapters on (default) or off.
+        fuse_first_stage: with a router fitted with first-stage fusion, combine the attention score
+            with the first stage (the ``first_stage_scores`` given to :meth:`rank`, else the input
+            order); ``False`` for callers whose order means nothing. No effect otherwise.
+        scale_score: with a router fitted with a calibration, return probabilities of relevance
+            (so ``score_threshold`` means the same for every query); ``False``: the raw scores.
+            No effect otherwise (every head, static heads: raw attention scores).
 
     Every argument is checked here, before any model work (fixed heads and a router's shape
     against the model's config too, when that is readable without loading the model); the
@@ -121,6 +129,8 @@ class RouteHeadReranker:
         dtype: Any = "auto",
         device: Any = None,
         use_adapters: bool = True,
+        fuse_first_stage: bool = True,
+        scale_score: bool = True,
     ):
         from .model.devices import parse_device, parse_dtype
 
@@ -134,8 +144,10 @@ class RouteHeadReranker:
                 f"model is a loaded {type(model).__name__} but tokenizer is None: pass the tokenizer it was trained "
                 "with (tokenizer=...)"
             )
-        if not isinstance(use_adapters, bool):
-            raise TypeError(f"use_adapters must be True or False, got {use_adapters!r}")
+        for name, flag in (("use_adapters", use_adapters), ("fuse_first_stage", fuse_first_stage),
+                           ("scale_score", scale_score)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         if isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 64:
             raise ValueError(
                 f"max_prompt_tokens must be an integer of at least 64, got {max_prompt_tokens!r} (the prompt's own "
@@ -148,6 +160,8 @@ class RouteHeadReranker:
         self.dtype = parse_dtype(dtype)
         self.device = parse_device(device)
         self.use_adapters = use_adapters
+        self.fuse_first_stage = fuse_first_stage
+        self.scale_score = scale_score
         self.strategy: HeadStrategy = parse_strategy(heads)
         base_prompt = prompt or self.strategy.prompt or PromptConfig()
         self.config = ScoringConfig(
@@ -238,7 +252,12 @@ class RouteHeadReranker:
 
     # -- ranking -----------------------------------------------------------------------------
     def rank(
-        self, query: str, documents: Iterable[Any], top_k: int | None = None, score_threshold: float | None = None
+        self,
+        query: str,
+        documents: Iterable[Any],
+        top_k: int | None = None,
+        score_threshold: float | None = None,
+        first_stage_scores: Sequence[float | None] | None = None,
     ) -> RankedResults:
         """Re-rank ``documents`` (first-stage order, best first) for ``query``, best first.
 
@@ -247,20 +266,29 @@ class RouteHeadReranker:
         with score :data:`EMPTY_PASSAGE_SCORE` (finite, so results serialise as JSON), in input order.
         Text no tokenizer can encode (lone surrogates) is scored from a cleaned copy; the results
         carry the caller's text. ``top_k`` keeps the best K, ``score_threshold`` only those scoring
-        at least that. Nothing passed in is modified.
+        at least that. ``first_stage_scores`` (one per document, e.g. the retriever's) feed
+        first-stage fusion when the router has it; missing, or with a ``None`` among them, the
+        input order does. Nothing passed in is modified.
         """
         check_query(query)
         check_top_k(top_k)
         check_score_threshold(score_threshold)
         candidates = normalise_documents(documents)
+        first_stage = check_first_stage_scores(first_stage_scores, len(candidates))
         scores = {c.index: EMPTY_PASSAGE_SCORE for c in candidates}
         live = [c for c in candidates if not c.blank]
         if live:
             scorer = self.scorer
             scorer.check_query(query)  # the token budget, before any model work (the routing pass included)
-            heads = self.resolved_strategy.heads_for(scorer.backbone, query)
-            computed = scorer.passage_scores(query, [c.text for c in live], heads)
-            for candidate, score in zip(live, computed.tolist()):
+            route = self.resolved_strategy.route(scorer.backbone, query)
+            final = scorer.passage_scores(query, [c.text for c in live], route.heads)  # [live passage]
+            if self.fuse_first_stage and route.fusion_weight is not None:
+                given = None if first_stage is None else [first_stage[c.index] for c in live]
+                signal = first_stage_signal(len(live), given if given is not None else [-float(c.index) for c in live])
+                final = fuse(final, signal, route.fusion_weight)
+            if self.scale_score and route.calibration is not None:
+                final = calibrate(final, route.calibration)
+            for candidate, score in zip(live, final.tolist()):
                 scores[candidate.index] = float(score) if math.isfinite(score) else EMPTY_PASSAGE_SCORE
         # Stable: ties keep first-stage order; blank (or unscorable) passages last.
         order = sorted(candidates, key=lambda c: (scores[c.index] == EMPTY_PASSAGE_SCORE, -scores[c.index]))

@@ -7,6 +7,8 @@ both framework adapters (through it), ``routehead-rag eval`` and the benchmarks:
     strategy.check_grid(grid)            # against the model's layers x heads, before weights load
     strategy = strategy.resolve(backbone)  # router weights load (fingerprint checked); "auto" decides here
     strategy.heads_for(backbone, query)  # the heads to sum for this query (None: every head)
+    strategy.route(backbone, query)      # the same, with what a fitted router adds: the query's
+                                         # first-stage weight and the score calibration
 
 The argument is validated once, here, at construction: a bad head, a missing heads file or a
 corrupt router folder is an error before any model work.  ``"auto"`` picks the router shipped
@@ -28,6 +30,7 @@ from .heads import Head, HeadGrid, as_heads, format_heads, load_heads_file
 
 if TYPE_CHECKING:
     from .engine.prompt import PromptConfig
+    from .fusion import CalibrationConfig
     from .model.backbone import Backbone
     from .router.artifact import RouterArtifactConfig
     from .router.model import Router
@@ -35,6 +38,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HEAD_CHOICES = ("auto", "all")
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one query is scored: its heads (``None``: every head), and, from a fitted router, the
+    first-stage weight (``None``: no fusion) and the calibration (``None``: raw scores)."""
+
+    heads: list[Head] | None
+    fusion_weight: float | None = None
+    calibration: CalibrationConfig | None = None
 
 
 class HeadStrategy:
@@ -58,6 +71,10 @@ class HeadStrategy:
     def heads_for(self, backbone: Backbone, query: str) -> list[Head] | None:
         """The heads to sum for ``query`` (``None``: every head); only on a resolved strategy."""
         raise NotImplementedError
+
+    def route(self, backbone: Backbone, query: str) -> Route:
+        """:meth:`heads_for`, with the first-stage weight and calibration where the choice has them."""
+        return Route(self.heads_for(backbone, query))
 
     def describe(self) -> str:
         return self.name
@@ -138,12 +155,23 @@ class RoutedHeads(HeadStrategy):
         return RoutedHeads(self.folder, config, router)
 
     def heads_for(self, backbone: Backbone, query: str) -> list[Head]:
+        return self.route(backbone, query).heads
+
+    def route(self, backbone: Backbone, query: str) -> Route:
+        """One short embedding pass: the routed heads, and the query's first-stage weight."""
         if self.router is None:
-            raise RuntimeError("RoutedHeads.heads_for needs a resolved strategy: call resolve(backbone) first")
+            raise RuntimeError("RoutedHeads.route needs a resolved strategy: call resolve(backbone) first")
+        import torch
+
         from .engine.embedding import embed_query
 
         embedding = embed_query(backbone, query, self.config.query_embedding)
-        return self.router.select(embedding, self.config.selection)
+        fusion = self.config.fusion
+        weight = None if fusion.mode == "off" else fusion.weight
+        if fusion.mode == "per_query":
+            with torch.no_grad():
+                weight = float(self.router.fusion_weights(embedding.reshape(1, -1))[0])
+        return Route(self.router.select(embedding, self.config.selection), weight, self.config.calibration)
 
     def describe(self) -> str:
         return f"routed ({self.folder.name}, k={self.config.selection.k})"

@@ -21,8 +21,9 @@ from ..engine.scorer import AttentionScorer, ScoringConfig, aggregate
 from ..fit.extraction import QueryExtraction, extract
 from ..heads import Head
 from ..paths import default_cache_dir
-from ..strategy import AllHeads, AutoHeads, HeadStrategy, RoutedHeads, StaticHeads
-from .beir import BeirDataset, load_beir
+from ..fusion import first_stage_signal, fuse
+from ..strategy import AllHeads, AutoHeads, HeadStrategy, Route, RoutedHeads, StaticHeads
+from .beir import BeirDataset, CandidateSource, load_beir
 from .candidates import bm25_order, build_candidates
 from .metrics import Run, candidate_recall, evaluate, ranking_to_run, rankings_to_run
 from .protocol import PROTOCOL, Role, instruction_for, load_protocol_set, select_queries
@@ -46,6 +47,13 @@ class EvalSet:
     @property
     def name(self) -> str:
         return self.dataset.name
+
+    def first_stage_order(self) -> dict[str, list[str]]:
+        """Each query's candidates in first-stage order: the candidate lists themselves, except for a
+        pool set (its source order is not a ranking), where BM25 over the pool orders them."""
+        if self.dataset.candidate_source is CandidateSource.POOL:
+            return bm25_order(self.dataset, self.qids, self.top_k)
+        return {q: list(self.candidates[q]) for q in self.qids}
 
     def passages(self, qid: str, doc_ids: Sequence[str] | None = None) -> list[str]:
         """The passages a re-ranker sees for ``qid``: its candidates cut to ``max_words`` words."""
@@ -107,6 +115,25 @@ def run_with_heads(
     return run
 
 
+def fused_run(
+    extractions: Mapping[str, QueryExtraction],
+    routes: Mapping[str, Route],
+    first_stage: Mapping[str, Sequence[str]],
+) -> dict[str, dict[str, float]]:
+    """``{qid: {doc_id: score}}`` of each query's routed heads fused with its first-stage order
+    (``routes[qid].fusion_weight``; ``None``: attention alone), as the re-ranker scores them."""
+    run: dict[str, dict[str, float]] = {}
+    for qid, extraction in extractions.items():
+        route = routes[qid]
+        scores = aggregate(extraction.calibrated, route.heads)
+        if route.fusion_weight is not None:
+            rank = {doc: position for position, doc in enumerate(first_stage[qid])}
+            signal = first_stage_signal(len(extraction.doc_ids), [-float(rank[d]) for d in extraction.doc_ids])
+            scores = fuse(scores, signal, route.fusion_weight)
+        run.update(ranking_to_run(qid, extraction.doc_ids, scores.tolist()))
+    return run
+
+
 def strategy_run(
     extractions: Mapping[str, QueryExtraction],
     strategy: HeadStrategy,
@@ -120,7 +147,7 @@ def strategy_run(
 
 def first_stage_run(eval_set: EvalSet) -> dict[str, dict[str, float]]:
     """The BM25 baseline: the candidate order, or BM25 over the pool for a pool set."""
-    return rankings_to_run(bm25_order(eval_set.dataset, eval_set.qids, eval_set.top_k))
+    return rankings_to_run(eval_set.first_stage_order())
 
 
 def set_metrics(eval_set: EvalSet, run: Run) -> dict[str, float]:
@@ -202,12 +229,13 @@ def evaluate_on_set(
 
         report("extracting", 0, total)
         extractions = extract_set(eval_set, AttentionScorer(backbone, config), cache_dir or default_cache_dir(), tick)
-        heads_of = {}
+        routes = {}
         for index, qid in enumerate(extractions, start=1):
-            heads_of[qid] = strategy.heads_for(backbone, eval_set.dataset.queries[qid])
+            routes[qid] = strategy.route(backbone, eval_set.dataset.queries[qid])
             if isinstance(strategy, RoutedHeads):
                 report("routing", index, total)
-        run = run_with_heads(extractions, heads_of)
+        unfused = run_with_heads(extractions, {qid: route.heads for qid, route in routes.items()})
+        run = fused_run(extractions, routes, eval_set.first_stage_order())
     router_path = strategy.folder if isinstance(strategy, RoutedHeads) else router
     return {
         "dataset": eval_set.name,
@@ -222,4 +250,7 @@ def evaluate_on_set(
         "model": backbone.name if backbone is not None and strategy is not None else None,
         "dtype": str(backbone.dtype).removeprefix("torch.") if backbone is not None and strategy is not None else None,
         **set_metrics(eval_set, run),
+        **({"ndcg@10 (unfused)": set_metrics(eval_set, unfused)["ndcg@10"],
+            "fusion": strategy.config.fusion.model_dump()}
+           if isinstance(strategy, RoutedHeads) and strategy.config.fusion.mode != "off" else {}),
     }

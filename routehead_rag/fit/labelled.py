@@ -42,6 +42,12 @@ class LabelledSet:
     def head(self, flat_index: int) -> Head:
         return self.grid.head(flat_index)
 
+    def sum_heads(self, heads: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[row, passage]``: each row's scores summed over its heads ``heads`` ``[row, k]`` (flat indices)."""
+        scores = self.scores if rows is None else self.scores[rows]
+        picked = torch.gather(scores, 1, heads[:, :, None].expand(-1, -1, scores.shape[2]))  # [row, k, passage]
+        return picked.sum(dim=1)
+
     def subset(self, rows: Sequence[int] | torch.Tensor) -> "LabelledSet":
         """The set restricted to ``rows`` (in that order)."""
         rows = torch.as_tensor(rows, dtype=torch.long)

@@ -19,9 +19,11 @@ import torch
 
 from ..engine.embedding import QueryEmbeddingConfig, embed_query
 from ..engine.scorer import AttentionScorer, ScoringConfig
+from ..fusion import FusionConfig, first_stage_signal
 from ..router.artifact import RouterArtifactConfig, save_artifact
 from ..router.model import SelectionConfig
 from .extraction import extract
+from .fusion import fit_calibration, fit_fusion
 from ..heads import Head
 from .labelled import LabelledSet, build_labelled_set, rank_heads
 from .report import heatmap, model_card
@@ -38,9 +40,19 @@ class PooledExtractions:
     doc_ids: dict[str, list[str]] = field(default_factory=dict)
     qrels: dict[str, dict[str, int]] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)
+    first_stage: dict[str, list[str]] = field(default_factory=dict)  # candidates in first-stage order
 
     def labelled_set(self, depth: int = 10) -> LabelledSet:
         return build_labelled_set(self.scores, self.doc_ids, self.qrels, depth=depth)
+
+    def first_stage_signal(self, data: LabelledSet) -> torch.Tensor:
+        """``[query, passage]`` standardised first-stage signal of each row of ``data`` (rank 1 highest)."""
+        signal = torch.zeros(data.gains.shape, dtype=torch.float64)
+        for row, key in enumerate(data.qids):
+            rank = {doc: position for position, doc in enumerate(self.first_stage[key])}
+            ids = self.doc_ids[key]
+            signal[row, : len(ids)] = first_stage_signal(len(ids), [-float(rank[d]) for d in ids])
+        return signal
 
 
 def extract_sources(
@@ -76,6 +88,8 @@ def extract_sources(
             pooled.doc_ids[key] = extraction.doc_ids
             pooled.qrels[key] = source.qrels.get(qid, {})
             pooled.texts[key] = source.queries[qid]
+            order = source.first_stage.get(qid) if source.first_stage else None
+            pooled.first_stage[key] = list(order) if order is not None else list(extraction.doc_ids)
     return pooled
 
 
@@ -114,6 +128,8 @@ def run_fit(
     command: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     report_dir: str | Path | None = None,
+    fusion: bool = True,
+    calibrate: bool = True,
 ) -> FitResult:
     """Fit a router on ``sources`` and write the artifact and its fit report to ``out``.
 
@@ -121,6 +137,10 @@ def run_fit(
     own head search and router, and the one with the best dev nDCG@10 of the routed
     aggregation wins (the dev queries are the same for all).  ``progress(stage, done, total)``
     is called as extraction, embedding, search and training advance.
+
+    On top of the router, ``fusion`` fits the first-stage weight (off, global or per query, on dev)
+    and ``calibrate`` a map of the final score to a probability of relevance (on dev); both off is
+    the paper's RouteHead.
     """
     scoring = scoring or ScoringConfig()
     query_embedding = query_embedding or QueryEmbeddingConfig(layer=backbone.num_layers // 2)
@@ -153,6 +173,16 @@ def run_fit(
     static_heads = [str(head) for head, _ in rank_heads(data, search.depth)[: trained.k]]
     with torch.no_grad():
         routed = trained.router(embeddings).topk(trained.k, dim=1).indices  # [query, k]
+    train_rows, dev_rows = torch.tensor(trained.train_rows), torch.tensor(trained.dev_rows)
+    report("fusion + calibration", 0, 1)
+    router, fusion_config, final = trained.router, FusionConfig(), data.sum_heads(routed).double()
+    fusion_dev: dict[str, float] = {}
+    if fusion:
+        fitted = fit_fusion(trained.router, embeddings, final, pooled.first_stage_signal(data), data, train_rows,
+                            dev_rows, seed=training.seed)
+        router, fusion_config, final, fusion_dev = fitted.router, fitted.fusion, fitted.final, fitted.dev
+    calibration, calibration_dev = (fit_calibration(final, data, dev_rows) if calibrate else (None, {}))
+    report("fusion + calibration", 1, 1)
     counts = torch.zeros(data.num_layers * data.num_heads)
     counts.index_add_(0, routed.flatten(), torch.ones(routed.numel()))
     config = RouterArtifactConfig(
@@ -160,8 +190,10 @@ def run_fit(
         backbone_fingerprint=backbone.fingerprint(),
         scoring=scoring,
         query_embedding=query_embedding,
-        router=trained.router.config,
+        router=router.config,
         selection=SelectionConfig(mode="top_k", k=trained.k, max_heads=max(trained.k, 1)),
+        fusion=fusion_config,
+        calibration=calibration,
         search={**search.model_dump(mode="json"), "grid": grid},
         training={**training.model_dump(mode="json"), "chosen_k": trained.k, "chosen_sparsity": trained.sparsity,
                   "chosen_epoch": trained.epoch},
@@ -176,6 +208,8 @@ def run_fit(
             "oracle_label_ndcg@10": float(found.query_ndcg[torch.tensor(trained.dev_rows)].mean()),
             "train_queries": float(len(trained.train_rows)),
             "dev_queries": float(len(trained.dev_rows)),
+            **{f"fusion_{mode}_ndcg@10": value for mode, value in fusion_dev.items()},
+            **{f"calibration_{name}": value for name, value in calibration_dev.items()},
         },
         static_heads=static_heads,
         command=command,
@@ -183,7 +217,7 @@ def run_fit(
     )
     out = Path(out)
     card = model_card(config)
-    save_artifact(out, trained.router, config, card)
+    save_artifact(out, router, config, card)
     report_dir = Path(report_dir) if report_dir is not None else out.parent
     report_dir.mkdir(parents=True, exist_ok=True)
     heatmap_path = report_dir / f"{out.name}-routed-heads.png"

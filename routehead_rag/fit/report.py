@@ -44,11 +44,35 @@ def model_card(config: RouterArtifactConfig) -> str:
         f"{config.query_embedding.pooling} pooling. Backbone dtype during the fit: {config.fit_dtype}. "
         f"Static baseline heads: {', '.join(config.static_heads)}.",
         "",
+        "## First-stage fusion and calibration (fitted on dev)",
+        "",
+        *_fusion_lines(config),
+        "",
         "## Reproduce",
         "",
         f"```\n{config.command or 'routehead-rag fit ...'}\n```",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _fusion_lines(config: RouterArtifactConfig) -> list[str]:
+    metrics, fusion = config.dev_metrics, config.fusion
+    tried = {m: metrics.get(f"fusion_{m}_ndcg@10") for m in ("off", "global", "per_query")}
+    lines = []
+    if any(v is not None for v in tried.values()):
+        lines += ["| fusion | dev nDCG@10 |", "|---|---|",
+                  *[f"| {m} | {v:.4f} |" for m, v in tried.items() if v is not None], ""]
+    chosen = {"off": "off (attention alone)", "global": f"one global first-stage weight w = {fusion.weight:g}",
+              "per_query": "a first-stage weight the router predicts per query"}[fusion.mode]
+    lines.append(f"Fusion: {chosen}.")
+    if config.calibration is None:
+        lines.append("Calibration: none (raw attention scores).")
+    else:
+        c = config.calibration
+        ece = metrics.get("calibration_ece")
+        lines.append(f"Calibration: p = sigmoid({c.slope:.4g} * score + {c.intercept:.4g}) for {c.target}"
+                     + (f"; expected calibration error on dev {ece:.4f}." if ece is not None else "."))
+    return lines
 
 
 def heatmap(counts: torch.Tensor, path: Path, title: str) -> None:

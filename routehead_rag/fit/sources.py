@@ -28,6 +28,7 @@ class FitSource:
     passages: Callable[[str, list[str]], list[str]]  # (qid, doc ids) -> passage texts
     origin: str  # where it came from, relative to the data dir or the repository (portable_path)
     key: dict = field(default_factory=dict)  # settings that change its passages (e.g. the word cut)
+    first_stage: dict[str, list[str]] | None = None  # each query's candidates in first-stage order; None: as listed
     instruction: str | None = None  # a named prompt instruction for this source; None: the fit's scoring prompt
 
 
@@ -141,8 +142,8 @@ def beir_source(name_or_path: str, top_k: int = 20, max_queries: int | None = No
     ``instruction="auto"`` takes the protocol's wording for a protocol set (``question`` for
     the multi-hop QA sets) and ``relevance`` otherwise; ``None`` keeps the fit's own prompt.
     """
-    from ..eval.beir import load_beir, resolve_data_dir
-    from ..eval.candidates import build_candidates
+    from ..eval.beir import CandidateSource, load_beir, resolve_data_dir
+    from ..eval.candidates import bm25_order, build_candidates
     from ..eval.protocol import PROTOCOL, Role, instruction_for, protocol_queries, select_queries
 
     folder = resolve_data_dir(name_or_path, data_dir)
@@ -167,11 +168,12 @@ def beir_source(name_or_path: str, top_k: int = 20, max_queries: int | None = No
     if instruction is not None:
         instruction = instruction_for(instruction, name)
     candidates = build_candidates(dataset, qids, top_k)
+    first_stage = bm25_order(dataset, qids, top_k) if dataset.candidate_source is CandidateSource.POOL else None
     return FitSource(
         name=name, queries={q: dataset.queries[q] for q in qids}, candidates=candidates,
         qrels={q: dataset.qrels.get(q, {}) for q in qids},
         passages=lambda qid, ids: dataset.passages(ids, max_words),
-        origin=portable_path(folder), key={"max_words": max_words}, instruction=instruction,
+        origin=portable_path(folder), key={"max_words": max_words}, instruction=instruction, first_stage=first_stage,
     )
 
 
@@ -187,4 +189,5 @@ def eval_set_source(eval_set, instruction: str | None = "auto") -> FitSource:
         passages=lambda qid, ids: eval_set.passages(qid, ids), origin=portable_path(dataset.path),
         key={"max_words": eval_set.max_words},
         instruction=instruction_for(instruction, dataset.name) if instruction is not None else None,
+        first_stage=eval_set.first_stage_order(),
     )

@@ -52,8 +52,7 @@ def split_train_dev(num_queries: int, dev_fraction: float, seed: int) -> tuple[t
 def routed_ndcg(logits: torch.Tensor, data: LabelledSet, rows: torch.Tensor, k: int, depth: int = 10) -> torch.Tensor:
     """Per-query nDCG@``depth`` of summing each query's top-``k`` heads by ``logits`` ``[rows, head]``."""
     top = torch.topk(logits, k=min(k, logits.shape[1]), dim=1).indices  # [rows, k]
-    picked = torch.gather(data.scores[rows], 1, top[:, :, None].expand(-1, -1, data.scores.shape[2]))
-    summed = picked.sum(dim=1)  # [rows, passage]
+    summed = data.sum_heads(top, rows)  # [rows, passage]
     return batched_ndcg(summed, data.gains[rows], data.valid[rows], data.ideal_dcg[rows], depth)
 
 

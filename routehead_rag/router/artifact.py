@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, m
 
 from ..engine.embedding import QueryEmbeddingConfig
 from ..engine.scorer import ScoringConfig
+from ..fusion import CalibrationConfig, FusionConfig
 from ..heads import Head, HeadGrid
 from .model import Router, RouterConfig, SelectionConfig
 
@@ -86,6 +87,8 @@ class RouterArtifactConfig(BaseModel):
     query_embedding: QueryEmbeddingConfig
     router: RouterConfig
     selection: SelectionConfig
+    fusion: FusionConfig = Field(default_factory=FusionConfig, description="first-stage fusion, fitted on dev")
+    calibration: CalibrationConfig | None = Field(None, description="score -> probability of relevance, on dev")
     files: dict[str, FileRecord] = Field(default_factory=dict, description="sha256 and size of every weight file")
     search: dict[str, Any] = Field(default_factory=dict, description="head search settings")
     training: dict[str, Any] = Field(default_factory=dict, description="training settings and the chosen values")
@@ -109,6 +112,8 @@ class RouterArtifactConfig(BaseModel):
             raise ValueError(f"query_embedding.layer {self.query_embedding.layer} is past the backbone's layers")
         grid = HeadGrid(router.num_layers, router.num_heads)
         grid.check([Head.parse(h) for h in self.static_heads], "the router's backbone")
+        if (self.fusion.mode == "per_query") != router.fusion_head:
+            raise ValueError(f"fusion.mode is {self.fusion.mode!r} but router.fusion_head is {router.fusion_head}")
         if max(self.selection.k, self.selection.min_heads) > grid.size:
             raise ValueError(f"selection asks for more heads than the backbone's {grid.size}")
         return self

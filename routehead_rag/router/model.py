@@ -8,6 +8,10 @@ Architecture (small on purpose: well under 5 MB saved, well under 1 ms per query
 
 Selection at inference: the top ``k`` heads, or every head whose probability
 ``sigmoid(s_h)`` passes ``threshold``, clamped to ``[min_heads, max_heads]``.
+
+With ``fusion_head``, the router also predicts how much this query should trust the first
+stage (:mod:`routehead_rag.fusion`): ``w = softplus(<u, layernorm(q)> + c)``, one more small
+linear map of the same query embedding.
 Training lives in :mod:`routehead_rag.fit.training`; this module never imports it.
 """
 
@@ -33,6 +37,7 @@ class RouterConfig(BaseModel):
     num_heads: int = Field(..., ge=1, description="query heads per layer")
     dim: int = Field(64, ge=1, description="width of the projection and of each head embedding")
     hidden: int = Field(256, ge=1, description="hidden width of the projection MLP")
+    fusion_head: bool = Field(False, description="also predict a per-query first-stage weight")
 
 
 class SelectionConfig(BaseModel):
@@ -66,6 +71,9 @@ class Router(nn.Module):
         )
         self.head_embeddings = nn.Parameter(torch.randn(total, config.dim) * 0.02)  # [head, dim]
         self.head_bias = nn.Parameter(torch.zeros(total))  # [head]
+        if config.fusion_head:
+            self.fusion_norm = nn.LayerNorm(config.input_dim)
+            self.fusion = nn.Linear(config.input_dim, 1)
 
     @property
     def grid(self) -> HeadGrid:
@@ -83,6 +91,13 @@ class Router(nn.Module):
             )
         z = self.project(self.norm(query_embeddings.float()))  # [batch, dim]
         return z @ self.head_embeddings.T / math.sqrt(self.config.dim) + self.head_bias  # [batch, head]
+
+    def fusion_weights(self, query_embeddings: torch.Tensor) -> torch.Tensor:
+        """Per-query first-stage weights ``[batch]`` (>= 0) for ``[batch, input_dim]``; needs ``fusion_head``."""
+        if not self.config.fusion_head:
+            raise ValueError("this router has no fusion head (RouterConfig.fusion_head is False)")
+        q = self.fusion_norm(query_embeddings.float())
+        return nn.functional.softplus(self.fusion(q)).squeeze(-1)  # [batch]
 
     @torch.no_grad()
     def select(self, query_embedding: torch.Tensor, selection: SelectionConfig) -> list[Head]:

@@ -63,7 +63,8 @@ def test_artifact_files_and_config(fitted):
 
 def test_routed_reranker_scores_with_the_routed_heads(fitted):
     backbone, source, result, _ = fitted
-    reranker = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=result.artifact)
+    reranker = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=result.artifact,
+                                 fuse_first_stage=False, scale_score=False)  # the attention score alone
     query = source.queries["q0"]
     passages = source.passages("q0", source.candidates["q0"])
     heads = reranker.heads_for(query)

@@ -24,7 +24,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
 from routehead_rag import RouteHeadReranker
-from routehead_rag.documents import check_query, check_score_threshold, check_top_k
+from routehead_rag.documents import check_query, check_score_threshold, check_top_k, retrieval_scores
 from routehead_rag.model.backbone import SHARED_MODEL_NAME
 from routehead_rag.model.devices import DTYPE_NAMES, dtype_name, parse_dtype
 from routehead_rag.model.gguf_cache import EMBEDDED_DEFAULT
@@ -91,6 +91,12 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
         default=None, frozen=True, description=f"One of {DTYPE_NAMES} for a model loaded by name (None: auto)."
     )
     max_prompt_tokens: int = Field(default=4096, frozen=True, description="Token budget of one scoring prompt.")
+    fuse_first_stage: bool = Field(
+        default=True, frozen=True, description="Fuse with the retrieval scores when the router was fitted with fusion."
+    )
+    scale_score: bool = Field(
+        default=True, frozen=True, description="Probabilities of relevance when the router has a calibration."
+    )
     shared_model: bool = Field(
         default=False,
         frozen=True,
@@ -111,6 +117,8 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
         device: Any = None,
         dtype: Any = None,
         max_prompt_tokens: int = 4096,
+        fuse_first_stage: bool = True,
+        scale_score: bool = True,
         shared_model: bool = False,
         *,
         tokenizer: Any = None,
@@ -138,6 +146,8 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
             max_prompt_tokens=max_prompt_tokens,
             dtype=dtype,
             device=device,
+            fuse_first_stage=fuse_first_stage,
+            scale_score=scale_score,
         )
         fields: dict[str, Any] = dict(
             model=model,
@@ -150,6 +160,8 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
             device=None if engine.device is None else str(engine.device),
             dtype=None if dtype is None else dtype_name(parse_dtype(dtype)),
             max_prompt_tokens=max_prompt_tokens,
+            fuse_first_stage=fuse_first_stage,
+            scale_score=scale_score,
             shared_model=model_object is not None,
         )
         if callback_manager is not None:
@@ -218,7 +230,10 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
         """New ``NodeWithScore``s, best first, ``[:top_n]``; the caller's objects are not modified."""
         texts = [item.node.get_content(metadata_mode=self.metadata_mode) for item in nodes]
         # best first; ties keep retrieval order
-        ranked = self._reranker.rank(query, texts, top_k=self.top_n, score_threshold=self.score_threshold)
+        ranked = self._reranker.rank(
+            query, texts, top_k=self.top_n, score_threshold=self.score_threshold,
+            first_stage_scores=retrieval_scores(item.score for item in nodes),
+        )
         new_nodes = []
         for document in ranked:
             original = nodes[document.index]

@@ -22,7 +22,7 @@ from haystack.utils import ComponentDevice
 from haystack.utils.deserialization import deserialize_component_inplace  # exported in haystack.utils from 3.0
 
 from routehead_rag import RouteHeadReranker
-from routehead_rag.documents import check_query, check_score_threshold, check_top_k
+from routehead_rag.documents import check_query, check_score_threshold, check_top_k, retrieval_scores
 from routehead_rag.model.devices import dtype_name, parse_dtype
 from routehead_rag.strategy import heads_argument
 
@@ -67,6 +67,8 @@ class RouteHeadRanker:
         max_prompt_tokens: int = 4096,
         instruction: str | None = None,
         tokenizer: Any = None,
+        fuse_first_stage: bool = True,
+        scale_score: bool = True,
     ) -> None:
         """
         :param model: ``"smollm2-135m"`` (the embedded default, offline), a Hugging Face id or local folder;
@@ -92,6 +94,9 @@ class RouteHeadRanker:
             routing (``heads`` ``"auto"`` or a router folder), else ``"relevance"``. A name given here replaces a router's own wording.
         :param tokenizer: the tokenizer of a model object passed as ``model``; with a model name, an optional
             tokenizer id or folder.
+        :param fuse_first_stage: with a router fitted with first-stage fusion, combine attention with the
+            documents' retrieval scores (``Document.score``; the input order where any is missing).
+        :param scale_score: with a router fitted with a calibration, scores are probabilities of relevance.
         :raises ValueError: an argument has a wrong value (the message names it and how to fix it).
         :raises TypeError: ``model`` or ``tokenizer`` is of a type the ranker cannot use.
         """
@@ -112,6 +117,8 @@ class RouteHeadRanker:
             tokenizer=self.tokenizer,
             instruction=instruction,
             max_prompt_tokens=max_prompt_tokens,
+            fuse_first_stage=fuse_first_stage,
+            scale_score=scale_score,
             dtype=dtype,
             device=self.device.to_torch_str() if self.device is not None else None,
         )
@@ -119,6 +126,8 @@ class RouteHeadRanker:
         self.dtype = None if dtype is None else dtype_name(parse_dtype(dtype))
         self.max_prompt_tokens = max_prompt_tokens
         self.instruction = instruction
+        self.fuse_first_stage = fuse_first_stage
+        self.scale_score = scale_score
         self._reranker: RouteHeadReranker | None = None
         self._lock = threading.Lock()
 
@@ -188,7 +197,10 @@ class RouteHeadRanker:
         assert self._reranker is not None  # set by warm_up
         candidates = deduplicate(documents)
         texts = [text_to_rank(doc, self.meta_fields_to_embed, self.embedding_separator) for doc in candidates]
-        ranked = self._reranker.rank(query, texts, top_k=top_k, score_threshold=score_threshold)
+        ranked = self._reranker.rank(
+            query, texts, top_k=top_k, score_threshold=score_threshold,
+            first_stage_scores=retrieval_scores(doc.score for doc in candidates),
+        )
         return {"documents": [dataclasses.replace(candidates[r.index], score=r.score) for r in ranked]}
 
     @component.output_types(documents=list[Document])
@@ -232,6 +244,8 @@ class RouteHeadRanker:
             dtype=self.dtype,
             max_prompt_tokens=self.max_prompt_tokens,
             instruction=self.instruction,
+            fuse_first_stage=self.fuse_first_stage,
+            scale_score=self.scale_score,
             tokenizer=self.tokenizer,
         )
 

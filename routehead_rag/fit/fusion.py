@@ -1,0 +1,154 @@
+"""Fitting first-stage fusion and score calibration on top of a trained router (training side).
+
+* **Fusion weight**, chosen on dev nDCG@10: off, one global ``w`` from a grid, or a ``w`` the router
+  predicts per query (its fusion head, trained listwise on the train queries, epoch on dev);
+  whichever scores best on dev wins (``w = 0`` is the same ranking as no fusion, so "off" is kept
+  when nothing beats it).
+* **Calibration**: a logistic map of the final score to the probability that a passage is relevant,
+  fitted on the dev passages (slope kept positive: the ranking never changes).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..fusion import CalibrationConfig, FusionConfig, standardise
+from ..router.model import Router, RouterConfig
+from .labelled import LabelledSet, batched_ndcg
+
+WEIGHT_GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+
+
+def standardise_rows(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``standardise`` each row ``[query, passage]`` over its valid passages; padding stays 0."""
+    out = torch.zeros(scores.shape, dtype=torch.float64)
+    for row in range(scores.shape[0]):
+        count = int(valid[row].sum())
+        out[row, :count] = standardise(scores[row, :count])
+    return out
+
+
+def _ndcg(scores: torch.Tensor, data: LabelledSet, rows: torch.Tensor) -> float:
+    return float(batched_ndcg(scores[rows], data.gains[rows], data.valid[rows], data.ideal_dcg[rows]).mean())
+
+
+@dataclass
+class FusionFit:
+    fusion: FusionConfig
+    router: Router  # with a trained fusion head when fusion.mode == "per_query"
+    dev: dict[str, float]  # dev nDCG@10 of each candidate: off, global (best w), per_query
+    final: torch.Tensor  # [query, passage] the chosen final scores (before calibration)
+
+
+def fit_fusion(
+    router: Router,
+    embeddings: torch.Tensor,  # [query, input_dim]
+    attention: torch.Tensor,  # [query, passage] routed attention scores
+    signal: torch.Tensor,  # [query, passage] standardised first-stage signal
+    data: LabelledSet,
+    train: torch.Tensor,
+    dev: torch.Tensor,
+    *,
+    seed: int = 0,
+    epochs: int = 300,
+    eval_every: int = 10,
+    learning_rate: float = 3e-3,
+) -> FusionFit:
+    """Choose off / global / per-query fusion on dev nDCG@10 (see the module notes)."""
+    z = standardise_rows(attention, data.valid)  # [query, passage]
+    by_weight = {w: _ndcg(z + w * signal, data, dev) for w in WEIGHT_GRID}
+    best_weight = max(WEIGHT_GRID, key=lambda w: (by_weight[w], -w))
+    scores = {"off": _ndcg(attention.double(), data, dev), "global": by_weight[best_weight]}
+
+    torch.manual_seed(seed)
+    config = RouterConfig(**{**router.config.model_dump(), "fusion_head": True})
+    with_head = Router(config)
+    with_head.load_state_dict(router.state_dict(), strict=False)  # the head selection as trained
+    with torch.no_grad():  # start at the best global weight: softplus(c) = w, no query dependence yet
+        with_head.fusion.weight.zero_()
+        with_head.fusion.bias.fill_(float(torch.log(torch.expm1(torch.tensor(max(best_weight, 1e-3))))))
+    parameters = [*with_head.fusion_norm.parameters(), *with_head.fusion.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-4)
+    target = torch.where(data.valid, data.gains, torch.zeros_like(data.gains))
+    target = target / target.sum(dim=1, keepdim=True).clamp_min(1e-12)  # [query, passage]
+    best = (-1.0, None)
+    for epoch in range(epochs + 1):
+        if epoch:
+            optimizer.zero_grad()
+            weights = with_head.fusion_weights(embeddings[train]).double()  # [train]
+            fused = (z[train] + weights[:, None] * signal[train]).masked_fill(~data.valid[train], -1e9)
+            loss = -(target[train] * torch.log_softmax(fused, dim=1)).sum(dim=1).mean()
+            loss.backward()
+            optimizer.step()
+        if epoch % eval_every == 0 or epoch == epochs:
+            with torch.no_grad():
+                weights = with_head.fusion_weights(embeddings).double()
+            value = _ndcg(z + weights[:, None] * signal, data, dev)
+            if value > best[0] + 1e-12:
+                best = (value, copy.deepcopy(with_head.state_dict()))
+    with_head.load_state_dict(best[1])
+    with_head.eval()
+    scores["per_query"] = best[0]
+
+    mode = max(("off", "global", "per_query"), key=lambda m: (scores[m], -("off", "global", "per_query").index(m)))
+    if mode == "off":
+        return FusionFit(FusionConfig(), router, scores, attention.double())
+    if mode == "global":
+        return FusionFit(FusionConfig(mode="global", weight=best_weight), router, scores, z + best_weight * signal)
+    with torch.no_grad():
+        weights = with_head.fusion_weights(embeddings).double()
+    return FusionFit(FusionConfig(mode="per_query"), with_head, scores, z + weights[:, None] * signal)
+
+
+def fit_calibration(final: torch.Tensor, data: LabelledSet, rows: torch.Tensor, relevant_grade: int = 1,
+                    steps: int = 500) -> tuple[CalibrationConfig, dict[str, float]]:
+    """Logistic ``p = sigmoid(a * score + b)``, ``a > 0``, on the passages of ``rows``; with its ECE there."""
+    x = final[rows][data.valid[rows]].double()  # [pairs]
+    y = (data.gains[rows][data.valid[rows]] >= relevant_grade).double()  # [pairs]
+    mean, std = float(x.mean()), float(x.std().clamp_min(1e-12))
+    raw_slope = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # slope = softplus(raw) / std
+    intercept = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([raw_slope, intercept], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logits = torch.nn.functional.softplus(raw_slope) * (x - mean) / std + intercept
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    slope = float(torch.nn.functional.softplus(raw_slope)) / std
+    config = CalibrationConfig(slope=max(slope, 1e-9), intercept=float(intercept) - slope * mean,
+                               target=f"grade >= {relevant_grade}")
+    probabilities = torch.sigmoid(config.slope * x + config.intercept)
+    return config, {"ece": expected_calibration_error(probabilities, y), "pairs": float(len(y)),
+                    "positive_rate": float(y.mean())}
+
+
+def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> float:
+    """Mean |accuracy - confidence| over equal-width probability bins, weighted by their share of pairs."""
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    index = torch.clamp(torch.bucketize(probabilities, edges[1:-1]), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            error += float(members.double().mean()) * abs(float(labels[members].mean()) - float(probabilities[members].mean()))
+    return error
+
+
+def reliability(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> list[dict[str, float]]:
+    """Per probability bin: mean predicted probability, observed rate of relevant passages, share of pairs."""
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    index = torch.clamp(torch.bucketize(probabilities, edges[1:-1]), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            rows.append({"bin": b, "predicted": float(probabilities[members].mean()),
+                         "observed": float(labels[members].mean()), "share": float(members.double().mean())})
+    return rows
