@@ -67,7 +67,7 @@ def correctness(device: str) -> list[dict]:
             with capture_scope(backbone.decoder), torch.inference_mode():
                 run_capture(backbone.decoder, ids, DynamicCache(), request)
             diff = max(
-                float((request.rows[layer].float() - reference[layer][0, :, start:, :].float()).abs().max())
+                float((request.rows[layer][0].float() - reference[layer][0, :, start:, :].float()).abs().max())
                 for layer in layers
             )
             rows.append({"arch": arch, "dtype": str(dtype), "max_abs_diff_vs_eager": diff,

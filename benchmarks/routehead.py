@@ -36,7 +36,7 @@ from common import (
 
 from routehead_rag.engine.embedding import embed_query
 from routehead_rag.engine.scorer import ScoringConfig
-from routehead_rag.eval.harness import first_stage_run, heads_per_query, run_with_heads
+from routehead_rag.eval.harness import first_stage_run, fused_run, run_with_heads
 from routehead_rag.eval.metrics import paired_randomization_test, per_query
 from routehead_rag.eval.protocol import PROTOCOL, Role
 from routehead_rag.fit.labelled import build_labelled_set
@@ -67,27 +67,56 @@ def oracle_values(eval_set, extractions) -> dict[str, float]:
     return values
 
 
+PAPER = "RouteHead (paper)"  # hard routed heads, raw attention: the paper's method
+DEFAULT = "RouteHead"  # the shipped configuration: + first-stage fusion where the fit chose it
+
+
+def calibration_on(eval_set, extractions, routes, first_stage) -> dict:
+    """Expected calibration error and reliability bins of the default's probabilities on one set."""
+    from routehead_rag.fit.fusion import expected_calibration_error, reliability
+    from routehead_rag.fusion import calibrate, first_stage_signal, fuse
+
+    probabilities, labels = [], []
+    for qid in eval_set.qids:
+        route, extraction = routes[qid], extractions[qid]
+        if route.calibration is None:
+            return {}
+        scores = extraction.calibrated[[h.layer for h in route.heads], [h.head for h in route.heads]].sum(dim=0)
+        if route.fusion_weight is not None:
+            rank = {d: i for i, d in enumerate(first_stage[qid])}
+            scores = fuse(scores, first_stage_signal(len(extraction.doc_ids), [-float(rank[d]) for d in extraction.doc_ids]),
+                          route.fusion_weight)
+        probabilities.append(calibrate(scores, route.calibration))
+        judged = eval_set.dataset.qrels.get(qid, {})
+        labels.append(torch.tensor([float(judged.get(d, 0) >= 1) for d in extraction.doc_ids], dtype=torch.float64))
+    p, y = torch.cat(probabilities), torch.cat(labels)
+    return {"ece": expected_calibration_error(p, y), "reliability": reliability(p, y), "pairs": len(y)}
+
+
 def score_set(name, role, eval_set, extractions, runs_heads, backbone, routed: RoutedHeads):
-    """Per-query nDCG@10 of every strategy on one set, plus p-values of RouteHead vs static."""
+    """Per-query nDCG@10 of every strategy on one set, plus p-values of RouteHead vs BM25 and vs static."""
     qids, qrels = eval_set.qids, eval_set.dataset.qrels
-    heads_of = heads_per_query(routed, backbone, eval_set.dataset.queries, qids)
+    routes = {q: routed.route(backbone, eval_set.dataset.queries[q]) for q in qids}
+    first_stage = eval_set.first_stage_order()
     runs = {
         "BM25": first_stage_run(eval_set),
         "ICR (all heads)": static_run(extractions, None),
         **{label: static_run(extractions, heads) for label, heads in runs_heads.items()},
-        "RouteHead": run_with_heads(extractions, heads_of),
+        PAPER: run_with_heads(extractions, {q: r.heads for q, r in routes.items()}),
+        DEFAULT: fused_run(extractions, routes, first_stage),
     }
     values = {label: per_query(run, qrels, "nDCG@10", qids=qids) for label, run in runs.items()}
     values["oracle (hindsight)"] = oracle_values(eval_set, extractions)
     means = {label: statistics.mean(v[q] for q in qids) for label, v in values.items()}
     p_values = {
-        label: paired_randomization_test([values["RouteHead"][q] for q in qids], [values[label][q] for q in qids])
-        for label in runs_heads
+        label: paired_randomization_test([values[DEFAULT][q] for q in qids], [values[label][q] for q in qids])
+        for label in [*runs_heads, "BM25", PAPER]
     }
-    depth = statistics.mean(max(h.layer for h in heads_of[q]) + 1 for q in qids)
+    depth = statistics.mean(max(h.layer for h in routes[q].heads) + 1 for q in qids)
     console.print(name, {k: round(v, 4) for k, v in means.items()}, p_values)
     return {"dataset": name, "role": role, "queries": len(qids), "ndcg@10": means, "p_routed_vs": p_values,
-            "mean_routed_depth": depth, "per_query": values}
+            "mean_routed_depth": depth, "calibration": calibration_on(eval_set, extractions, routes, first_stage),
+            "per_query": values}
 
 
 def in_domain_fit(name, test_entry, backbone, scorers, args, cache_dir, workdir):
@@ -236,6 +265,7 @@ def main() -> int:
         "model": args.model,
         "dtype": args.dtype,
         "router": {"path": portable_path(args.router), "k": config.selection.k, "command": config.command,
+                   "fusion": config.fusion.model_dump(), "calibration": config.calibration.model_dump() if config.calibration else None,
                    "dev_metrics": config.dev_metrics, "data": config.data,
                    "search": {x: v for x, v in config.search.items() if x != "grid"},
                    "query_embedding": config.query_embedding.model_dump(mode="json")},
@@ -254,6 +284,7 @@ def main() -> int:
     (args.out / "routehead.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, args.out / "routehead.md")
     plot(result, args.out / "routehead.png")
+    plot_calibration(result, args.out / "routehead-calibration.png")
     console.print(f"wrote {args.out}/routehead.{{json,md,png}}")
     return 0
 
@@ -265,26 +296,32 @@ def _cell(value, best):
 def write_markdown(result, path: Path) -> None:
     strategies = list(result["average"]["all test sets"])
     compared = [s for s in strategies if s != "oracle (hindsight)"]
-    statics = [s for s in strategies if s.startswith("static")]
+    against = ["BM25", *[s for s in strategies if s.startswith("static")], PAPER]
     lines = [
         f"# RouteHead: nDCG@10 on the protocol test sets ({result['model']}, {result['dtype']})",
         "",
-        f"Router: `{result['router']['path']}` (k = {result['router']['k']} routed heads per query; "
-        f"fit data: {', '.join(str(d['name']) + ' ' + str(d['queries']) for d in result['router']['data'])}). "
-        f"Static heads chosen on the same fit splits. The oracle picks each query's head set with hindsight "
-        f"(head search on that query's own labels): a ceiling, not a method. Bold: best non-oracle strategy.",
+        f"Router: `{result['router']['path']}` (k = {result['router']['k']} routed heads per query; fusion: "
+        f"{result['router']['fusion']}; fit data: "
+        f"{', '.join(str(d['name']) + ' ' + str(d['queries']) for d in result['router']['data'])}). "
+        f"{DEFAULT} is the shipped configuration (the router's heads, fused with the first stage as its fit chose); "
+        f"{PAPER} is the paper's method with the same router (the routed heads' attention alone). Static heads chosen "
+        "on the same fit splits. The oracle picks each query's head set with hindsight (head search on that query's "
+        "own labels): a ceiling, not a method. Bold: best non-oracle strategy. p: paired randomization test of "
+        f"{DEFAULT} against each.",
         "",
-        "| set | role | queries | " + " | ".join(strategies) + " | p (RouteHead vs " + " / ".join(statics) + ") |",
-        "|---|---|---|" + "---|" * (len(strategies) + 1),
+        "| set | role | queries | " + " | ".join(strategies) + " | p vs " + " / ".join(against) + " | ECE |",
+        "|---|---|---|" + "---|" * (len(strategies) + 2),
     ]
     for row in result["test"]:
         best = max(row["ndcg@10"][s] for s in compared)
         cells = [_cell(row["ndcg@10"][s], best) for s in strategies]
-        p = " / ".join(f"{row['p_routed_vs'][s]:.3f}" for s in statics)
-        lines.append(f"| {row['dataset']} | {row['role']} | {row['queries']} | " + " | ".join(cells) + f" | {p} |")
+        p = " / ".join(f"{row['p_routed_vs'][s]:.3f}" for s in against)
+        ece = row.get("calibration", {}).get("ece")
+        lines.append(f"| {row['dataset']} | {row['role']} | {row['queries']} | " + " | ".join(cells)
+                     + f" | {p} | {'' if ece is None else f'{ece:.3f}'} |")
     for label, values in result["average"].items():
         best = max(values[s] for s in compared)
-        lines.append(f"| **average, {label}** | | | " + " | ".join(_cell(values[s], best) for s in strategies) + " | |")
+        lines.append(f"| **average, {label}** | | | " + " | ".join(_cell(values[s], best) for s in strategies) + " | | |")
 
     lines += ["", "## In-domain fits (a router fitted on the domain's fit split only)", "",
               "| fit -> test | fit queries | k | BM25 | ICR | static (same fit, same k) | static (k chosen on fit) | RouteHead | oracle | p vs static (same k / chosen k) |",
@@ -348,6 +385,29 @@ def plot(result, path: Path) -> None:
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_calibration(result, path: Path) -> None:
+    """Reliability diagram of the shipped configuration's probabilities, one line per test set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+    for row in result["test"]:
+        bins = row.get("calibration", {}).get("reliability")
+        if bins:
+            ax.plot([b["predicted"] for b in bins], [b["observed"] for b in bins], marker="o", markersize=3,
+                    label=f"{row['dataset']} (ECE {row['calibration']['ece']:.3f})")
+    ax.set_xlabel("predicted probability of relevance")
+    ax.set_ylabel("observed share relevant")
+    ax.set_title(f"Calibration of {DEFAULT} ({result['model']})")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

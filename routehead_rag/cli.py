@@ -130,6 +130,26 @@ CacheDir = Annotated[Optional[Path], typer.Option(help="Extraction cache (defaul
 SetInstruction = Annotated[Instruction, typer.Option(help=INSTRUCTION_HELP)]
 Candidates = Annotated[int, typer.Option(help="Candidates per query.")]
 MaxQueries = Annotated[Optional[int], typer.Option(help="First N judged queries of each set (ids sorted as strings).")]
+Ray = Annotated[Optional[str], typer.Option(
+    "--ray", help="Extract on a Ray cluster: 'local' (start one here), 'auto' (the running one) or its address "
+    "(needs the 'ray' extra)."
+)]
+RayWorkers = Annotated[Optional[int], typer.Option(help="Ray actors to start (default: the cluster's CPUs).")]
+
+
+def _check_ray(ray: Optional[str], workers: Optional[int]) -> None:
+    if ray is not None:
+        from .fit.distributed import check_ray_arguments
+
+        check_ray_arguments(workers)
+
+
+def _executor(ray: Optional[str], workers: Optional[int], model: str, backbone):
+    if ray is None:
+        return None
+    from .fit.distributed import RayExtractor
+
+    return RayExtractor.for_backbone(model, backbone, address=ray, workers=workers)
 
 
 def _heads_argument(heads: Optional[str]):
@@ -256,12 +276,15 @@ def evaluate_command(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout instead of a table."),
     cache_dir: CacheDir = None,
     instruction: SetInstruction = Instruction.auto,
+    ray: Ray = None,
+    ray_workers: RayWorkers = None,
     quiet: Quiet = False,
 ):
     """Evaluate a strategy on a labelled BEIR-layout set (nDCG@10, recall of the candidates)."""
     from .extras import ensure
 
     ensure("fit", "routehead-rag eval")
+    _check_ray(ray, ray_workers)
     with _usage():
         from .eval.harness import eval_strategy, evaluate_on_set, prepare_set
         from .model.devices import parse_device, parse_dtype
@@ -272,12 +295,15 @@ def evaluate_command(
         parse_dtype(dtype), parse_device(device)
         chosen = eval_strategy(strategy.value, None if heads is None else _heads_argument(heads), router)
         if chosen is not None:
-            _check_model(chosen, model)
+            from .strategy import check_against_model
+
+            check_against_model(chosen, model)
         eval_set = prepare_set(data, split=split, max_queries=max_queries, top_k=top_k, max_words=max_words)
     backbone = _load(model, dtype, device, quiet) if chosen is not None else None
     with _progress(quiet) as report:
         result = evaluate_on_set(
-            eval_set, chosen, backbone, instruction=instruction.value, router=router, cache_dir=cache_dir, progress=report
+            eval_set, chosen, backbone, instruction=instruction.value, router=router, cache_dir=cache_dir, progress=report,
+            executor=_executor(ray, ray_workers, model, backbone) if chosen is not None else None,
         )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -295,31 +321,6 @@ def evaluate_command(
         _console(stderr=False).print(table)
     if output is not None and not quiet:
         _console().print(f"wrote {output}")
-
-
-def _check_model(strategy, model: str) -> None:
-    """The head choice against the model's layers x heads, from its config (no weights)."""
-    from .heads import HeadGrid
-    from .model.architecture import peek_shape
-
-    shape = peek_shape(model, convert=True)
-    if shape is not None:
-        strategy.check_grid(HeadGrid(shape.num_layers, shape.num_heads), f"this backbone ({model!r})")
-
-
-def _sources(data: list[str], top_k: int, max_queries: Optional[int], instruction: Instruction) -> list:
-    from .fit.sources import beir_source, read_query_log
-
-    sources = []
-    for item in data:
-        path = Path(item)
-        if path.is_file() and path.suffix in (".jsonl", ".json"):
-            source = read_query_log(path, max_queries)
-            source.instruction = None if instruction is Instruction.auto else instruction.value
-        else:
-            source = beir_source(item, top_k, max_queries, instruction=instruction.value)
-        sources.append(source)
-    return sources
 
 
 @app.command("select-heads")
@@ -388,6 +389,10 @@ def fit(
     ),
     margin: list[float] = typer.Option([0.01], help="Least nDCG gain to add a head to a label; repeat to try several."),
     report_dir: Optional[Path] = typer.Option(None, help="Where the fit report and heatmap go (default: beside --out)."),
+    fusion: bool = typer.Option(True, help="Fit first-stage fusion on dev (off: the paper's RouteHead)."),
+    calibrate: bool = typer.Option(True, help="Fit a map of scores to probabilities of relevance on dev."),
+    ray: Ray = None,
+    ray_workers: RayWorkers = None,
     quiet: Quiet = False,
 ):
     """Fit a router: extract (cached, resumable), search head labels, train, write the artifact + report."""
@@ -396,6 +401,7 @@ def fit(
     from .extras import ensure
 
     ensure("fit", "routehead-rag fit")
+    _check_ray(ray, ray_workers)
     with _usage():
         from .engine.embedding import QueryEmbeddingConfig
         from .engine.scorer import ScoringConfig
@@ -407,7 +413,9 @@ def fit(
         searches = [SearchConfig(pool_size=p, max_heads=h, margin=m) for p, h, m in itertools.product(pool_size, max_heads, margin)]
         training = TrainingConfig(seed=seed, epochs=epochs)
         scoring = ScoringConfig().with_instruction("relevance" if instruction is Instruction.auto else instruction.value)
-        sources = _sources(data, top_k, max_queries, instruction)
+        from .fit.sources import sources_from_arguments
+
+        sources = sources_from_arguments(data, top_k, max_queries, instruction.value)
         from .model.architecture import peek_shape
 
         shape = peek_shape(model, convert=True)
@@ -425,6 +433,7 @@ def fit(
         result = run_fit(
             backbone, sources, out, scoring=scoring, query_embedding=embedding, search=searches, training=training,
             cache_dir=cache_dir or default_cache_dir(), command=_command(), progress=report, report_dir=report_dir,
+            fusion=fusion, calibrate=calibrate, executor=_executor(ray, ray_workers, model, backbone),
         )
     if not quiet:
         _console().print(f"wrote {result.artifact} (report {result.report}, heatmap {result.heatmap})")

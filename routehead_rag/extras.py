@@ -14,6 +14,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "fit": {"bm25s": "BM25 first-stage retrieval", "ir_measures": "evaluation metrics", "matplotlib": "fit plots"},
     "dense": {"sentence_transformers": "the dense MiniLM baseline"},
     "peft": {"peft": "PEFT adapters"},
+    "ray": {"ray": "distributed extraction (--ray)"},
 }
 
 

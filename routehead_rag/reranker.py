@@ -24,8 +24,8 @@ from .documents import (
 from .engine.prompt import PromptConfig
 from .engine.scorer import AttentionScorer, ScoringConfig
 from .fusion import calibrate, first_stage_signal, fuse
-from .heads import Head, HeadGrid
-from .strategy import AutoHeads, HeadStrategy, StaticHeads, parse_strategy
+from .heads import Head
+from .strategy import AutoHeads, HeadStrategy, StaticHeads, check_against_model, parse_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,19 @@ class RankedResults(Sequence[RankedDocument]):
 
     def ids(self) -> list[Any]:
         return [r.id for r in self._results]
+
+
+@dataclass
+class _Request:
+    """One query's checked inputs and route, between :meth:`RouteHeadReranker._prepare` and ``_finish``."""
+
+    query: str
+    candidates: list
+    live: list
+    first_stage: list[float] | None
+    route: Any
+    top_k: int | None
+    score_threshold: float | None
 
 
 class RouteHeadReranker:
@@ -221,12 +234,7 @@ class RouteHeadReranker:
         self._check_grid(convert=True)
 
     def _check_grid(self, convert: bool) -> None:
-        from .model.architecture import peek_shape
-
-        shape = peek_shape(self.model, convert=convert)
-        if shape is not None:
-            where = f"this backbone ({self.model!r})" if isinstance(self.model, str) else "this backbone"
-            self.strategy.check_grid(HeadGrid(shape.num_layers, shape.num_heads), where)
+        check_against_model(self.strategy, self.model, convert=convert)
 
     @property
     def resolved_strategy(self) -> HeadStrategy:
@@ -270,20 +278,64 @@ class RouteHeadReranker:
         first-stage fusion when the router has it; missing, or with a ``None`` among them, the
         input order does. Nothing passed in is modified.
         """
+        request = self._prepare(query, documents, top_k, score_threshold, first_stage_scores)
+        attention = None
+        if request.live:
+            attention = self.scorer.passage_scores(query, [c.text for c in request.live], request.route.heads)
+        return self._finish(request, attention)
+
+    def rank_batch(
+        self,
+        queries: Sequence[str],
+        documents_lists: Sequence[Iterable[Any]],
+        top_k: int | None = None,
+        score_threshold: float | None = None,
+        first_stage_scores: Sequence[Sequence[float | None] | None] | None = None,
+        batch_size: int = 8,
+    ) -> list[RankedResults]:
+        """:meth:`rank` for many queries at once: ``batch_size`` prompts per forward pass
+        (:mod:`routehead_rag.engine.batched`); the same results as one at a time, to float rounding."""
+        from .engine.batched import head_scores_batch
+
+        if isinstance(queries, str) or not isinstance(queries, Sequence):
+            raise TypeError("queries must be a list of strings (use rank() for one query)")
+        if isinstance(documents_lists, (str, bytes)) or not isinstance(documents_lists, Sequence) or len(
+            documents_lists
+        ) != len(queries):
+            raise ValueError("documents_lists must hold one list of documents per query")
+        stages = first_stage_scores if first_stage_scores is not None else [None] * len(queries)
+        if len(stages) != len(queries):
+            raise ValueError("first_stage_scores must hold one list (or None) per query")
+        requests = [self._prepare(q, d, top_k, score_threshold, f) for q, d, f in zip(queries, documents_lists, stages)]
+        pending = [r for r in requests if r.live]
+        scored = head_scores_batch(
+            self.scorer, [(r.query, [c.text for c in r.live], r.route.heads) for r in pending], batch_size=batch_size
+        ) if pending else []
+        attention = {id(r): self.scorer.aggregate(s, r.route.heads) for r, s in zip(pending, scored)}
+        return [self._finish(r, attention.get(id(r))) for r in requests]
+
+    def _prepare(self, query, documents, top_k, score_threshold, first_stage_scores) -> _Request:
+        """Every check, then the query's route (its heads; the routing pass if any): before the scoring pass."""
         check_query(query)
         check_top_k(top_k)
         check_score_threshold(score_threshold)
         candidates = normalise_documents(documents)
         first_stage = check_first_stage_scores(first_stage_scores, len(candidates))
-        scores = {c.index: EMPTY_PASSAGE_SCORE for c in candidates}
         live = [c for c in candidates if not c.blank]
+        route = None
         if live:
             scorer = self.scorer
             scorer.check_query(query)  # the token budget, before any model work (the routing pass included)
             route = self.resolved_strategy.route(scorer.backbone, query)
-            final = scorer.passage_scores(query, [c.text for c in live], route.heads)  # [live passage]
+        return _Request(query, candidates, live, first_stage, route, top_k, score_threshold)
+
+    def _finish(self, request: _Request, attention) -> RankedResults:
+        """Fusion and calibration where the route has them, then the order, the threshold and the cut."""
+        scores = {c.index: EMPTY_PASSAGE_SCORE for c in request.candidates}
+        if request.live:
+            final, route, live = attention, request.route, request.live
             if self.fuse_first_stage and route.fusion_weight is not None:
-                given = None if first_stage is None else [first_stage[c.index] for c in live]
+                given = None if request.first_stage is None else [request.first_stage[c.index] for c in live]
                 signal = first_stage_signal(len(live), given if given is not None else [-float(c.index) for c in live])
                 final = fuse(final, signal, route.fusion_weight)
             if self.scale_score and route.calibration is not None:
@@ -291,13 +343,13 @@ class RouteHeadReranker:
             for candidate, score in zip(live, final.tolist()):
                 scores[candidate.index] = float(score) if math.isfinite(score) else EMPTY_PASSAGE_SCORE
         # Stable: ties keep first-stage order; blank (or unscorable) passages last.
-        order = sorted(candidates, key=lambda c: (scores[c.index] == EMPTY_PASSAGE_SCORE, -scores[c.index]))
-        if score_threshold is not None:
-            order = [c for c in order if scores[c.index] >= score_threshold]
-        if top_k is not None:
-            order = order[:top_k]
+        order = sorted(request.candidates, key=lambda c: (scores[c.index] == EMPTY_PASSAGE_SCORE, -scores[c.index]))
+        if request.score_threshold is not None:
+            order = [c for c in order if scores[c.index] >= request.score_threshold]
+        if request.top_k is not None:
+            order = order[: request.top_k]
         results = [
             RankedDocument(id=c.id, text=c.text, score=scores[c.index], rank=rank, index=c.index)
             for rank, c in enumerate(order, start=1)
         ]
-        return RankedResults(query, results)
+        return RankedResults(request.query, results)

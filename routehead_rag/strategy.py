@@ -255,3 +255,15 @@ def parse_strategy(heads: Any) -> HeadStrategy:
     raise TypeError(
         f"heads must be 'auto', 'all', a list of heads, a heads file or a router folder, got {type(heads).__name__}"
     )
+
+
+def check_against_model(strategy: HeadStrategy, model: Any, *, convert: bool = True) -> None:
+    """The head choice against ``model``'s layers x heads, from its config without loading weights
+    (with ``convert``, an embedded GGUF not yet converted is converted first; without, it is left
+    for later); a shape not known this way is checked when the model loads."""
+    from .model.architecture import peek_shape
+
+    shape = peek_shape(model, convert=convert)
+    if shape is not None:
+        where = f"this backbone ({model!r})" if isinstance(model, str) else "this backbone"
+        strategy.check_grid(HeadGrid(shape.num_layers, shape.num_heads), where)

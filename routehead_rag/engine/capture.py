@@ -53,14 +53,17 @@ class CaptureRequest:
     ``heads_by_layer`` maps a layer index to the query-head indices to capture
     (``None``: all heads).  Rows ``row_start:`` of this forward's query positions are
     captured; with ``mean_rows`` they are averaged over those rows on the fly, so
-    a layer stores ``[heads, keys]`` instead of ``[heads, rows, keys]``.
+    a layer stores ``[batch, heads, keys]`` instead of ``[batch, heads, rows, keys]``.
+    In a padded batch, ``row_counts[b]`` is how many of element ``b``'s rows are real
+    (the rest are right padding, left out of the mean).
     """
 
     heads_by_layer: Mapping[int, Sequence[int] | None] = field(default_factory=dict)
     row_start: int = 0
     mean_rows: bool = False
     stop_after_layer: int | None = None
-    # filled in: layer -> [heads, rows, keys] (or [heads, keys] with mean_rows), float32
+    row_counts: Sequence[int] | None = None  # real rows per batch element (None: every row)
+    # filled in: layer -> [batch, heads, rows, keys] (or [batch, heads, keys] with mean_rows), float32
     rows: dict[int, torch.Tensor] = field(default_factory=dict)
     layers_seen: set[int] = field(default_factory=set)
     _head_index_cache: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
@@ -87,8 +90,8 @@ _REGISTERED = False
 # attention function
 # ---------------------------------------------------------------------------------------------
 def _row_logits_to_probs(
-    logits: torch.Tensor,  # [heads, rows, keys] float32, already scaled (and soft-capped)
-    mask_rows: torch.Tensor | None,  # [rows, keys] bool (True: attend) or additive float, or None
+    logits: torch.Tensor,  # [batch, heads, rows, keys] float32, already scaled (and soft-capped)
+    mask_rows: torch.Tensor | None,  # [batch | 1, 1, rows, keys] bool (True: attend) or additive float, or None
     first_row_position: int,  # absolute position of the first row (for a causal mask when none is given)
 ) -> torch.Tensor:
     if mask_rows is None:
@@ -104,7 +107,7 @@ def _row_logits_to_probs(
 
 
 def _capture_rows(module: nn.Module, request: CaptureRequest, query, key, attention_mask, scaling, softcap):
-    """Softmax rows ``[heads, rows, keys]`` of the requested heads; batch size must be 1."""
+    """Softmax rows ``[batch, heads, rows, keys]`` of the requested heads (or their mean over real rows)."""
     layer = module.layer_idx
     num_heads, num_kv_heads = query.shape[1], key.shape[1]
     groups = num_heads // num_kv_heads
@@ -112,20 +115,24 @@ def _capture_rows(module: nn.Module, request: CaptureRequest, query, key, attent
     start = request.row_start
     heads = request.head_index(layer, query.device)
     if heads is None:
-        q = query[0, :, start:, :]  # [heads, rows, dim]
-        k = key[0].repeat_interleave(groups, dim=0) if groups > 1 else key[0]  # [heads, keys, dim]
+        q = query[:, :, start:, :]  # [batch, heads, rows, dim]
+        k = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # [batch, heads, keys, dim]
     else:
-        q = query[0, heads, start:, :]
-        k = key[0, heads // groups]  # GQA: query head h reads key/value head h // groups
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # [heads, rows, keys]
+        q = query[:, heads, start:, :]
+        k = key[:, heads // groups]  # GQA: query head h reads key/value head h // groups
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # [batch, heads, rows, keys]
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     mask_rows = None
     if isinstance(attention_mask, torch.Tensor):
-        mask_rows = attention_mask[0, 0, start:, :k_len]  # [rows, keys]
+        mask_rows = attention_mask[:, :1, start:, :k_len]  # [batch | 1, 1, rows, keys]
     probs = _row_logits_to_probs(logits, mask_rows, first_row_position=k_len - q_len + start)
     if request.mean_rows:
-        probs = probs.mean(dim=1)  # [heads, keys]
+        if request.row_counts is None:
+            probs = probs.mean(dim=2)  # [batch, heads, keys]
+        else:  # padded rows (all masked, softmax undefined) are left out
+            probs = torch.stack([probs[b, :, : max(count - start, 1)].mean(dim=1)
+                                 for b, count in enumerate(request.row_counts)])
     request.rows[layer] = probs
 
 
@@ -182,8 +189,6 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
     layer = module.layer_idx
     request.layers_seen.add(layer)
     if layer in request.heads_by_layer:
-        if query.shape[0] != 1:
-            raise ValueError(f"attention capture scores one prompt at a time; got a batch of {query.shape[0]}")
         _capture_rows(module, request, query, key, attention_mask, scaling, softcap)
     if request.stop_after_layer is not None and layer >= request.stop_after_layer:
         raise _StopForward
@@ -275,15 +280,28 @@ def _cache_argument_name(decoder: nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def run_capture(decoder: nn.Module, input_ids: torch.Tensor, cache, request: CaptureRequest) -> CaptureRequest:
-    """One forward of ``input_ids`` ``[1, T]`` through ``decoder`` (no LM head), capturing per ``request``.
+def run_capture(
+    decoder: nn.Module,
+    input_ids: torch.Tensor,
+    cache,
+    request: CaptureRequest,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> CaptureRequest:
+    """One forward of ``input_ids`` ``[batch, T]`` through ``decoder`` (no LM head), capturing per ``request``.
 
     The caller holds :func:`capture_scope` and ``torch.inference_mode``.  ``cache`` (a
-    ``DynamicCache``) is extended in place for every layer up to the deepest one run.
+    ``DynamicCache``) is extended in place for every layer up to the deepest one run.  A padded
+    batch passes its 2-D ``attention_mask`` ``[batch, past + T]`` and ``position_ids`` ``[batch, T]``.
     """
+    extra = {}
+    if attention_mask is not None:
+        extra["attention_mask"] = attention_mask
+    if position_ids is not None:
+        extra["position_ids"] = position_ids
     token = _ACTIVE.set(request)
     try:
-        decoder(input_ids=input_ids, use_cache=True, **{_cache_argument_name(decoder): cache})
+        decoder(input_ids=input_ids, use_cache=True, **{_cache_argument_name(decoder): cache}, **extra)
     except _StopForward:
         pass
     finally:

@@ -167,17 +167,9 @@ class AttentionScorer:
         """
         backbone = self.backbone
         plan = heads_by_layer(heads, backbone.num_layers)
-        fixed = self.check_query(query)
-        passage_ids = [self.prompts.cut_passage(text) for text in passages]
-        # A passage that cannot fit alone is cut to fit (documented policy).
-        room = self._budget - fixed - self.prompts.passage_cost([], len(passages) or 1)
-        passage_ids = [ids[: max(room, 1)] for ids in passage_ids]
-        costs = [self.prompts.passage_cost(ids, len(passages)) for ids in passage_ids]
-        shape = (backbone.num_layers, backbone.num_heads, len(passages))
-        real = torch.full(shape, float("nan"))
-        free = torch.full(shape, float("nan")) if self.config.calibrate else None
-        aggregated = torch.zeros(len(passages)) if self.config.mask_outliers else None
-        for window in plan_windows(costs, fixed, self._budget):
+        passage_ids, windows = self.windows(query, passages)
+        real, free, aggregated = self.empty_scores(len(passages))
+        for window in windows:
             window_scores = self._score_window(query, [passage_ids[i] for i in window], plan, heads)
             real[:, :, window] = window_scores.real
             if free is not None:
@@ -186,9 +178,31 @@ class AttentionScorer:
                 aggregated[window] = window_scores.aggregated
         return HeadScores(real=real, content_free=free, aggregated=aggregated)
 
+    def windows(self, query: str, passages: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """The passages' token ids (cut as the prompt says; one that cannot fit alone is cut to fit) and
+        the windows they are scored in (:func:`plan_windows`)."""
+        fixed = self.check_query(query)
+        passage_ids = [self.prompts.cut_passage(text) for text in passages]
+        room = self._budget - fixed - self.prompts.passage_cost([], len(passages) or 1)
+        passage_ids = [ids[: max(room, 1)] for ids in passage_ids]
+        costs = [self.prompts.passage_cost(ids, len(passages)) for ids in passage_ids]
+        return passage_ids, plan_windows(costs, fixed, self._budget)
+
+    def empty_scores(self, count: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """NaN ``[layer, head, passage]`` tensors (real, content-free) and the outlier-masked aggregate, to fill."""
+        shape = (self.backbone.num_layers, self.backbone.num_heads, count)
+        real = torch.full(shape, float("nan"))
+        free = torch.full(shape, float("nan")) if self.config.calibrate else None
+        aggregated = torch.zeros(count) if self.config.mask_outliers else None
+        return real, free, aggregated
+
     def passage_scores(self, query: str, passages: Sequence[str], heads: Sequence[Head] | None = None) -> torch.Tensor:
         """One score per passage ``[passage]``: the calibrated scores summed over ``heads``."""
-        scores = self.head_scores(query, passages, heads)
+        return self.aggregate(self.head_scores(query, passages, heads), heads)
+
+    @staticmethod
+    def aggregate(scores: HeadScores, heads: Sequence[Head] | None) -> torch.Tensor:
+        """``[passage]`` of per-head scores: the outlier-masked aggregate where computed, else the head sum."""
         if scores.aggregated is not None:
             return scores.aggregated
         return aggregate(scores.calibrated, heads)
@@ -220,7 +234,7 @@ class AttentionScorer:
                 scores = torch.full(shape, float("nan"))
                 tokens = torch.zeros(layout.prefix_length)
                 for layer, head_list in plan.items():
-                    rows = request.rows[layer][..., : layout.prefix_length].float().cpu()  # [heads, keys]
+                    rows = request.rows[layer][0, ..., : layout.prefix_length].float().cpu()  # [heads, keys]
                     index = slice(None) if head_list is None else head_list
                     scores[layer, index] = _span_sums(rows, layout)
                     tokens += rows.sum(dim=0)

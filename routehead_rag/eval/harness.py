@@ -86,12 +86,13 @@ def extract_set(
     scorer: AttentionScorer,
     cache_dir: str | Path | None,
     progress: Callable[[int], None] | None = None,
+    executor=None,
 ) -> dict[str, QueryExtraction]:
     """Every head's scores of every query's candidates, from the extraction cache where present."""
     return extract(
         scorer, eval_set.name, eval_set.dataset.queries, eval_set.candidates,
         lambda qid, ids: eval_set.passages(qid, ids), Path(cache_dir) if cache_dir is not None else None,
-        progress=progress, key_extra={"max_words": eval_set.max_words},
+        progress=progress, key_extra={"max_words": eval_set.max_words}, executor=executor,
     )
 
 
@@ -205,6 +206,7 @@ def evaluate_on_set(
     router: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    executor=None,
 ) -> dict[str, Any]:
     """What ``routehead-rag eval`` reports: one strategy on one set, as a JSON-ready dict.
 
@@ -228,7 +230,8 @@ def evaluate_on_set(
             report("extracting", done, total)
 
         report("extracting", 0, total)
-        extractions = extract_set(eval_set, AttentionScorer(backbone, config), cache_dir or default_cache_dir(), tick)
+        extractions = extract_set(eval_set, AttentionScorer(backbone, config), cache_dir or default_cache_dir(), tick,
+                                  executor=executor)
         routes = {}
         for index, qid in enumerate(extractions, start=1):
             routes[qid] = strategy.route(backbone, eval_set.dataset.queries[qid])

@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +99,36 @@ def _load_query_file(path: Path, qid: str, doc_ids: list[str], content: str) -> 
         return None
 
 
+@dataclass(frozen=True)
+class PendingQuery:
+    """One query whose extraction is not in the cache yet: what a worker needs to compute it."""
+
+    qid: str
+    query: str
+    passages: list[str]
+
+
+class LocalExtractor:
+    """Computes pending extractions with the scorer in this process, ``batch_size`` prompts per forward
+    pass (1: one query at a time; more: :mod:`routehead_rag.engine.batched`)."""
+
+    def __init__(self, batch_size: int = 1):
+        self.batch_size = batch_size
+
+    def run(self, scorer: AttentionScorer, pending: Sequence[PendingQuery]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        from ..engine.batched import head_scores_batch
+
+        for start in range(0, len(pending), self.batch_size):
+            chunk = pending[start : start + self.batch_size]
+            if self.batch_size == 1:
+                scored = [scorer.head_scores(chunk[0].query, chunk[0].passages, heads=None)]
+            else:
+                scored = head_scores_batch(scorer, [(i.query, i.passages, None) for i in chunk], self.batch_size)
+            for item, scores in zip(chunk, scored):
+                content_free = scores.content_free if scores.content_free is not None else torch.zeros_like(scores.real)
+                yield item.qid, scores.real, content_free
+
+
 def extract(
     scorer: AttentionScorer,
     dataset_name: str,
@@ -108,12 +138,17 @@ def extract(
     cache_dir: Path | None,
     progress: Callable[[int], None] | None = None,
     key_extra: dict | None = None,
+    executor=None,
 ) -> dict[str, QueryExtraction]:
     """All-head scores of every query's candidates, from the cache where present.
 
     ``passages_of(qid, doc_ids)`` returns the passage texts (for a BEIR set already cut as the
     protocol says; the scorer applies the same word cut, which then changes nothing).
-    ``progress(n)`` is called after each query.
+    ``progress(n)`` is called after each query. What is not cached is computed by ``executor``
+    (default: :class:`LocalExtractor` on ``scorer``; :class:`routehead_rag.fit.distributed.RayExtractor`
+    spreads it over a Ray cluster) and written to the cache as each query arrives, so an
+    interrupted run resumes, with or without Ray. The result is in ``candidates`` order whatever
+    order the queries were computed in.
     """
     folder = None
     if cache_dir is not None:
@@ -126,27 +161,33 @@ def extract(
             raise ValueError(f"{dataset_name}: query {qid!r}: {err}") from None
     started = time.time()
     results: dict[str, QueryExtraction] = {}
+    pending: list[PendingQuery] = []
+    contents: dict[str, tuple[list[str], str]] = {}
     for qid, doc_ids in candidates.items():
         doc_ids = list(doc_ids)
         passages = passages_of(qid, doc_ids)
         content = content_sha256(queries[qid], passages)
         cached = _load_query_file(_query_file(folder, qid), qid, doc_ids, content) if folder else None
         if cached is None:
-            scores = scorer.head_scores(queries[qid], passages, heads=None)
-            content_free = scores.content_free if scores.content_free is not None else torch.zeros_like(scores.real)
-            cached = QueryExtraction(qid, doc_ids, scores.real, content_free)
-            if folder is not None:
-                _atomic_torch_save(
-                    {"qid": qid, "doc_ids": doc_ids, "content_sha256": content,
-                     "real": scores.real, "content_free": content_free},
-                    _query_file(folder, qid),
-                )
+            pending.append(PendingQuery(qid, queries[qid], passages))
+            contents[qid] = (doc_ids, content)
+            continue
         results[qid] = cached
+        if progress is not None:
+            progress(1)
+    for qid, real, content_free in (executor or LocalExtractor()).run(scorer, pending):
+        doc_ids, content = contents[qid]
+        results[qid] = QueryExtraction(qid, doc_ids, real, content_free)
+        if folder is not None:
+            _atomic_torch_save(
+                {"qid": qid, "doc_ids": doc_ids, "content_sha256": content, "real": real, "content_free": content_free},
+                _query_file(folder, qid),
+            )
         if progress is not None:
             progress(1)
     if folder is not None:
         _remove_stale_temporaries(folder, before=started)
-    return results
+    return {qid: results[qid] for qid in candidates}
 
 
 def _remove_stale_temporaries(folder: Path, before: float) -> None:

@@ -61,8 +61,12 @@ def extract_sources(
     scoring: ScoringConfig,
     cache_dir: str | Path | None,
     progress: Callable[[str, int, int], None] | None = None,
+    executor=None,
 ) -> PooledExtractions:
-    """One cached all-heads extraction per query of every source, in each source's prompt wording."""
+    """One cached all-heads extraction per query of every source, in each source's prompt wording.
+
+    ``executor`` computes what is not cached (default: in this process; see
+    :mod:`routehead_rag.fit.distributed` for Ray)."""
     report = progress or (lambda stage, done, total: None)
     scorers: dict[str | None, AttentionScorer] = {}
     pooled = PooledExtractions()
@@ -80,7 +84,7 @@ def extract_sources(
             )
         extractions = extract(
             scorers[source.instruction], source.name, source.queries, source.candidates, source.passages,
-            Path(cache_dir) if cache_dir is not None else None, progress=tick, key_extra=source.key,
+            Path(cache_dir) if cache_dir is not None else None, progress=tick, key_extra=source.key, executor=executor,
         )
         for qid, extraction in extractions.items():
             key = f"{source.name}/{qid}"
@@ -130,6 +134,7 @@ def run_fit(
     report_dir: str | Path | None = None,
     fusion: bool = True,
     calibrate: bool = True,
+    executor=None,
 ) -> FitResult:
     """Fit a router on ``sources`` and write the artifact and its fit report to ``out``.
 
@@ -151,7 +156,7 @@ def run_fit(
         raise ValueError("every search setting must use the same nDCG depth")
     training = training or TrainingConfig()
     report = progress or (lambda stage, done, total: None)
-    pooled = extract_sources(backbone, sources, scoring, cache_dir, report)
+    pooled = extract_sources(backbone, sources, scoring, cache_dir, report, executor=executor)
     data = pooled.labelled_set(depth=searches[0].depth)
     embeddings = []
     for index, key in enumerate(data.qids):

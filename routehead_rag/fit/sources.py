@@ -191,3 +191,19 @@ def eval_set_source(eval_set, instruction: str | None = "auto") -> FitSource:
         instruction=instruction_for(instruction, dataset.name) if instruction is not None else None,
         first_stage=eval_set.first_stage_order(),
     )
+
+
+def sources_from_arguments(data: list[str], top_k: int, max_queries: int | None, instruction: str = "auto") -> list[FitSource]:
+    """What ``routehead-rag fit DATA...`` learns from: each item a JSONL query log (``.jsonl``/``.json``) or a
+    BEIR-layout folder or set name (its fit split); ``instruction`` as the CLI takes it (``auto``: the
+    protocol's wording per known set; a log keeps the fit's own prompt)."""
+    sources = []
+    for item in data:
+        path = Path(item)
+        if path.is_file() and path.suffix in (".jsonl", ".json"):
+            source = read_query_log(path, max_queries)
+            source.instruction = None if instruction == "auto" else instruction
+        else:
+            source = beir_source(item, top_k, max_queries, instruction=instruction)
+        sources.append(source)
+    return sources

@@ -36,7 +36,7 @@ def test_captured_rows_equal_eager_output_attentions(embedded_backbone):
     with capture_scope(embedded_backbone.decoder), torch.inference_mode():
         run_capture(embedded_backbone.decoder, ids, DynamicCache(), request)
     for layer in layers:
-        torch.testing.assert_close(request.rows[layer], reference[layer][0, :, start:, :], atol=1e-5, rtol=0)
+        torch.testing.assert_close(request.rows[layer][0], reference[layer][0, :, start:, :], atol=1e-5, rtol=0)
     assert model.config._attn_implementation == original
 
 

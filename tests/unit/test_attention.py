@@ -39,7 +39,7 @@ def test_captured_rows_equal_eager_attention(arch):
         run_capture(model.base_model, ids, DynamicCache(), request)
     for layer in range(layers):
         expected = reference[layer][0, :, 55:, :]  # [heads, rows, keys]
-        torch.testing.assert_close(request.rows[layer], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(request.rows[layer][0], expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -77,7 +77,7 @@ def test_selected_heads_map_through_gqa():
     with capture_scope(model.base_model), torch.inference_mode():
         run_capture(model.base_model, ids, DynamicCache(), request)
     expected = reference[1][0, [3, 0], 60:, :].mean(dim=1)  # [heads, keys]
-    torch.testing.assert_close(request.rows[1], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(request.rows[1][0], expected, atol=1e-5, rtol=0)
 
 
 def test_early_exit_skips_later_layers():

@@ -212,6 +212,16 @@ def test_a_missing_extra_names_the_install_command(monkeypatch, beir_dir):
     assert "pip install 'routehead-rag[fit]'" in one_error_line(result)
 
 
+def test_ray_without_the_extra_names_the_install_command(monkeypatch, beir_dir):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    result = runner.invoke(app, ["eval", str(beir_dir), "--strategy", "all", "--ray", "local"])
+    assert result.exit_code == 1
+    assert "pip install 'routehead-rag[ray]'" in one_error_line(result)
+
+
 def test_version():
     from routehead_rag import __version__
 
