@@ -92,6 +92,8 @@ def test_to_dict_defaults():
             "max_prompt_tokens": 4096,
             "instruction": None,
             "tokenizer": None,
+            "fuse_first_stage": True,
+            "scale_score": True,
         },
     }
 
@@ -109,6 +111,8 @@ def test_to_dict_with_every_argument_set():
         max_prompt_tokens=2048,
         instruction="question",
         tokenizer="HuggingFaceTB/SmolLM2-360M-Instruct",
+        fuse_first_stage=False,
+        scale_score=False,
     )
     assert ranker.to_dict() == {
         "type": RANKER_TYPE,
@@ -124,6 +128,8 @@ def test_to_dict_with_every_argument_set():
             "max_prompt_tokens": 2048,
             "instruction": "question",
             "tokenizer": "HuggingFaceTB/SmolLM2-360M-Instruct",
+            "fuse_first_stage": False,
+            "scale_score": False,
         },
     }
 
@@ -143,6 +149,8 @@ def test_from_dict_round_trip_leaves_the_data_untouched():
             "max_prompt_tokens": 512,
             "instruction": None,
             "tokenizer": None,
+            "fuse_first_stage": True,
+            "scale_score": True,
         },
     }
     snapshot = {**data, "init_parameters": dict(data["init_parameters"])}

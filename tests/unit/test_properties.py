@@ -35,11 +35,17 @@ TEXT = st.one_of(
     ODD_TEXT,
     st.sampled_from(["", " ", "\n\t ", "\ud800", "x\udfff y", "\x00\x07", "مرحبا", "🌊🌕", "a" * 600, "b " * 300]),
 )
-QUERY = st.one_of(TEXT, st.sampled_from(["a " * 2000, None, 3, b"bytes", ["list"]]))
+PLAIN = st.lists(WORDS, min_size=1, max_size=12).map(" ".join)
+QUERY = st.one_of(PLAIN, PLAIN, TEXT, st.sampled_from(["a " * 2000, None, 3, b"bytes", ["list"]]))
 IDS = st.one_of(st.integers(-3, 3), st.sampled_from(["a", "b", "", "\ud800"]), st.just(("t", 1)), st.just(["unhashable"]))
 ITEM = st.one_of(TEXT, st.tuples(IDS, TEXT), st.sampled_from([None, 3, ("only-id",), ("a", 3)]))
+VALID = st.one_of(
+    st.lists(TEXT, max_size=8),  # strings: each id is its position
+    st.lists(st.tuples(st.text(max_size=4), TEXT), max_size=8, unique_by=lambda pair: pair[0]),  # (id, text), ids unique
+)
 DOCUMENTS = st.one_of(
-    st.lists(ITEM, max_size=8),
+    VALID, VALID, VALID,  # most cases reach the model
+    st.lists(ITEM, max_size=8),  # mixed and malformed items, repeated ids
     st.sampled_from([None, "a single string", {"d1": "dict"}, {"a", "b"}, 5]),
 )
 TOP_K = st.one_of(st.none(), st.integers(-2, 10), st.sampled_from([True, 2.5, "3", 10**6]))
@@ -272,6 +278,8 @@ def test_llama_index_postprocessor(llama_postprocessor, engine, query, nodes, to
     rerank._reranker = llama_postprocessor.reranker  # one engine (model_copy copies the fields only)
     texts = [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in nodes]
     expected = violations(query, texts, budget_check=over_budget(engine)) if nodes else violations(query)
+    if query is None:  # no query at all: the postprocessor's own "needs the query" error
+        expected.append((ValueError, "needs the query"))
     if expected:
         raises_one_of(expected, lambda: rerank.postprocess_nodes(nodes, query_str=query))
     else:
@@ -279,7 +287,10 @@ def test_llama_index_postprocessor(llama_postprocessor, engine, query, nodes, to
         full = engine.rank(query, texts) if nodes else []
         cut = [r for r in full if threshold is None or r.score >= threshold][:top_n]
         assert [n.score for n in result] == [r.score for r in cut]
-        assert [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in result] == [texts[r.index] for r in cut]
+        assert [n.node.text for n in result] == [nodes[r.index].node.text for r in cut]
+        for n, r in zip(result, cut):  # the caller's metadata, plus the retrieval score when asked to keep it
+            extra = {"retrieval_score": nodes[r.index].score} if keep else {}
+            assert n.node.metadata == {**nodes[r.index].node.metadata, **extra}
         if full:
             check_ranking([r.score for r in full], [not texts[r.index].strip() for r in full])
         again = rerank.postprocess_nodes(nodes, query_str=query)
