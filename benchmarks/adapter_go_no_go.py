@@ -44,6 +44,30 @@ from routehead_rag.strategy import RoutedHeads
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def plot(result, path: Path) -> None:
+    """Dev nDCG@10 after each epoch, one line per (rank, learning rate), the adapter-off baseline dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for run in result["runs"]:
+        epochs = [h["epoch"] for h in run["history"]]  # epoch 0: the adapter untrained (exactly the base model)
+        values = [h["dev_ndcg@10"] for h in run["history"]]
+        ax.plot(epochs, values, marker="o", label=f"rank {run['rank']}, lr {run['lr']:g}")
+    baseline = result["runs"][0]["baseline_dev_ndcg@10"]
+    ax.axhline(baseline, linestyle="--", color="grey", label="adapter off")
+    ax.axhline(baseline + 0.02, linestyle=":", color="red", label="go line (+2 points)")
+    ax.set_xlabel("epochs trained")
+    ax.set_ylabel("dev nDCG@10")
+    ax.set_title("query-side LoRA: go/no-go on fit dev")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 class QueryLoRA(torch.nn.Module):
     """Low-rank deltas ``B A x * alpha / r`` on the target projections of layers ``0..depth``; on only when ``active``."""
 
@@ -221,6 +245,7 @@ def main() -> int:
     lines += ["", f"Decision: **{'go' if go else 'no-go'}**.", "", machine_line(result), "",
               f"Produced by `python benchmarks/adapter_go_no_go.py {' '.join(sys.argv[1:])}` in {result['seconds']} s."]
     (args.out / "adapter_go_no_go.md").write_text("\n".join(lines) + "\n")
+    plot(result, args.out / "adapter_go_no_go.png")
     console.print("\n".join(lines))
     return 0
 

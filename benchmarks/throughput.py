@@ -32,6 +32,29 @@ from routehead_rag.model.backbone import load_backbone
 BATCHES = (1, 4, 16)
 
 
+def plot(result, path: Path) -> None:
+    """Queries per second against batch size, one line per head choice, the naive reference dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for heads in dict.fromkeys(r["heads"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["heads"] == heads]
+        ax.plot([r["batch"] for r in rows], [r["queries_per_second"] for r in rows], marker="o", label=heads)
+    ax.axhline(result["naive_queries_per_second"], linestyle="--", color="grey", label="naive two-pass, batch 1")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(BATCHES), [str(b) for b in BATCHES])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("queries / s")
+    ax.set_title(f"rank_batch throughput ({result['device']}, {result['dtype']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def timed(function, repeats: int = 1) -> float:
     best = None
     for _ in range(repeats):
@@ -137,6 +160,7 @@ def main() -> int:
               f"{result['floor']['median_ratio']:.2f}x.", "", machine_line(result), "",
               f"Produced by `python benchmarks/throughput.py {' '.join(sys.argv[1:])}` in {result['seconds']} s."]
     (args.out / f"throughput{suffix}.md").write_text("\n".join(lines) + "\n")
+    plot(result, args.out / f"throughput{suffix}.png")
     console.print("\n".join(lines))
     return 0
 

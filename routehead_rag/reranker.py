@@ -291,23 +291,34 @@ class RouteHeadReranker:
         top_k: int | None = None,
         score_threshold: float | None = None,
         first_stage_scores: Sequence[Sequence[float | None] | None] | None = None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
     ) -> list[RankedResults]:
         """:meth:`rank` for many queries at once: ``batch_size`` prompts per forward pass
-        (:mod:`routehead_rag.engine.batched`); the same results as one at a time, to float rounding."""
+        (:mod:`routehead_rag.engine.batched`); the same results as one at a time, to float rounding.
+
+        ``batch_size=None`` picks 1 on a CPU, where padded batches measured slower than one prompt at
+        a time (``benchmarks/results/throughput.md``), and 8 on an accelerator."""
         from .engine.batched import head_scores_batch
 
         if isinstance(queries, str) or not isinstance(queries, Sequence):
             raise TypeError("queries must be a list of strings (use rank() for one query)")
-        if isinstance(documents_lists, (str, bytes)) or not isinstance(documents_lists, Sequence) or len(
-            documents_lists
-        ) != len(queries):
-            raise ValueError("documents_lists must hold one list of documents per query")
+        if isinstance(documents_lists, (str, bytes)) or not isinstance(documents_lists, Sequence):
+            raise TypeError(f"documents_lists must be a list holding one list of documents per query, got {type(documents_lists).__name__}")
+        if len(documents_lists) != len(queries):
+            raise ValueError(
+                f"documents_lists must hold one list of documents per query: got {len(documents_lists)} lists for {len(queries)} queries"
+            )
         stages = first_stage_scores if first_stage_scores is not None else [None] * len(queries)
         if len(stages) != len(queries):
-            raise ValueError("first_stage_scores must hold one list (or None) per query")
+            raise ValueError(
+                f"first_stage_scores must hold one list (or None) per query: got {len(stages)} for {len(queries)} queries"
+            )
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None (automatic), got {batch_size!r}")
         requests = [self._prepare(q, d, top_k, score_threshold, f) for q, d, f in zip(queries, documents_lists, stages)]
         pending = [r for r in requests if r.live]
+        if batch_size is None:
+            batch_size = 1 if self.scorer.backbone.device.type == "cpu" else 8
         scored = head_scores_batch(
             self.scorer, [(r.query, [c.text for c in r.live], r.route.heads) for r in pending], batch_size=batch_size
         ) if pending else []

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..extras import require
-from .beir import Document
+from .beir_files import Document
 
 bm25s = require("bm25s", "fit")
 

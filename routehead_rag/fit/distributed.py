@@ -16,7 +16,7 @@ ray://HEAD:10001`` from outside it). Without an address a local cluster is start
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -106,23 +106,26 @@ class RayExtractor:
                     )
         return actors
 
-    def run(self, scorer, pending: Sequence[PendingQuery]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """Yield ``(qid, real, content_free)`` as workers finish (any order); at most 2 tasks queued per actor.
+    def run(self, scorer, pending: Iterable[PendingQuery]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Yield ``(qid, real, content_free)`` as workers finish (any order); at most 2 tasks queued per actor,
+        so ``pending`` is read as a stream (only the queued queries' texts are held).
 
         ``scorer`` is the driver's: its settings go to the workers (the cache key is the driver's)."""
-        if not pending:
+        queue = iter(pending)
+        item = next(queue, None)
+        if item is None:
             return
         scoring_json = scorer.config.model_dump_json()
         ray = self.ray
         if self._actors is None:
             self._actors = self._start()
-        queue = list(pending)
         running: dict[Any, Any] = {}
         free = [a for a in self._actors for _ in range(2)]
-        while queue or running:
-            while queue and free:
-                actor, item = free.pop(), queue.pop(0)
+        while item is not None or running:
+            while item is not None and free:
+                actor = free.pop()
                 running[actor.extract.remote(scoring_json, item.qid, item.query, item.passages)] = actor
+                item = next(queue, None)
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
                 free.append(running.pop(ref))

@@ -12,11 +12,12 @@ can move without invalidating anything.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,11 +116,11 @@ class LocalExtractor:
     def __init__(self, batch_size: int = 1):
         self.batch_size = batch_size
 
-    def run(self, scorer: AttentionScorer, pending: Sequence[PendingQuery]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    def run(self, scorer: AttentionScorer, pending: Iterable[PendingQuery]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         from ..engine.batched import head_scores_batch
 
-        for start in range(0, len(pending), self.batch_size):
-            chunk = pending[start : start + self.batch_size]
+        items = iter(pending)
+        while chunk := list(itertools.islice(items, self.batch_size)):
             if self.batch_size == 1:
                 scored = [scorer.head_scores(chunk[0].query, chunk[0].passages, heads=None)]
             else:
@@ -127,6 +128,64 @@ class LocalExtractor:
             for item, scores in zip(chunk, scored):
                 content_free = scores.content_free if scores.content_free is not None else torch.zeros_like(scores.real)
                 yield item.qid, scores.real, content_free
+
+
+def iter_extractions(
+    scorer: AttentionScorer,
+    dataset_name: str,
+    queries: dict[str, str],
+    candidates: dict[str, list[str]],
+    passages_of: Callable[[str, list[str]], list[str]],
+    cache_dir: Path | None,
+    progress: Callable[[int], None] | None = None,
+    key_extra: dict | None = None,
+    executor=None,
+) -> Iterator[QueryExtraction]:
+    """Every query's all-head scores, from the cache where present, as each becomes available (cached
+    queries first, then computed ones in the order the executor finishes them).
+
+    Streams: passage texts are read when a query is checked against the cache and again when it is
+    computed, never held for the whole set; a caller that keeps only what it needs of each
+    extraction keeps memory per query to that. See :func:`extract` for the rest."""
+    folder = None
+    if cache_dir is not None:
+        folder = Path(cache_dir) / "extractions" / extraction_key(scorer, dataset_name, key_extra)
+        folder.mkdir(parents=True, exist_ok=True)
+    for qid in candidates:  # every query's token budget first: cheap, and before any model work
+        try:
+            scorer.check_query(queries[qid])
+        except ValueError as err:
+            raise ValueError(f"{dataset_name}: query {qid!r}: {err}") from None
+    started = time.time()
+    contents: dict[str, str] = {}  # qid -> sha256 of the texts, for the queries still to compute
+    for qid, doc_ids in candidates.items():
+        doc_ids = list(doc_ids)
+        content = content_sha256(queries[qid], passages_of(qid, doc_ids))
+        cached = _load_query_file(_query_file(folder, qid), qid, doc_ids, content) if folder else None
+        if cached is None:
+            contents[qid] = content
+            continue
+        if progress is not None:
+            progress(1)
+        yield cached
+
+    def pending() -> Iterator[PendingQuery]:
+        for qid in contents:
+            yield PendingQuery(qid, queries[qid], passages_of(qid, list(candidates[qid])))
+
+    for qid, real, content_free in (executor or LocalExtractor()).run(scorer, pending()):
+        doc_ids = list(candidates[qid])
+        if folder is not None:
+            _atomic_torch_save(
+                {"qid": qid, "doc_ids": doc_ids, "content_sha256": contents[qid], "real": real,
+                 "content_free": content_free},
+                _query_file(folder, qid),
+            )
+        if progress is not None:
+            progress(1)
+        yield QueryExtraction(qid, doc_ids, real, content_free)
+    if folder is not None:
+        _remove_stale_temporaries(folder, before=started)
 
 
 def extract(
@@ -148,45 +207,13 @@ def extract(
     (default: :class:`LocalExtractor` on ``scorer``; :class:`routehead_rag.fit.distributed.RayExtractor`
     spreads it over a Ray cluster) and written to the cache as each query arrives, so an
     interrupted run resumes, with or without Ray. The result is in ``candidates`` order whatever
-    order the queries were computed in.
+    order the queries were computed in (:func:`iter_extractions` streams them instead).
     """
-    folder = None
-    if cache_dir is not None:
-        folder = Path(cache_dir) / "extractions" / extraction_key(scorer, dataset_name, key_extra)
-        folder.mkdir(parents=True, exist_ok=True)
-    for qid in candidates:  # every query's token budget first: cheap, and before any model work
-        try:
-            scorer.check_query(queries[qid])
-        except ValueError as err:
-            raise ValueError(f"{dataset_name}: query {qid!r}: {err}") from None
-    started = time.time()
-    results: dict[str, QueryExtraction] = {}
-    pending: list[PendingQuery] = []
-    contents: dict[str, tuple[list[str], str]] = {}
-    for qid, doc_ids in candidates.items():
-        doc_ids = list(doc_ids)
-        passages = passages_of(qid, doc_ids)
-        content = content_sha256(queries[qid], passages)
-        cached = _load_query_file(_query_file(folder, qid), qid, doc_ids, content) if folder else None
-        if cached is None:
-            pending.append(PendingQuery(qid, queries[qid], passages))
-            contents[qid] = (doc_ids, content)
-            continue
-        results[qid] = cached
-        if progress is not None:
-            progress(1)
-    for qid, real, content_free in (executor or LocalExtractor()).run(scorer, pending):
-        doc_ids, content = contents[qid]
-        results[qid] = QueryExtraction(qid, doc_ids, real, content_free)
-        if folder is not None:
-            _atomic_torch_save(
-                {"qid": qid, "doc_ids": doc_ids, "content_sha256": content, "real": real, "content_free": content_free},
-                _query_file(folder, qid),
-            )
-        if progress is not None:
-            progress(1)
-    if folder is not None:
-        _remove_stale_temporaries(folder, before=started)
+    results = {
+        item.qid: item
+        for item in iter_extractions(scorer, dataset_name, queries, candidates, passages_of, cache_dir, progress,
+                                     key_extra, executor)
+    }
     return {qid: results[qid] for qid in candidates}
 
 

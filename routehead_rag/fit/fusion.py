@@ -121,8 +121,8 @@ def fit_calibration(final: torch.Tensor, data: LabelledSet, rows: torch.Tensor, 
         return loss
 
     optimizer.step(closure)
-    slope = float(torch.nn.functional.softplus(raw_slope)) / std
-    config = CalibrationConfig(slope=max(slope, 1e-9), intercept=float(intercept) - slope * mean,
+    slope = float(torch.nn.functional.softplus(raw_slope.detach())) / std
+    config = CalibrationConfig(slope=max(slope, 1e-9), intercept=float(intercept.detach()) - slope * mean,
                                target=f"grade >= {relevant_grade}")
     probabilities = torch.sigmoid(config.slope * x + config.intercept)
     return config, {"ece": expected_calibration_error(probabilities, y), "pairs": float(len(y)),

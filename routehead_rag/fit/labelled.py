@@ -18,6 +18,9 @@ import torch
 from ..heads import Head, HeadGrid
 
 
+QUERY_CHUNK = 2048  # queries per piece for work batched over queries (see LabelledSet.chunks)
+
+
 @dataclass
 class LabelledSet:
     """Padded tensors of a labelled set, ready for batched search.
@@ -44,9 +47,19 @@ class LabelledSet:
 
     def sum_heads(self, heads: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``[row, passage]``: each row's scores summed over its heads ``heads`` ``[row, k]`` (flat indices)."""
-        scores = self.scores if rows is None else self.scores[rows]
-        picked = torch.gather(scores, 1, heads[:, :, None].expand(-1, -1, scores.shape[2]))  # [row, k, passage]
+        rows = torch.arange(self.scores.shape[0]) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        picked = self.scores[rows[:, None], heads]  # [row, k, passage]: only the picked heads are copied
         return picked.sum(dim=1)
+
+    def chunks(self, size: int | None = None):
+        """The set in consecutive pieces of at most ``size`` (default ``QUERY_CHUNK``) queries (the set itself
+        when it fits in one), so work batched over queries keeps its intermediates to ``size x heads x passages``."""
+        size = size or QUERY_CHUNK
+        if len(self.qids) <= size:
+            yield self
+            return
+        for start in range(0, len(self.qids), size):
+            yield self.subset(torch.arange(start, min(start + size, len(self.qids))))
 
     def subset(self, rows: Sequence[int] | torch.Tensor) -> "LabelledSet":
         """The set restricted to ``rows`` (in that order)."""
@@ -70,26 +83,31 @@ def build_labelled_set(
     doc_ids: Mapping[str, Sequence[str]],
     qrels: Mapping[str, Mapping[str, int]],
     depth: int = 10,
+    consume: bool = False,
 ) -> LabelledSet:
     """Pad per-query ``[layer, head, passage]`` tensors into a :class:`LabelledSet`.
 
     Queries without any relevant judged document are left out (no head can help them).
+    ``consume`` pops each kept query's tensor from ``per_query_scores`` (a mutable mapping the caller
+    owns and no longer needs) as it is copied, so peak memory holds one copy of the scores.
     """
     qids = [q for q in per_query_scores if any(g > 0 for g in qrels.get(q, {}).values())]
     if not qids:
         raise ValueError("no query has a relevant judged document: nothing to search heads on")
     first = per_query_scores[qids[0]]
     num_layers, num_heads = first.shape[:2]
+    first_shape = tuple(first.shape)
     width = max(per_query_scores[q].shape[-1] for q in qids)
     scores = torch.zeros(len(qids), num_layers * num_heads, width, dtype=torch.float64)
     gains = torch.zeros(len(qids), width, dtype=torch.float64)
     valid = torch.zeros(len(qids), width, dtype=torch.bool)
     ideal = torch.zeros(len(qids), dtype=torch.float64)
     weights = discounts(depth, max(width, depth))
+    del first
     for row, qid in enumerate(qids):
-        tensor = per_query_scores[qid]
+        tensor = per_query_scores.pop(qid) if consume else per_query_scores[qid]
         if tensor.shape[:2] != (num_layers, num_heads):
-            raise ValueError(f"query {qid!r} has scores of shape {tuple(tensor.shape)}, others {tuple(first.shape)}")
+            raise ValueError(f"query {qid!r} has scores of shape {tuple(tensor.shape)}, others {first_shape}")
         count = tensor.shape[-1]
         scores[row, :, :count] = tensor.reshape(num_layers * num_heads, count).double()
         judged = qrels.get(qid, {})
@@ -117,12 +135,27 @@ def batched_ndcg(
     return torch.where(ideal_dcg > 0, dcg / ideal_dcg.clamp_min(1e-12), torch.zeros_like(dcg))
 
 
-def single_head_quality(data: LabelledSet, depth: int = 10) -> torch.Tensor:
-    """Mean single-head nDCG@``depth`` over the set: ``[head]`` (flattened)."""
-    per_query = batched_ndcg(
-        data.scores, data.gains[:, None, :], data.valid[:, None, :], data.ideal_dcg[:, None], depth
-    )  # [query, head]
-    return per_query.mean(dim=0)
+def single_head_quality(data: LabelledSet, depth: int = 10, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean single-head nDCG@``depth`` over the set (or its ``rows``): ``[head]`` (flattened).
+
+    Computed in pieces of at most ``QUERY_CHUNK`` queries, so its intermediates do not grow with the set."""
+    rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    count = len(data.qids) if rows is None else len(rows)
+    if count == 0:
+        raise ValueError("single-head quality of no queries: pass at least one row")
+    total = None
+    for start in range(0, count, QUERY_CHUNK):
+        if rows is None:
+            part = data if count <= QUERY_CHUNK else data.subset(torch.arange(start, min(start + QUERY_CHUNK, count)))
+        else:
+            part = data.subset(rows[start : start + QUERY_CHUNK])
+        per_query = batched_ndcg(
+            part.scores, part.gains[:, None, :], part.valid[:, None, :], part.ideal_dcg[:, None], depth
+        )  # [query, head]
+        if count <= QUERY_CHUNK:
+            return per_query.mean(dim=0)
+        total = per_query.sum(dim=0) if total is None else total + per_query.sum(dim=0)
+    return total / count
 
 
 def rank_heads(data: LabelledSet, depth: int = 10) -> list[tuple[Head, float]]:

@@ -22,14 +22,14 @@ from ..engine.scorer import AttentionScorer, ScoringConfig
 from ..fusion import FusionConfig, first_stage_signal
 from ..router.artifact import RouterArtifactConfig, save_artifact
 from ..router.model import SelectionConfig
-from .extraction import extract
+from .extraction import iter_extractions
 from .fusion import fit_calibration, fit_fusion
 from ..heads import Head
-from .labelled import LabelledSet, build_labelled_set, rank_heads
+from .labelled import LabelledSet, batched_ndcg, build_labelled_set, rank_heads
 from .report import heatmap, model_card
 from .search import SearchConfig, search_heads
 from .sources import FitSource
-from .training import TrainingConfig, train_router
+from .training import TrainingConfig, choose_depth_cost, train_router
 
 
 @dataclass
@@ -42,8 +42,10 @@ class PooledExtractions:
     texts: dict[str, str] = field(default_factory=dict)
     first_stage: dict[str, list[str]] = field(default_factory=dict)  # candidates in first-stage order
 
-    def labelled_set(self, depth: int = 10) -> LabelledSet:
-        return build_labelled_set(self.scores, self.doc_ids, self.qrels, depth=depth)
+    def labelled_set(self, depth: int = 10, release: bool = False) -> LabelledSet:
+        """The padded labelled set; ``release`` hands each query's scores over as it is copied in
+        (``scores`` is empty afterwards), so the two copies never coexist."""
+        return build_labelled_set(self.scores, self.doc_ids, self.qrels, depth=depth, consume=release)
 
     def first_stage_signal(self, data: LabelledSet) -> torch.Tensor:
         """``[query, passage]`` standardised first-stage signal of each row of ``data`` (rank 1 highest)."""
@@ -82,18 +84,20 @@ def extract_sources(
             scorers[source.instruction] = AttentionScorer(
                 backbone, scoring if source.instruction is None else scoring.with_instruction(source.instruction)
             )
-        extractions = extract(
+        arrived: dict[str, torch.Tensor] = {}  # only the calibrated scores of each query are kept
+        for extraction in iter_extractions(
             scorers[source.instruction], source.name, source.queries, source.candidates, source.passages,
             Path(cache_dir) if cache_dir is not None else None, progress=tick, key_extra=source.key, executor=executor,
-        )
-        for qid, extraction in extractions.items():
+        ):
+            arrived[extraction.qid] = extraction.calibrated
+        for qid in source.candidates:  # candidates order, whatever order the extractions arrived in
             key = f"{source.name}/{qid}"
-            pooled.scores[key] = extraction.calibrated
-            pooled.doc_ids[key] = extraction.doc_ids
+            pooled.scores[key] = arrived.pop(qid)
+            pooled.doc_ids[key] = list(source.candidates[qid])
             pooled.qrels[key] = source.qrels.get(qid, {})
             pooled.texts[key] = source.queries[qid]
             order = source.first_stage.get(qid) if source.first_stage else None
-            pooled.first_stage[key] = list(order) if order is not None else list(extraction.doc_ids)
+            pooled.first_stage[key] = list(order) if order is not None else list(source.candidates[qid])
     return pooled
 
 
@@ -157,7 +161,7 @@ def run_fit(
     training = training or TrainingConfig()
     report = progress or (lambda stage, done, total: None)
     pooled = extract_sources(backbone, sources, scoring, cache_dir, report, executor=executor)
-    data = pooled.labelled_set(depth=searches[0].depth)
+    data = pooled.labelled_set(depth=searches[0].depth, release=True)
     embeddings = []
     for index, key in enumerate(data.qids):
         embeddings.append(embed_query(backbone, pooled.texts[key], query_embedding))
@@ -176,9 +180,14 @@ def run_fit(
     search, found, trained = best
 
     static_heads = [str(head) for head, _ in rank_heads(data, search.depth)[: trained.k]]
-    with torch.no_grad():
-        routed = trained.router(embeddings).topk(trained.k, dim=1).indices  # [query, k]
     train_rows, dev_rows = torch.tensor(trained.train_rows), torch.tensor(trained.dev_rows)
+    depth = choose_depth_cost(trained.router, embeddings, data, dev_rows, trained.k, training.depth_costs,
+                              training.depth_tolerance)
+    with torch.no_grad():
+        logits = trained.router.selection_logits(trained.router(embeddings).double(), depth.depth_cost)
+        routed = logits.topk(trained.k, dim=1).indices  # [query, k]
+    routed_dev = float(batched_ndcg(data.sum_heads(routed[dev_rows], dev_rows), data.gains[dev_rows],
+                                    data.valid[dev_rows], data.ideal_dcg[dev_rows], search.depth).mean())
     report("fusion + calibration", 0, 1)
     router, fusion_config, final = trained.router, FusionConfig(), data.sum_heads(routed).double()
     fusion_dev: dict[str, float] = {}
@@ -196,19 +205,20 @@ def run_fit(
         scoring=scoring,
         query_embedding=query_embedding,
         router=router.config,
-        selection=SelectionConfig(mode="top_k", k=trained.k, max_heads=max(trained.k, 1)),
+        selection=SelectionConfig(mode="top_k", k=trained.k, max_heads=max(trained.k, 1), depth_cost=depth.depth_cost),
         fusion=fusion_config,
         calibration=calibration,
         search={**search.model_dump(mode="json"), "grid": grid},
         training={**training.model_dump(mode="json"), "chosen_k": trained.k, "chosen_sparsity": trained.sparsity,
-                  "chosen_epoch": trained.epoch},
+                  "chosen_epoch": trained.epoch, "chosen_depth_cost": depth.depth_cost, "depth_curve": depth.curve},
         data=[
             {"name": s.name, "origin": s.origin, "queries": len(s.candidates),
              "instruction": s.instruction or "the scoring prompt's"}
             for s in sources
         ],
         dev_metrics={
-            "routed_ndcg@10": trained.dev_ndcg,
+            "routed_ndcg@10": routed_dev,
+            "routed_no_depth_cost_ndcg@10": trained.dev_ndcg,
             "static_ndcg@10": trained.dev_static_ndcg,
             "oracle_label_ndcg@10": float(found.query_ndcg[torch.tensor(trained.dev_rows)].mean()),
             "train_queries": float(len(trained.train_rows)),

@@ -44,6 +44,7 @@ def model_card(config: RouterArtifactConfig) -> str:
         f"{config.query_embedding.pooling} pooling. Backbone dtype during the fit: {config.fit_dtype}. "
         f"Static baseline heads: {', '.join(config.static_heads)}.",
         "",
+        *_depth_lines(config),
         "## First-stage fusion and calibration (fitted on dev)",
         "",
         *_fusion_lines(config),
@@ -53,6 +54,23 @@ def model_card(config: RouterArtifactConfig) -> str:
         f"```\n{config.command or 'routehead-rag fit ...'}\n```",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _depth_lines(config: RouterArtifactConfig) -> list[str]:
+    curve = config.training.get("depth_curve")
+    if not curve:
+        return []
+    chosen = config.selection.depth_cost
+    return [
+        "## Depth cost (chosen on dev: the fewest layers run within "
+        f"{100 * config.training.get('depth_tolerance', 0.005):g} points of no cost)",
+        "",
+        "| depth cost | dev nDCG@10 | mean deepest routed layer | share of layers run |",
+        "|---|---|---|---|",
+        *[f"| {row['depth_cost']:g}{' (chosen)' if row['depth_cost'] == chosen else ''} | {row['dev_ndcg@10']:.4f} | "
+          f"{row['mean_deepest_layer']:.1f} | {row['layer_share']:.2f} |" for row in curve],
+        "",
+    ]
 
 
 def _fusion_lines(config: RouterArtifactConfig) -> list[str]:
@@ -70,7 +88,8 @@ def _fusion_lines(config: RouterArtifactConfig) -> list[str]:
     else:
         c = config.calibration
         ece = metrics.get("calibration_ece")
-        lines.append(f"Calibration: p = sigmoid({c.slope:.4g} * score + {c.intercept:.4g}) for {c.target}"
+        sign = "-" if c.intercept < 0 else "+"
+        lines.append(f"Calibration: p = sigmoid({c.slope:.4g} * score {sign} {abs(c.intercept):.4g}) for {c.target}"
                      + (f"; expected calibration error on dev {ece:.4f}." if ece is not None else "."))
     return lines
 

@@ -73,20 +73,23 @@ def search_heads(data: LabelledSet, config: SearchConfig | None = None) -> Searc
     pool_size = min(config.pool_size, quality.numel())
     # stable: equal quality keeps lower head index first
     pool = torch.argsort(quality, descending=True, stable=True)[:pool_size]  # [pool]
-    searcher = _PoolSearch(data, pool, quality[pool], config)
-    best = searcher.run(seed=None)
-    for seed in range(min(config.starts, pool_size)):
-        candidate = searcher.run(seed=seed)
-        better = (candidate.value > best.value + 1e-12) | (
-            (candidate.value > best.value - 1e-12) & (candidate.count < best.count)
-        )
-        best = best.where(better, candidate)
+    chosen, final = [], []
+    for part in data.chunks():  # queries are searched independently once the pool is fixed
+        searcher = _PoolSearch(part, pool, quality[pool], config)
+        best = searcher.run(seed=None)
+        for seed in range(min(config.starts, pool_size)):
+            candidate = searcher.run(seed=seed)
+            better = (candidate.value > best.value + 1e-12) | (
+                (candidate.value > best.value - 1e-12) & (candidate.count < best.count)
+            )
+            best = best.where(better, candidate)
+        chosen.append(best.chosen)
+        final.append(batched_ndcg(best.summed, part.gains, part.valid, part.ideal_dcg, config.depth))
 
     labels = torch.zeros(data.scores.shape[0], data.scores.shape[1], dtype=torch.bool)
-    labels[:, pool] = best.chosen
-    final = batched_ndcg(best.summed, data.gains, data.valid, data.ideal_dcg, config.depth)
+    labels[:, pool] = torch.cat(chosen)
     return SearchResult(
-        qids=list(data.qids), labels=labels, query_ndcg=final, pool=pool.tolist(), pool_quality=quality[pool],
+        qids=list(data.qids), labels=labels, query_ndcg=torch.cat(final), pool=pool.tolist(), pool_quality=quality[pool],
         num_layers=data.num_layers, num_heads=data.num_heads,
     )
 

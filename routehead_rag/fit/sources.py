@@ -67,71 +67,117 @@ def _grade(value, where: str, doc_id: str) -> int:
     return int(value)
 
 
+def _log_lines(path: Path):
+    """``(byte offset, line number, raw bytes)`` of every line of a log, read as a stream."""
+    with path.open("rb") as handle:
+        offset = 0
+        for number, raw in enumerate(handle, start=1):
+            yield offset, number, raw
+            offset += len(raw)
+
+
+def _parse_log_line(raw: bytes, where: str, number: int) -> LoggedQuery | None:
+    """One checked log line (``None`` for a blank one); a bad line is an error naming ``where``."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("query"), str) or not record["query"].strip():
+        raise ValueError(f"{where}: each line needs a non-empty string 'query'")
+    items = record.get("candidates")
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{where}: 'candidates' must be a non-empty list of {{'id': ..., 'text': ...}}")
+    relevance = record.get("relevance", {})
+    if not isinstance(relevance, dict):
+        raise ValueError(f"{where}: 'relevance' must map candidate ids to integer grades")
+    qid = _text_id(record.get("id", f"line{number}"), where, "the query id")
+    texts: dict[str, str] = {}
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or "id" not in item or not isinstance(item.get("text"), str):
+            raise ValueError(f"{where}: candidate {index} needs an 'id' and a string 'text'")
+        doc_id = _text_id(item["id"], where, f"candidate {index}'s id")
+        if doc_id in texts:
+            raise ValueError(f"{where}: candidate id {doc_id!r} repeats within the query")
+        texts[doc_id] = item["text"]
+    unknown = [d for d in relevance if d not in texts]
+    if unknown:
+        raise ValueError(f"{where}: 'relevance' names ids that are not candidates: {unknown[:3]}")
+    grades = {d: _grade(g, where, d) for d, g in relevance.items()}
+    return LoggedQuery(qid, record["query"], texts, grades)
+
+
+def _iter_log(path: Path):
+    """``(byte offset, line number, LoggedQuery)`` per non-blank line; a repeated query id is an error."""
+    seen: set[str] = set()
+    for offset, number, raw in _log_lines(path):
+        logged = _parse_log_line(raw, f"{path}:{number}", number)
+        if logged is None:
+            continue
+        if logged.qid in seen:
+            raise ValueError(f"{path}:{number}: query id {logged.qid!r} repeats an earlier line")
+        seen.add(logged.qid)
+        yield offset, number, logged
+
+
 def iter_query_log(path: str | Path):
     """Each line of a JSONL query log as a :class:`LoggedQuery`, read as a stream; a bad line is an error
     naming the line (invalid JSON or UTF-8, ``Infinity``/``NaN``, a non-integer grade, a repeated id...)."""
-    path = Path(path)
-    seen: set[str] = set()
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{where}: not UTF-8 ({err.reason} at byte {err.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line, parse_constant=_refuse_constant)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
-            except ValueError as err:
-                raise ValueError(f"{where}: {err}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("query"), str) or not record["query"].strip():
-                raise ValueError(f"{where}: each line needs a non-empty string 'query'")
-            items = record.get("candidates")
-            if not isinstance(items, list) or not items:
-                raise ValueError(f"{where}: 'candidates' must be a non-empty list of {{'id': ..., 'text': ...}}")
-            relevance = record.get("relevance", {})
-            if not isinstance(relevance, dict):
-                raise ValueError(f"{where}: 'relevance' must map candidate ids to integer grades")
-            qid = _text_id(record.get("id", f"line{number}"), where, "the query id")
-            if qid in seen:
-                raise ValueError(f"{where}: query id {qid!r} repeats an earlier line")
-            seen.add(qid)
-            texts: dict[str, str] = {}
-            for index, item in enumerate(items):
-                if not isinstance(item, dict) or "id" not in item or not isinstance(item.get("text"), str):
-                    raise ValueError(f"{where}: candidate {index} needs an 'id' and a string 'text'")
-                doc_id = _text_id(item["id"], where, f"candidate {index}'s id")
-                if doc_id in texts:
-                    raise ValueError(f"{where}: candidate id {doc_id!r} repeats within the query")
-                texts[doc_id] = item["text"]
-            unknown = [d for d in relevance if d not in texts]
-            if unknown:
-                raise ValueError(f"{where}: 'relevance' names ids that are not candidates: {unknown[:3]}")
-            grades = {d: _grade(g, where, d) for d, g in relevance.items()}
-            yield LoggedQuery(qid, record["query"], texts, grades)
+    for _, _, logged in _iter_log(Path(path)):
+        yield logged
+
+
+class _LogPassages:
+    """``(qid, doc ids) -> texts`` that re-reads the query's line from the log, so a fit holds no passage
+    texts in memory (only each line's byte offset); a log changed under a running fit is an error."""
+
+    def __init__(self, path: Path, lines: dict[str, tuple[int, int]]):
+        self.path, self.lines = path, lines
+
+    def __call__(self, qid: str, doc_ids: list[str]) -> list[str]:
+        offset, number = self.lines[qid]
+        with self.path.open("rb") as handle:
+            handle.seek(offset)
+            raw = handle.readline()
+        try:
+            logged = _parse_log_line(raw, f"{self.path}:{number}", number)
+        except ValueError:
+            logged = None
+        if logged is None or logged.qid != qid or any(d not in logged.texts for d in doc_ids):
+            raise ValueError(
+                f"{self.path} changed while it was being read: line {number} no longer holds query {qid!r}; "
+                "leave the log unchanged during a fit and run it again"
+            )
+        return [logged.texts[d] for d in doc_ids]
 
 
 def read_query_log(path: str | Path, max_queries: int | None = None) -> FitSource:
-    """A JSONL query log as a :class:`FitSource` (see :func:`iter_query_log` for what is checked)."""
+    """A JSONL query log as a :class:`FitSource` (see :func:`iter_query_log` for what is checked).
+
+    Read as a stream: the source keeps each query's text, candidate ids and grades, and the byte
+    offset of its line; the passage texts are read again from the file when they are scored."""
     path = Path(path)
     queries: dict[str, str] = {}
     candidates: dict[str, list[str]] = {}
     qrels: dict[str, dict[str, int]] = {}
-    texts: dict[str, dict[str, str]] = {}
-    for logged in iter_query_log(path):
-        queries[logged.qid], qrels[logged.qid], texts[logged.qid] = logged.query, logged.grades, logged.texts
-        candidates[logged.qid] = list(logged.texts)
+    lines: dict[str, tuple[int, int]] = {}
+    for offset, number, logged in _iter_log(path):
+        queries[logged.qid], qrels[logged.qid] = logged.query, logged.grades
+        candidates[logged.qid], lines[logged.qid] = list(logged.texts), (offset, number)
         if max_queries is not None and len(queries) >= max_queries:
             break
     if not queries:
         raise ValueError(f"{path} holds no queries")
     return FitSource(
         name=path.stem, queries=queries, candidates=candidates, qrels=qrels,
-        passages=lambda qid, ids: [texts[qid][d] for d in ids],
-        origin=portable_path(path),
+        passages=_LogPassages(path, lines), origin=portable_path(path),
     )
 
 

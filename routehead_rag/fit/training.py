@@ -7,16 +7,19 @@ Never imported by inference code.  Steps, all seeded:
    ``sparsity * mean(sigmoid(logits))``; every ``eval_every`` epochs score the *routed
    aggregation* on dev (for every candidate ``k``: sum the calibrated scores of each dev
    query's top-k routed heads, nDCG@10) and keep the best state;
-3. choose (sparsity weight, k, epoch) by dev nDCG@10 — never by the loss.
+3. choose (sparsity weight, k, epoch) by dev nDCG@10 — never by the loss;
+4. choose the depth cost (:func:`choose_depth_cost`): the one whose routed heads stop the
+   forward pass earliest on dev while dev nDCG@10 stays within ``depth_tolerance`` of no cost.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..router.model import Router, RouterConfig
 from .labelled import LabelledSet, batched_ndcg, single_head_quality
@@ -38,6 +41,20 @@ class TrainingConfig(BaseModel):
     ks: tuple[int, ...] = Field((1, 2, 4, 8), description="candidate heads per query, chosen on dev")
     dim: int = Field(64, ge=1)
     hidden: int = Field(256, ge=1)
+    depth_costs: tuple[float, ...] = Field(
+        (0.0, 0.5, 1.0, 2.0, 4.0, 8.0), description="depth-cost candidates (see SelectionConfig.depth_cost); 0 is always tried"
+    )
+    depth_tolerance: float = Field(
+        0.005, ge=0.0, description="most dev nDCG@10 a depth cost may give up against no cost (0.005 = half a point)"
+    )
+
+    @field_validator("depth_costs")
+    @classmethod
+    def _depth_costs(cls, costs: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [c for c in costs if not math.isfinite(c) or c < 0]
+        if bad:
+            raise ValueError(f"depth costs must be finite and >= 0, got {bad}")
+        return costs
 
 
 def split_train_dev(num_queries: int, dev_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +71,37 @@ def routed_ndcg(logits: torch.Tensor, data: LabelledSet, rows: torch.Tensor, k: 
     top = torch.topk(logits, k=min(k, logits.shape[1]), dim=1).indices  # [rows, k]
     summed = data.sum_heads(top, rows)  # [rows, passage]
     return batched_ndcg(summed, data.gains[rows], data.valid[rows], data.ideal_dcg[rows], depth)
+
+
+@dataclass
+class DepthChoice:
+    depth_cost: float
+    curve: list[dict]  # per cost tried: dev nDCG@10, mean deepest routed layer, mean share of layers run
+
+
+def choose_depth_cost(
+    router: Router, embeddings: torch.Tensor, data: LabelledSet, dev_rows: torch.Tensor, k: int,
+    costs: tuple[float, ...], tolerance: float,
+) -> DepthChoice:
+    """The depth cost whose routed top-``k`` heads run the fewest layers on dev, among those within
+    ``tolerance`` dev nDCG@10 of no cost (ties: the better nDCG, then the smaller cost).
+
+    The forward pass stops after a query's deepest routed layer, so its cost is that layer + 1 of
+    ``num_layers``; the curve records it for every cost tried."""
+    with torch.no_grad():
+        logits = router(embeddings[dev_rows].float()).double()  # [dev, head]
+    curve = []
+    for cost in sorted({0.0, *costs}):
+        top = torch.topk(router.selection_logits(logits, cost), k=min(k, logits.shape[1]), dim=1).indices
+        summed = data.sum_heads(top, dev_rows)
+        ndcg = batched_ndcg(summed, data.gains[dev_rows], data.valid[dev_rows], data.ideal_dcg[dev_rows], 10)
+        deepest = torch.div(top, data.num_heads, rounding_mode="floor").max(dim=1).values.double()  # [dev]
+        curve.append({"depth_cost": cost, "dev_ndcg@10": float(ndcg.mean()), "mean_deepest_layer": float(deepest.mean()),
+                      "layer_share": float(((deepest + 1) / data.num_layers).mean())})
+    floor = curve[0]["dev_ndcg@10"] - tolerance
+    eligible = [row for row in curve if row["dev_ndcg@10"] >= floor - 1e-12]
+    best = min(eligible, key=lambda row: (round(row["layer_share"], 9), -row["dev_ndcg@10"], row["depth_cost"]))
+    return DepthChoice(depth_cost=best["depth_cost"], curve=curve)
 
 
 @dataclass
@@ -139,7 +187,7 @@ def train_router(
 
 def static_dev_ndcg(data: LabelledSet, train_rows: torch.Tensor, dev_rows: torch.Tensor, k: int) -> float:
     """Dev nDCG@10 of the k heads with the best single-head quality on train (the static baseline)."""
-    quality = single_head_quality(data.subset(train_rows))  # [head]
+    quality = single_head_quality(data, rows=train_rows)  # [head]
     heads = torch.argsort(quality, descending=True, stable=True)[:k]
     logits = torch.full((len(dev_rows), data.scores.shape[1]), -1.0, dtype=torch.float64)
     logits[:, heads] = 1.0

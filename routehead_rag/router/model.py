@@ -7,7 +7,10 @@ Architecture (small on purpose: well under 5 MB saved, well under 1 ms per query
     s_h = <z, e_h> / sqrt(dim) + b_h              # [head]     one learnable embedding e_h and bias b_h per head
 
 Selection at inference: the top ``k`` heads, or every head whose probability
-``sigmoid(s_h)`` passes ``threshold``, clamped to ``[min_heads, max_heads]``.
+``sigmoid(s_h)`` passes ``threshold``, clamped to ``[min_heads, max_heads]``. With a
+``depth_cost`` c, heads are ranked by ``s_h - c * layer(h) / (num_layers - 1)``: a query whose
+best heads are deep but barely better than shallow ones is routed to the shallow ones, and
+the forward pass stops earlier (the cost is chosen on dev by ``fit``).
 
 With ``fusion_head``, the router also predicts how much this query should trust the first
 stage (:mod:`routehead_rag.fusion`): ``w = softplus(<u, layernorm(q)> + c)``, one more small
@@ -50,6 +53,10 @@ class SelectionConfig(BaseModel):
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="least probability in threshold mode")
     min_heads: int = Field(1, ge=1)
     max_heads: int = Field(16, ge=1)
+    depth_cost: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False,
+        description="logit penalty for depth: layer / (num_layers - 1) times this (0: off)",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> "SelectionConfig":
@@ -99,10 +106,21 @@ class Router(nn.Module):
         q = self.fusion_norm(query_embeddings.float())
         return nn.functional.softplus(self.fusion(q)).squeeze(-1)  # [batch]
 
+    def depth_penalty(self, depth_cost: float) -> torch.Tensor:
+        """``[head]``: ``depth_cost * layer / (num_layers - 1)`` per flat head index (zeros when off)."""
+        layers = torch.arange(self.config.num_layers, dtype=torch.float64).repeat_interleave(self.config.num_heads)
+        return depth_cost * layers / max(self.config.num_layers - 1, 1)
+
+    def selection_logits(self, logits: torch.Tensor, depth_cost: float) -> torch.Tensor:
+        """``logits`` ``[..., head]`` minus the depth penalty: what selection ranks heads by."""
+        if not depth_cost:
+            return logits
+        return logits - self.depth_penalty(depth_cost).to(logits.dtype)
+
     @torch.no_grad()
     def select(self, query_embedding: torch.Tensor, selection: SelectionConfig) -> list[Head]:
-        """The routed heads for one query embedding ``[input_dim]``, strongest first."""
-        logits = self(query_embedding.reshape(1, -1))[0]  # [head]
+        """The routed heads for one query embedding ``[input_dim]``, strongest (after the depth penalty) first."""
+        logits = self.selection_logits(self(query_embedding.reshape(1, -1))[0], selection.depth_cost)  # [head]
         order = torch.argsort(logits, descending=True, stable=True)
         if selection.mode == "top_k":
             count = selection.k

@@ -53,8 +53,14 @@ def test_rank_batch_equals_rank():
         single = reranker.rank(query, docs, top_k=3)
         assert [r.index for r in results] == [r.index for r in single]
         assert [r.score for r in results] == pytest.approx([r.score for r in single], abs=1e-5)
-    with pytest.raises(ValueError, match="one list of documents per query"):
+    with pytest.raises(ValueError, match="got 1 lists for 2 queries"):
         reranker.rank_batch(["a", "b"], [["x"]])
+    with pytest.raises(TypeError, match="got str"):
+        reranker.rank_batch(["a"], "x")
+    with pytest.raises(ValueError, match="got 2 for 1 queries"):
+        reranker.rank_batch(["a"], [["x"]], first_stage_scores=[None, None])
+    with pytest.raises(ValueError, match="batch_size must be a positive integer or None \\(automatic\\), got 0"):
+        reranker.rank_batch(["a"], [[]], batch_size=0)
     with pytest.raises(ValueError, match="query is empty"):
         reranker.rank_batch(["fine", " "], [["x"], ["y"]])
 

@@ -10,16 +10,8 @@ from pathlib import Path
 import pytest
 
 from routehead_rag.engine.prompt import cut_words
-from routehead_rag.eval.beir import (
-    CandidateSource,
-    DataFormatError,
-    DataWarning,
-    Document,
-    available_sets,
-    load_beir,
-    load_qrels,
-    resolve_data_dir,
-)
+from routehead_rag.eval.beir import CandidateSource, available_sets, load_beir, resolve_data_dir
+from routehead_rag.eval.beir_files import DataFormatError, DataWarning, Document, load_qrels
 from routehead_rag.eval.candidates import bm25_order, build_candidates
 from routehead_rag.eval.protocol import PROTOCOL, Role, load_protocol_set, protocol_queries, select_queries
 from routehead_rag.paths import checkout_root, default_data_dir

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from routehead_rag.eval import first_stage
-from routehead_rag.eval.beir import Document
+from routehead_rag.eval.beir_files import Document
 from routehead_rag.eval.first_stage import Bm25Index, DenseRetriever, packaged_minilm_path, rank_pool
 
 CORPUS = {

@@ -51,6 +51,12 @@ def test_artifact_files_and_config(fitted):
     assert config.backbone_fingerprint.model_dump() == backbone.fingerprint()
     assert config.selection.k in (1, 2) and len(config.static_heads) == config.selection.k
     assert 0.0 <= config.dev_metrics["routed_ndcg@10"] <= 1.0
+    # the depth cost is chosen on dev, within the tolerance of no cost, from the recorded curve
+    curve = config.training["depth_curve"]
+    assert [row["depth_cost"] for row in curve] == sorted(TrainingConfig().depth_costs)
+    assert config.selection.depth_cost == config.training["chosen_depth_cost"] in [row["depth_cost"] for row in curve]
+    assert config.dev_metrics["routed_ndcg@10"] >= config.dev_metrics["routed_no_depth_cost_ndcg@10"] - 0.005 - 1e-9
+    assert "Depth cost" in (result.artifact / "README.md").read_text()
     assert result.report.is_file() and result.heatmap.is_file()
     assert "routehead-rag fit log.jsonl" in (result.artifact / "README.md").read_text()
     assert (result.artifact / "router.safetensors").stat().st_size < 5 * 2**20
@@ -169,7 +175,7 @@ def test_search_settings_are_chosen_on_dev(fitted):
     assert [(g["pool_size"], g["max_heads"]) for g in tried] == [(4, 1), (8, 3)]
     best = max(tried, key=lambda g: g["dev_routed_ndcg@10"])
     assert result.config.search["pool_size"] == best["pool_size"]
-    assert result.config.dev_metrics["routed_ndcg@10"] == pytest.approx(best["dev_routed_ndcg@10"])
+    assert result.config.dev_metrics["routed_no_depth_cost_ndcg@10"] == pytest.approx(best["dev_routed_ndcg@10"])
     assert "Head-search settings tried" in (result.artifact / "README.md").read_text()
 
 
@@ -201,3 +207,21 @@ def test_query_log_errors_name_the_line(tmp_path):
     bad.write_text('{"query": "", "candidates": []}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_query_log(bad)
+
+
+def test_query_log_is_streamed_and_its_passages_read_again_from_the_file(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text(
+        '{"id": "a", "query": "moon", "candidates": [{"id": "d1", "text": "tides"}, {"id": "d2", "text": "stocks"}], '
+        '"relevance": {"d1": 1}}\r\n\n'
+        '{"id": "b", "query": "sea", "candidates": [{"id": "d3", "text": "caf\\u00e9 \\u00e9t\\u00e9"}]}\n',
+        encoding="utf-8",
+    )
+    source = read_query_log(log)
+    assert source.queries == {"a": "moon", "b": "sea"} and source.candidates == {"a": ["d1", "d2"], "b": ["d3"]}
+    assert source.passages("a", ["d2", "d1"]) == ["stocks", "tides"]
+    assert source.passages("b", ["d3"]) == ["café été"]
+    assert "tides" not in repr(vars(source.passages))  # only offsets are held, not the texts
+    log.write_text('{"id": "zzz", "query": "other", "candidates": [{"id": "d1", "text": "x"}]}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="changed while it was being read: line 1 no longer holds query 'a'"):
+        source.passages("a", ["d1"])

@@ -78,3 +78,31 @@ def test_queries_without_relevant_documents_are_left_out():
     assert data.qids == ["q0", "q2"]
     with pytest.raises(ValueError, match="no query has a relevant"):
         build_labelled_set(scores, doc_ids, {q: {} for q in scores})
+
+
+def test_chunked_search_and_quality_equal_one_piece(monkeypatch):
+    """Work batched over queries runs in pieces of QUERY_CHUNK queries: the same labels and qualities."""
+    import routehead_rag.fit.labelled as labelled
+
+    generator = torch.Generator().manual_seed(3)
+    scores = {f"q{q}": torch.rand(2, 4, 10, generator=generator) for q in range(23)}
+    doc_ids = {q: [f"d{i}" for i in range(10)] for q in scores}
+    qrels = {q: {f"d{i % 10}": 1 + i % 2} for i, q in enumerate(scores)}
+    data = build_labelled_set(scores, doc_ids, qrels)
+    config = SearchConfig(pool_size=6, max_heads=3)
+    whole = search_heads(data, config)
+    quality = labelled.single_head_quality(data)
+    rows = torch.tensor([5, 1, 17, 8, 22, 0, 3])
+    quality_rows = labelled.single_head_quality(data, rows=rows)
+    monkeypatch.setattr(labelled, "QUERY_CHUNK", 4)
+    assert len(list(data.chunks(4))) == 6
+    pieces = search_heads(data, config)
+    assert torch.equal(pieces.labels, whole.labels) and pieces.pool == whole.pool
+    torch.testing.assert_close(pieces.query_ndcg, whole.query_ndcg, atol=1e-12, rtol=0)
+    torch.testing.assert_close(labelled.single_head_quality(data), quality, atol=1e-12, rtol=0)
+    torch.testing.assert_close(labelled.single_head_quality(data, rows=rows), quality_rows, atol=1e-12, rtol=0)
+    torch.testing.assert_close(quality_rows, labelled.single_head_quality(data.subset(rows)), atol=1e-12, rtol=0)
+    # sum_heads copies only the picked heads and equals summing the full rows
+    heads = torch.tensor([[0, 3], [7, 7]])
+    torch.testing.assert_close(data.sum_heads(heads, torch.tensor([2, 9])),
+                               data.scores[[2, 9]].gather(1, heads[:, :, None].expand(-1, -1, 10)).sum(1))

@@ -4,7 +4,12 @@ import torch
 
 from routehead_rag.fit.labelled import build_labelled_set
 from routehead_rag.fit.search import SearchConfig, search_heads
-from routehead_rag.fit.training import TrainingConfig, routed_ndcg, split_train_dev, train_router
+import pytest
+from pydantic import ValidationError
+
+from routehead_rag.fit.training import TrainingConfig, choose_depth_cost, routed_ndcg, split_train_dev, train_router
+from routehead_rag.heads import Head
+from routehead_rag.router.model import Router, RouterConfig, SelectionConfig
 
 
 def planted(num_queries=200, seed=0):
@@ -49,3 +54,53 @@ def test_router_learns_the_planted_rule_and_beats_static():
     with torch.no_grad():
         logits = result.router(embeddings[dev]).double()
     assert float(routed_ndcg(logits, data, dev, result.k).mean()) == result.dev_ndcg
+
+
+def biased_router(bias: dict[int, float]) -> Router:
+    """A 3-layer x 4-head router whose logits are its head biases for every query (projection zeroed)."""
+    router = Router(RouterConfig(input_dim=16, num_layers=3, num_heads=4))
+    with torch.no_grad():
+        router.head_embeddings.zero_()
+        router.head_bias.fill_(-5.0)
+        for head, value in bias.items():
+            router.head_bias[head] = value
+    return router.eval()
+
+
+def two_good_heads(shallow_helps: bool, num_queries=40):
+    """L2.H3 (deep) finds the relevant passage; L0.H2 (shallow) finds it too, or points away."""
+    g = torch.Generator().manual_seed(1)
+    scores, doc_ids, qrels = {}, {}, {}
+    for q in range(num_queries):
+        tensor = torch.rand(3, 4, 10, generator=g)
+        relevant = q % 10
+        tensor[2, 3, relevant] += 2.0
+        tensor[0, 2, relevant] += 2.0 if shallow_helps else -2.0
+        qid = f"q{q:03d}"
+        scores[qid], doc_ids[qid], qrels[qid] = tensor, [f"d{i}" for i in range(10)], {f"d{relevant}": 1}
+    return build_labelled_set(scores, doc_ids, qrels)
+
+
+@pytest.mark.parametrize("shallow_helps", [True, False])
+def test_depth_cost_routes_to_equally_good_shallow_heads_only(shallow_helps):
+    router = biased_router({11: 2.0, 2: 1.8})  # L2.H3 first, L0.H2 a close second
+    data = two_good_heads(shallow_helps)
+    rows, embeddings = torch.arange(40), torch.randn(40, 16)
+    choice = choose_depth_cost(router, embeddings, data, rows, k=1, costs=(4.0, 0.5), tolerance=0.005)
+    assert [row["depth_cost"] for row in choice.curve] == [0.0, 0.5, 4.0]  # 0 always tried, sorted
+    assert [row["mean_deepest_layer"] for row in choice.curve] == [2.0, 0.0, 0.0]
+    assert choice.curve[0]["layer_share"] == 1.0 and choice.curve[1]["layer_share"] == pytest.approx(1 / 3)
+    # equally good shallow head: the smallest cost that reaches it; a bad one: no cost
+    assert choice.depth_cost == (0.5 if shallow_helps else 0.0)
+    off, on = SelectionConfig(k=1), SelectionConfig(k=1, depth_cost=0.5)
+    assert router.select(embeddings[0], off) == [Head(2, 3)]
+    assert router.select(embeddings[0], on) == [Head(0, 2)]
+
+
+def test_depth_cost_settings_are_checked():
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValidationError):
+            SelectionConfig(depth_cost=bad)
+    with pytest.raises(ValidationError, match="finite and >= 0"):
+        TrainingConfig(depth_costs=(0.0, -2.0))
+    assert SelectionConfig.model_validate({"mode": "top_k", "k": 2}).depth_cost == 0.0  # older artifacts: off

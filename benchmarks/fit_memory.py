@@ -1,0 +1,152 @@
+"""Peak memory of ``routehead-rag fit`` against the size of the query log.
+
+A synthetic JSONL log of N queries over a shared corpus (beir-scifact's): each query is the first
+words of one corpus document (its relevant passage) with 19 other documents drawn at random as
+candidates, each cut to its first 30 words (``--words``: what ``fit`` keeps per query depends on the
+number of heads and candidates, not on the passages' length, so short passages only make it faster). ``fit`` runs in its own process, from an empty extraction cache, on a random-weight model
+with the embedded backbone's attention grid (30 layers x 9 heads, 3 key-value heads, its tokenizer)
+but a small hidden size, so extraction is fast while everything ``fit`` keeps per query (heads x
+candidates scores, labels, embeddings) has the real shape. Peak RSS is the child's ``ru_maxrss``.
+
+    python benchmarks/fit_memory.py                 # N = 100 and 1,000
+
+Writes benchmarks/results/fit_memory.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, console, machine, machine_line
+
+from routehead_rag.eval.beir import load_beir
+from routehead_rag.paths import default_data_dir
+
+HIDDEN, HEADS, KV_HEADS, LAYERS = 72, 9, 3, 30
+
+
+def random_backbone(folder: Path) -> Path:
+    """A random llama with the embedded backbone's attention grid and tokenizer, small hidden size."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from routehead_rag.model.gguf_cache import convert_embedded
+
+    embedded = convert_embedded()
+    config = AutoConfig.from_pretrained(embedded)
+    config.update({"hidden_size": HIDDEN, "intermediate_size": 4 * HIDDEN, "num_attention_heads": HEADS,
+                   "num_key_value_heads": KV_HEADS, "num_hidden_layers": LAYERS, "head_dim": HIDDEN // HEADS})
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(embedded).save_pretrained(folder)
+    return folder
+
+
+def synthetic_log(path: Path, count: int, data_dir: Path, words: int, seed: int = 0) -> Path:
+    corpus = load_beir(data_dir / "beir-scifact").corpus
+    ids = sorted(corpus)
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as handle:
+        for q in range(count):
+            relevant, *others = rng.sample(ids, 20)
+            query_words = corpus[relevant].text.split()[:12]
+            candidates = [{"id": d, "text": corpus[d].as_passage(words)} for d in [relevant, *others]]
+            rng.shuffle(candidates)
+            handle.write(json.dumps({"id": f"q{q}", "query": " ".join(query_words), "candidates": candidates,
+                                     "relevance": {relevant: 1}}) + "\n")
+    return path
+
+
+def measured_fit(log: Path, model: Path, work: Path) -> dict:
+    """Run ``routehead-rag fit`` on ``log`` in a child process; its peak RSS and wall time."""
+    env = {**os.environ, "ROUTEHEAD_CACHE": str(work / "cache")}
+    command = [sys.executable, "-m", "routehead_rag.cli", "fit", str(log), "--out", str(work / "router"),
+               "--model", str(model), "--dtype", "float32", "--quiet"]
+    started = time.perf_counter()
+    with (work / "stdout").open("wb") as stdout, (work / "stderr").open("wb") as stderr:
+        child = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr)
+        _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    out, err = (work / "stdout").read_text(), (work / "stderr").read_text()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"fit failed on {log.name}: {err.strip().splitlines()[-1:]}")
+    return {"peak_rss_mib": usage.ru_maxrss / 1024, "seconds": seconds, "fit": _without_paths(json.loads(out.strip().splitlines()[-1]))}
+
+
+def _without_paths(summary: dict) -> dict:
+    """The fit's summary line minus where it wrote (a temporary folder of this run)."""
+    return {k: v for k, v in summary.items() if k not in ("artifact", "report", "heatmap")}
+
+
+def plot(result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot([r["queries"] for r in rows], [r["peak_rss_mib"] for r in rows], marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("queries in the log")
+    ax.set_ylabel("peak RSS of fit (MiB)")
+    ax.set_title("fit memory against log size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", type=int, action="append", default=None, help="log sizes (default 100, 1000)")
+    parser.add_argument("--words", type=int, default=30, help="words kept of each candidate passage")
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    sizes = args.queries or [100, 1000]
+    data_dir = args.data_dir or default_data_dir()
+    started = time.time()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = random_backbone(tmp / "model")
+        for size in sizes:
+            work = tmp / f"fit-{size}"
+            work.mkdir()
+            log = synthetic_log(work / "log.jsonl", size, data_dir, args.words)
+            measured = measured_fit(log, model, work)
+            rows.append({"queries": size, "log_mib": log.stat().st_size / 2**20, **measured})
+            console.print({k: v for k, v in rows[-1].items() if k != "fit"})
+    first, last = rows[0], rows[-1]
+    growth = (last["peak_rss_mib"] - first["peak_rss_mib"]) / (last["queries"] - first["queries"]) if len(rows) > 1 else None
+    result = {"benchmark": "fit_memory", "model": f"random llama, {LAYERS} layers x {HEADS} heads, hidden {HIDDEN}",
+              "candidates": 20, "words_per_candidate": args.words, "rows": rows, "ratio_last_vs_first": last["peak_rss_mib"] / first["peak_rss_mib"],
+              "kib_per_query": growth * 1024 if growth is not None else None, "seconds": round(time.time() - started),
+              "machine": machine()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fit_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["# Peak memory of fit against log size", "",
+             f"Synthetic JSONL logs over beir-scifact's corpus, 20 candidates x up to {args.words} words per query; {result['model']} "
+             "(the embedded backbone's head grid), float32, empty cache, `routehead-rag fit LOG --out ...` in its own process.", "",
+             "| queries | log (MiB) | peak RSS (MiB) | seconds |", "|---|---|---|---|"]
+    lines += [f"| {r['queries']} | {r['log_mib']:.1f} | {r['peak_rss_mib']:.0f} | {r['seconds']:.0f} |" for r in rows]
+    lines += ["", f"Peak RSS at {last['queries']} queries is {result['ratio_last_vs_first']:.2f}x that at {first['queries']}"
+              + (f"; growth {result['kib_per_query']:.0f} KiB per query." if growth is not None else "."),
+              "", machine_line(result), "",
+              f"Produced by `python benchmarks/fit_memory.py {' '.join(sys.argv[1:])}` in {result['seconds']} s.",
+              "", "![fit memory](fit_memory.png)"]
+    (args.out / "fit_memory.md").write_text("\n".join(lines) + "\n")
+    plot(result, args.out / "fit_memory.png")
+    console.print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

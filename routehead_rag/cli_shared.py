@@ -1,0 +1,191 @@
+"""What every ``routehead-rag`` command shares: the app and its one-line errors, the options several
+commands take (declared once), progress display, model loading and the Ray executor.
+
+Nothing here imports torch or transformers at import time (``--help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from . import __version__
+
+HELP = "Re-rank passages with an LLM's own attention (ICR, static heads, routed heads)."
+
+
+def console(stderr: bool = True):
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=True)
+
+
+def print_error(message: str) -> None:
+    from rich.markup import escape
+
+    console().print(f"[bold red]error:[/bold red] {escape(' '.join(message.split()))}", highlight=False)
+
+
+# click's UsageError, whether typer vendors click (recent releases) or uses it (older ones)
+UsageError = typer.BadParameter.__mro__[1]
+
+
+class _Cli(TyperGroup):
+    """Turns every user-facing error into one line and an exit code (2: usage, 1: runtime)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        debug = os.environ.get("ROUTEHEAD_DEBUG", "").strip() not in ("", "0")
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            result = super().main(
+                args=argv, prog_name=prog_name or "routehead-rag", complete_var=complete_var,
+                standalone_mode=False, **extra,
+            )
+            code = result if isinstance(result, int) else 0
+        except typer.Abort:
+            print_error("aborted")
+            code = 1
+        except typer.TyperException as err:  # click's errors: bad options, missing arguments, ...
+            command = "routehead-rag" + (f" {argv[0]}" if argv and argv[0] in self.commands else "")
+            hint = f" (see '{command} --help')" if isinstance(err, UsageError) else ""
+            print_error(err.format_message() + hint)
+            code = getattr(err, "exit_code", 1)
+        except (ValueError, TypeError, OSError, ImportError, RuntimeError) as err:
+            if debug:
+                raise
+            print_error(str(err) or type(err).__name__)
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(cls=_Cli, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=HELP)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"routehead-rag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """Re-rank passages with an LLM's own attention (ICR, static heads, routed heads)."""
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Argument checks: a bad value raised inside is a usage error (exit code 2)."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+
+
+class Instruction(str, Enum):
+    auto = "auto"
+    relevance = "relevance"
+    question = "question"
+
+
+class Strategy(str, Enum):
+    bm25 = "bm25"
+    all = "all"
+    static = "static"
+    routed = "routed"
+
+
+INSTRUCTION_HELP = (
+    "Prompt wording: 'relevance' (search queries), 'question' (QA); 'auto' takes the protocol's "
+    "choice for a known set, else 'relevance'."
+)
+DTYPE_HELP = "auto (default: bfloat16 on CUDA and on CPUs with native bfloat16, else float32), float32, bfloat16 or float16."
+DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: CUDA when available)."
+QUIET_HELP = "No progress display (for scripts and notebooks)."
+MODEL_HELP = "Backbone: 'smollm2-135m' (embedded), a Hugging Face id or a folder."
+
+
+# Options several commands share, declared once.
+Model = Annotated[str, typer.Option(help=MODEL_HELP)]
+Dtype = Annotated[str, typer.Option(help=DTYPE_HELP)]
+Device = Annotated[Optional[str], typer.Option(help=DEVICE_HELP)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)]
+CacheDir = Annotated[Optional[Path], typer.Option(help="Extraction cache (default: $ROUTEHEAD_CACHE).")]
+SetInstruction = Annotated[Instruction, typer.Option(help=INSTRUCTION_HELP)]
+Candidates = Annotated[int, typer.Option(help="Candidates per query.")]
+MaxQueries = Annotated[Optional[int], typer.Option(help="First N judged queries of each set (ids sorted as strings).")]
+Ray = Annotated[Optional[str], typer.Option(
+    "--ray", help="Extract on a Ray cluster: 'local' (start one here), 'auto' (the running one) or its address "
+    "(needs the 'ray' extra)."
+)]
+RayWorkers = Annotated[Optional[int], typer.Option(help="Ray actors to start (default: the cluster's CPUs).")]
+
+
+def check_ray(ray: Optional[str], workers: Optional[int]) -> None:
+    if ray is not None:
+        from .fit.distributed import check_ray_arguments
+
+        check_ray_arguments(workers)
+
+
+def ray_executor(ray: Optional[str], workers: Optional[int], model: str, backbone):
+    if ray is None:
+        return None
+    from .fit.distributed import RayExtractor
+
+    return RayExtractor.for_backbone(model, backbone, address=ray, workers=workers)
+
+
+def heads_argument(heads: Optional[str]):
+    """``--heads`` as the core takes it: a path, 'auto'/'all', or a comma/space-separated head list."""
+    if heads is None:
+        return "auto"
+    if heads in ("auto", "all") or Path(heads).exists():
+        return heads
+    return [h for h in heads.replace(",", " ").split() if h]
+
+
+def progress_display(quiet: bool) -> contextlib.AbstractContextManager:
+    """A rich progress display (stderr) yielding ``report(stage, done, total)``; a no-op with ``quiet``."""
+
+    @contextlib.contextmanager
+    def display() -> Iterator[Callable[[str, int, int], None]]:
+        if quiet:
+            yield lambda stage, done, total: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console(), transient=False) as progress:
+            tasks: dict[str, int] = {}
+
+            def report(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = progress.add_task(stage, total=total)
+                progress.update(tasks[stage], completed=done, total=total)
+
+            yield report
+
+    return display()
+
+
+def load_model(model: str, dtype: Optional[str], device: Optional[str], quiet: bool):
+    from .model.backbone import load_backbone
+
+    if quiet:
+        return load_backbone(model, dtype=dtype, device=device)
+    with console().status(f"loading {model}"):
+        return load_backbone(model, dtype=dtype, device=device)
+
+
