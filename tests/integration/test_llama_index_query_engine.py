@@ -79,7 +79,9 @@ def test_query_engine_answers_with_re_ranked_sources(llm, index):
     # Independent path: the same retrieval, re-ranked by the core API on the same model.
     retrieved = index.as_retriever(similarity_top_k=4).retrieve(QUERY)
     texts = [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in retrieved]
-    reference = RouteHeadReranker(model=llm._model, tokenizer=llm._tokenizer).rank(QUERY, texts, top_k=2)
+    reference = RouteHeadReranker(model=llm._model, tokenizer=llm._tokenizer).rank(
+            QUERY, texts, top_k=2, first_stage_scores=[n.score for n in retrieved]  # the retriever's scores, fused
+        )
     assert [s.node.node_id for s in sources] == [retrieved[r.index].node.node_id for r in reference]
     for source, want in zip(sources, reference):
         assert source.score == pytest.approx(want.score, abs=1e-5)

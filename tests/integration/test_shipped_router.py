@@ -30,7 +30,11 @@ def test_default_reranker_routes_with_the_shipped_router(embedded_backbone):
     assert len(heads) == config.selection.k
     results = reranker.rank(QUERY, DOCS)
     assert results[0].index == 1, results
-    # the routed score is the sum of the routed heads' calibrated scores
-    everything = reranker.scorer.head_scores(QUERY, DOCS)
+    # unfused and unscaled, the routed score is the sum of the routed heads' calibrated scores
+    raw = RouteHeadReranker(model=embedded_backbone.model, tokenizer=embedded_backbone.tokenizer,
+                            fuse_first_stage=False, scale_score=False)
+    assert raw.heads_for(QUERY) == heads
+    results = raw.rank(QUERY, DOCS)
+    everything = raw.scorer.head_scores(QUERY, DOCS)
     for r in results:
         assert r.score == pytest.approx(float(everything.calibrated[[h.layer for h in heads], [h.head for h in heads], r.index].sum()), abs=1e-5)
