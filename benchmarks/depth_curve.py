@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from common import RESULTS, console, load_set, machine, machine_line, ndcg, scorers_by_instruction, seeded
 from throughput import floor_seconds, timed
 
@@ -38,25 +37,13 @@ from routehead_rag.model.backbone import load_backbone
 from routehead_rag.paths import default_cache_dir, portable_path
 from routehead_rag.reranker import RouteHeadReranker
 from routehead_rag.router.artifact import SHIPPED_ROUTERS
-from routehead_rag.strategy import Route, RoutedHeads
+from routehead_rag.strategy import RoutedHeads
 
 
 def with_cost(routed: RoutedHeads, cost: float) -> RoutedHeads:
     """The same router and artifact, selecting with depth cost ``cost``."""
     config = routed.config.model_copy(update={"selection": routed.config.selection.model_copy(update={"depth_cost": cost})})
     return RoutedHeads(routed.folder, config, routed.router)
-
-
-def routes_at(routed: RoutedHeads, embeddings: dict[str, torch.Tensor], cost: float) -> dict[str, Route]:
-    selection = routed.config.selection.model_copy(update={"depth_cost": cost})
-    fusion, routes = routed.config.fusion, {}
-    for qid, embedding in embeddings.items():
-        weight = None if fusion.mode == "off" else fusion.weight
-        if fusion.mode == "per_query":
-            with torch.no_grad():
-                weight = float(routed.router.fusion_weights(embedding.reshape(1, -1))[0])
-        routes[qid] = Route(routed.router.select(embedding, selection), weight, routed.config.calibration)
-    return routes
 
 
 def plot(result, path: Path) -> None:
@@ -126,16 +113,16 @@ def main() -> int:
 
     curve = []
     for cost in sorted(dev_curve):
+        costed = with_cost(routed, cost)  # the same loaded router, selecting with this cost
         tests, depths = {}, []
         for name, (eval_set, extractions, embeddings) in sets.items():
-            routes = routes_at(routed, embeddings, cost)
+            routes = {q: costed.route_embedding(e) for q, e in embeddings.items()}
             tests[name] = {
                 "routed": ndcg(eval_set, run_with_heads(extractions, {q: r.heads for q, r in routes.items()})),
                 "shipped": ndcg(eval_set, fused_run(extractions, routes, eval_set.first_stage_order())),
             }
             depths += [max(h.layer for h in r.heads) for r in routes.values()]
-        # the same loaded router, selecting with this cost
-        reranker = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=with_cost(routed, cost))
+        reranker = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=costed)
         reranker.rank(*inputs[0])
         seconds, floors = [], []
         for query, passages in inputs:

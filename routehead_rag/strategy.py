@@ -161,11 +161,16 @@ class RoutedHeads(HeadStrategy):
         """One short embedding pass: the routed heads, and the query's first-stage weight."""
         if self.router is None:
             raise RuntimeError("RoutedHeads.route needs a resolved strategy: call resolve(backbone) first")
-        import torch
-
         from .engine.embedding import embed_query
 
-        embedding = embed_query(backbone, query, self.config.query_embedding)
+        return self.route_embedding(embed_query(backbone, query, self.config.query_embedding))
+
+    def route_embedding(self, embedding) -> Route:
+        """The route of a query from its embedding ``[hidden]`` (see :meth:`route`)."""
+        if self.router is None:
+            raise RuntimeError("RoutedHeads.route_embedding needs a resolved strategy: call resolve(backbone) first")
+        import torch
+
         fusion = self.config.fusion
         weight = None if fusion.mode == "off" else fusion.weight
         if fusion.mode == "per_query":
