@@ -41,7 +41,8 @@ from routehead_rag.paths import default_cache_dir
 from routehead_rag.router.artifact import SHIPPED_ROUTERS
 from routehead_rag.strategy import RoutedHeads
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # self_attn projections
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")  # mlp projections (--mlp)
 
 
 def plot(result, path: Path) -> None:
@@ -71,14 +72,15 @@ def plot(result, path: Path) -> None:
 class QueryLoRA(torch.nn.Module):
     """Low-rank deltas ``B A x * alpha / r`` on the target projections of layers ``0..depth``; on only when ``active``."""
 
-    def __init__(self, decoder, depth: int, rank: int):
+    def __init__(self, decoder, depth: int, rank: int, mlp: bool = False):
         super().__init__()
         self.active, self.scale, self.handles = False, 2.0, []
         self.deltas = torch.nn.ModuleDict()
         for layer in range(depth + 1):
-            attention = decoder.layers[layer].self_attn
-            for name in TARGETS:
-                linear = getattr(attention, name)
+            targets = [(decoder.layers[layer].self_attn, name) for name in TARGETS]
+            targets += [(decoder.layers[layer].mlp, name) for name in MLP_TARGETS] if mlp else []
+            for module, name in targets:
+                linear = getattr(module, name)
                 key = f"{layer}_{name}"
                 a = torch.nn.Linear(linear.in_features, rank, bias=False)
                 b = torch.nn.Linear(rank, linear.out_features, bias=False)
@@ -148,8 +150,11 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rank", type=int, action="append", default=None)
     parser.add_argument("--lr", type=float, action="append", default=None)
+    parser.add_argument("--mlp", action="store_true", help="also adapt the MLP projections (gate, up, down)")
+    parser.add_argument("--name", default="adapter_go_no_go", help="result file stem")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    targets = TARGETS + (MLP_TARGETS if args.mlp else ())
     ranks, lrs = args.rank or [8], args.lr or [1e-3]
     seeded()
     started = time.time()
@@ -194,7 +199,7 @@ def main() -> int:
     for rank in ranks:
         for lr in lrs:
             torch.manual_seed(0)
-            adapter = QueryLoRA(backbone.decoder, depth, rank)
+            adapter = QueryLoRA(backbone.decoder, depth, rank, mlp=args.mlp)
             baseline, inference_s = dev_ndcg(adapter)  # B = 0: exactly the base model
             optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
             history = [{"epoch": 0, "dev_ndcg@10": baseline}]
@@ -228,13 +233,13 @@ def main() -> int:
             adapter.remove()
     go = any(r["gain_points"] >= 2.0 for r in runs)
     result = {"benchmark": "adapter_go_no_go", "dtype": args.dtype, "train_queries": len(train_keys),
-              "dev_queries": len(dev_keys), "epochs": args.epochs, "targets": list(TARGETS), "deepest_layer": depth,
+              "dev_queries": len(dev_keys), "epochs": args.epochs, "targets": list(targets), "deepest_layer": depth,
               "runs": runs, "go": go, "machine": machine(), "seconds": round(time.time() - started)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adapter_go_no_go.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Query-side LoRA adapters: go/no-go on fit dev", "",
              f"{len(train_keys)} train / {len(dev_keys)} dev fit queries (the router's own split), {args.dtype}; LoRA on "
-             f"{', '.join(TARGETS)} of layers 0-{depth}; listwise loss on the routed heads' standardised calibrated "
+             f"{', '.join(targets)} of layers 0-{depth}; listwise loss on the routed heads' standardised calibrated "
              "score. Decision rule: go if dev nDCG@10 rises by at least 2 points over the same heads without it.", "",
              "| rank | lr | dev nDCG@10 without | best with (epoch) | gain (points) | s / train query | s / query (base, adapted) |",
              "|---|---|---|---|---|---|---|"]
@@ -244,8 +249,8 @@ def main() -> int:
                      f"{r['seconds_per_query_base']:.2f}, {r['seconds_per_query_adapted']:.2f} |")
     lines += ["", f"Decision: **{'go' if go else 'no-go'}**.", "", machine_line(result), "",
               f"Produced by `python benchmarks/adapter_go_no_go.py {' '.join(sys.argv[1:])}` in {result['seconds']} s."]
-    (args.out / "adapter_go_no_go.md").write_text("\n".join(lines) + "\n")
-    plot(result, args.out / "adapter_go_no_go.png")
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    plot(result, args.out / f"{args.name}.png")
     console.print("\n".join(lines))
     return 0
 

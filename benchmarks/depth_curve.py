@@ -10,8 +10,9 @@ that grid this script reports, with the router held fixed:
 * test nDCG@10 on every protocol test set, routed heads alone and the shipped fused configuration
   (same cached extractions as ``routehead.py``);
 * latency on trec-dl-2020 (median seconds per query of ``rank``, routing included) against all-heads
-  ranking with the same engine, and routed scoring against its floor: one plain forward pass of the
-  same prompt through the deepest routed layer, no capture.
+  ranking with the same engine, and routed scoring against its floor: plain forward passes of the
+  passages through the deepest routed layer into a KV cache and of the two query parts on it, no
+  capture (see ``throughput.py``).
 
     python benchmarks/depth_curve.py --dtype bfloat16
 
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, console, load_set, machine, machine_line, ndcg, scorers_by_instruction, seeded
-from throughput import floor_seconds, timed
+from throughput import floor_with_suffixes_seconds, timed
 
 from routehead_rag.engine.embedding import embed_query
 from routehead_rag.eval.harness import fused_run, run_with_heads
@@ -128,7 +129,7 @@ def main() -> int:
         for query, passages in inputs:
             seconds.append(timed(lambda: reranker.rank(query, passages)))
             deepest = max(h.layer for h in reranker.heads_for(query))
-            floors.append(seconds[-1] / floor_seconds(backbone, reranker, query, passages, deepest))
+            floors.append(seconds[-1] / floor_with_suffixes_seconds(backbone, reranker, query, passages, deepest))
         row = {
             "depth_cost": cost, "chosen": cost == config.selection.depth_cost,
             "dev_ndcg@10": dev_curve[cost]["dev_ndcg@10"], "dev_mean_deepest_layer": dev_curve[cost]["mean_deepest_layer"],
@@ -156,7 +157,7 @@ def main() -> int:
         f"{100 * (result['depth_tolerance'] or 0):g} points of no cost). nDCG@10: dev is the fit's held-out fit "
         "queries; test is the mean over the protocol's 7 test sets. Latency: median seconds per trec-dl-2020 query "
         f"({len(inputs)} queries, routing included) against all heads with the same engine ({all_seconds:.3f} s); "
-        f"floor: one plain forward pass through the deepest routed layer. {backbone.num_layers} layers.", "",
+        f"floor: plain forward passes through the deepest routed layer of the passages into a KV cache and of the two query parts on it. {backbone.num_layers} layers.", "",
         "| depth cost | dev nDCG@10 | dev mean deepest layer | test nDCG@10, routed heads | test nDCG@10, shipped (fused) "
         "| test mean deepest layer | s / query | vs all heads | vs floor |",
         "|---|---|---|---|---|---|---|---|---|",

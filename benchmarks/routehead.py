@@ -125,6 +125,7 @@ def in_domain_fit(name, test_entry, backbone, scorers, args, cache_dir, workdir)
     fitted = run_fit(
         backbone, [source], workdir / f"router-{name}", scoring=ScoringConfig().with_instruction("relevance"),
         search=[SearchConfig(pool_size=k, max_heads=p) for k in (32, 64) for p in (4, 8)], cache_dir=cache_dir,
+        storage_dtype="float32",  # as the shipped router was fitted (storage_precision.md compares float16)
     )
     routed = RoutedHeads.from_folder(fitted.artifact).resolve(backbone)
     config = routed.config

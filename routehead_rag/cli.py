@@ -226,6 +226,10 @@ def fit(
         "the grid. Chosen on dev: the fewest layers run within --depth-tolerance of no cost. --depth-cost 0: off.",
     ),
     depth_tolerance: float = typer.Option(0.005, help="Most dev nDCG@10 the depth cost may give up (0.005 = half a point)."),
+    storage_dtype: str = typer.Option(
+        "float16", help="Precision of the extraction cache and of the labelled set: float16 (half the disk and memory; "
+        "fit results move by noise, see benchmarks/results/storage_precision.md) or float32."
+    ),
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     quiet: Quiet = False,
@@ -245,6 +249,9 @@ def fit(
         from .model.devices import parse_device, parse_dtype
 
         parse_dtype(dtype), parse_device(device)
+        from .fit.extraction import storage_dtype_of
+
+        storage_dtype_of(storage_dtype)
         searches = [SearchConfig(pool_size=p, max_heads=h, margin=m) for p, h, m in itertools.product(pool_size, max_heads, margin)]
         training = TrainingConfig(seed=seed, epochs=epochs, depth_costs=tuple(depth_cost), depth_tolerance=depth_tolerance)
         scoring = ScoringConfig().with_instruction("relevance" if instruction is Instruction.auto else instruction.value)
@@ -269,6 +276,7 @@ def fit(
             backbone, sources, out, scoring=scoring, query_embedding=embedding, search=searches, training=training,
             cache_dir=cache_dir or default_cache_dir(), command=_command(), progress=report, report_dir=report_dir,
             fusion=fusion, calibrate=calibrate, executor=ray_executor(ray, ray_workers, model, backbone),
+            storage_dtype=storage_dtype,
         )
     if not quiet:
         console().print(f"wrote {result.artifact} (report {result.report}, heatmap {result.heatmap})")

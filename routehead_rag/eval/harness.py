@@ -87,12 +87,16 @@ def extract_set(
     cache_dir: str | Path | None,
     progress: Callable[[int], None] | None = None,
     executor=None,
+    storage_dtype: str = "float32",
 ) -> dict[str, QueryExtraction]:
-    """Every head's scores of every query's candidates, from the extraction cache where present."""
+    """Every head's scores of every query's candidates, from the extraction cache where present.
+
+    Kept in float32 by default (evaluation is compared with full-precision reference figures; the
+    fit keeps float16, see :mod:`routehead_rag.fit.extraction`)."""
     return extract(
         scorer, eval_set.name, eval_set.dataset.queries, eval_set.candidates,
         lambda qid, ids: eval_set.passages(qid, ids), Path(cache_dir) if cache_dir is not None else None,
-        progress=progress, key_extra={"max_words": eval_set.max_words}, executor=executor,
+        progress=progress, key_extra={"max_words": eval_set.max_words}, executor=executor, storage_dtype=storage_dtype,
     )
 
 

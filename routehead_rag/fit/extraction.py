@@ -7,6 +7,14 @@ interrupted extraction resumes where it stopped.  A file is reused only if its q
 candidate ids and the sha256 of the exact texts scored (query and passages) match, so an
 edited log or corpus is re-extracted even when its size is unchanged, and a data folder
 can move without invalidating anything.
+
+Storage precision (``storage_dtype``): each file holds the raw scores and the calibrated ones
+(raw minus content-free, taken in the scorer's precision first), rounded to ``float16`` (half
+the disk, and what ``fit`` keeps in memory; ``benchmarks/storage_precision.py`` measures that
+fit results do not move beyond noise) or ``float32``. Every extraction, fresh or cached, is
+handed out rounded the same way, so a resumed run equals an uninterrupted one; a file is
+reused only if it holds at least the precision asked for (a float16 file is recomputed for a
+float32 request; a float32 file is rounded for a float16 one).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import torch
 from ..engine.scorer import AttentionScorer
 
 EXTRACTION_FORMAT = 2  # 2: passages keep their line breaks (one word cut); files keyed on content
+STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -34,12 +43,27 @@ class QueryExtraction:
 
     qid: str
     doc_ids: list[str]
-    real: torch.Tensor  # [layer, head, passage]
-    content_free: torch.Tensor  # [layer, head, passage]
+    real: torch.Tensor  # [layer, head, passage] float32 (values at the storage precision)
+    calibrated: torch.Tensor  # [layer, head, passage] real minus content-free, float32 (same)
 
     @property
-    def calibrated(self) -> torch.Tensor:
-        return self.real - self.content_free
+    def content_free(self) -> torch.Tensor:
+        return self.real - self.calibrated
+
+
+def storage_dtype_of(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a storage precision name (``"float16"`` or ``"float32"``)."""
+    if isinstance(name, torch.dtype) and name in STORAGE_DTYPES.values():
+        return name
+    if isinstance(name, str) and name in STORAGE_DTYPES:
+        return STORAGE_DTYPES[name]
+    raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {name!r}")
+
+
+def _rounded(real: torch.Tensor, content_free: torch.Tensor, storage: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(real, calibrated)`` at the storage precision: the difference is taken before rounding."""
+    calibrated = real.float() - content_free.float()
+    return real.to(storage), calibrated.to(storage)
 
 
 def extraction_key(scorer: AttentionScorer, dataset_name: str, extra: dict | None = None) -> str:
@@ -88,14 +112,22 @@ def _atomic_torch_save(obj, path: Path) -> None:
         raise
 
 
-def _load_query_file(path: Path, qid: str, doc_ids: list[str], content: str) -> QueryExtraction | None:
+def _load_query_file(path: Path, qid: str, doc_ids: list[str], content: str,
+                     storage: torch.dtype) -> QueryExtraction | None:
     if not path.is_file():
         return None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
         if data.get("qid") != qid or data.get("doc_ids") != doc_ids or data.get("content_sha256") != content:
             return None
-        return QueryExtraction(qid, doc_ids, data["real"].float(), data["content_free"].float())
+        real = data["real"]
+        if torch.finfo(real.dtype).eps > torch.finfo(storage).eps:
+            return None  # stored coarser than asked for
+        if "calibrated" in data:
+            real, calibrated = real.to(storage), data["calibrated"].to(storage)
+        else:  # files written before the calibrated scores were stored (float32, raw and content-free)
+            real, calibrated = _rounded(real, data["content_free"], storage)
+        return QueryExtraction(qid, doc_ids, real.float(), calibrated.float())
     except Exception:  # a corrupt or foreign file is recomputed, never trusted
         return None
 
@@ -140,6 +172,7 @@ def iter_extractions(
     progress: Callable[[int], None] | None = None,
     key_extra: dict | None = None,
     executor=None,
+    storage_dtype: str = "float16",
 ) -> Iterator[QueryExtraction]:
     """Every query's all-head scores, from the cache where present, as each becomes available (cached
     queries first, then computed ones in the order the executor finishes them).
@@ -147,6 +180,7 @@ def iter_extractions(
     Streams: passage texts are read when a query is checked against the cache and again when it is
     computed, never held for the whole set; a caller that keeps only what it needs of each
     extraction keeps memory per query to that. See :func:`extract` for the rest."""
+    storage = storage_dtype_of(storage_dtype)
     folder = None
     if cache_dir is not None:
         folder = Path(cache_dir) / "extractions" / extraction_key(scorer, dataset_name, key_extra)
@@ -161,7 +195,7 @@ def iter_extractions(
     for qid, doc_ids in candidates.items():
         doc_ids = list(doc_ids)
         content = content_sha256(queries[qid], passages_of(qid, doc_ids))
-        cached = _load_query_file(_query_file(folder, qid), qid, doc_ids, content) if folder else None
+        cached = _load_query_file(_query_file(folder, qid), qid, doc_ids, content, storage) if folder else None
         if cached is None:
             contents[qid] = content
             continue
@@ -175,15 +209,16 @@ def iter_extractions(
 
     for qid, real, content_free in (executor or LocalExtractor()).run(scorer, pending()):
         doc_ids = list(candidates[qid])
+        real, calibrated = _rounded(real, content_free, storage)
         if folder is not None:
             _atomic_torch_save(
                 {"qid": qid, "doc_ids": doc_ids, "content_sha256": contents[qid], "real": real,
-                 "content_free": content_free},
+                 "calibrated": calibrated},
                 _query_file(folder, qid),
             )
         if progress is not None:
             progress(1)
-        yield QueryExtraction(qid, doc_ids, real, content_free)
+        yield QueryExtraction(qid, doc_ids, real.float(), calibrated.float())
     if folder is not None:
         _remove_stale_temporaries(folder, before=started)
 
@@ -198,6 +233,7 @@ def extract(
     progress: Callable[[int], None] | None = None,
     key_extra: dict | None = None,
     executor=None,
+    storage_dtype: str = "float16",
 ) -> dict[str, QueryExtraction]:
     """All-head scores of every query's candidates, from the cache where present.
 
@@ -208,11 +244,12 @@ def extract(
     spreads it over a Ray cluster) and written to the cache as each query arrives, so an
     interrupted run resumes, with or without Ray. The result is in ``candidates`` order whatever
     order the queries were computed in (:func:`iter_extractions` streams them instead).
+    ``storage_dtype`` is the precision kept (see the module docstring).
     """
     results = {
         item.qid: item
         for item in iter_extractions(scorer, dataset_name, queries, candidates, passages_of, cache_dir, progress,
-                                     key_extra, executor)
+                                     key_extra, executor, storage_dtype)
     }
     return {qid: results[qid] for qid in candidates}
 

@@ -10,24 +10,30 @@ static baseline and the benchmarks alike.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from ..heads import Head, HeadGrid
 
 
-QUERY_CHUNK = 2048  # queries per piece for work batched over queries (see LabelledSet.chunks)
+QUERY_CHUNK = 256  # queries per piece for work batched over queries (see LabelledSet.chunks)
 
 
 @dataclass
 class LabelledSet:
     """Padded tensors of a labelled set, ready for batched search.
 
-    ``scores`` ``[query, head, passage]`` (heads flattened as ``layer * num_heads + head``),
-    ``gains`` ``[query, passage]`` relevance grades (0 for padding), ``valid`` ``[query, passage]``
-    marks real passages, ``ideal_dcg`` ``[query]`` the ideal DCG over every judged document.
+    ``scores`` ``[query, head, passage]`` (heads flattened as ``layer * num_heads + head``; kept in
+    the precision it was built with, possibly on disk, and read in pieces: every computation takes
+    the rows and heads it needs and works in float64), ``gains`` ``[query, passage]`` relevance
+    grades (0 for padding), ``valid`` ``[query, passage]`` marks real passages, ``ideal_dcg``
+    ``[query]`` the ideal DCG over every judged document.
     """
 
     qids: list[str]
@@ -37,6 +43,18 @@ class LabelledSet:
     ideal_dcg: torch.Tensor
     num_layers: int
     num_heads: int
+    backing: Any = field(default=None, repr=False)  # the open temporary file behind an on-disk ``scores``
+
+    @property
+    def num_flat_heads(self) -> int:
+        return self.scores.shape[1]
+
+    def rows_scores(self, rows: torch.Tensor | None = None, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """``[row, head, passage]`` float64 copy of ``rows`` (all by default) and ``heads`` (all by default)."""
+        picked = self.scores if rows is None else self.scores[torch.as_tensor(rows, dtype=torch.long)]
+        if heads is not None:
+            picked = picked[:, heads, :]
+        return picked.double()
 
     @property
     def grid(self) -> HeadGrid:
@@ -49,7 +67,7 @@ class LabelledSet:
         """``[row, passage]``: each row's scores summed over its heads ``heads`` ``[row, k]`` (flat indices)."""
         rows = torch.arange(self.scores.shape[0]) if rows is None else torch.as_tensor(rows, dtype=torch.long)
         picked = self.scores[rows[:, None], heads]  # [row, k, passage]: only the picked heads are copied
-        return picked.sum(dim=1)
+        return picked.double().sum(dim=1)
 
     def chunks(self, size: int | None = None):
         """The set in consecutive pieces of at most ``size`` (default ``QUERY_CHUNK``) queries (the set itself
@@ -67,7 +85,7 @@ class LabelledSet:
         return LabelledSet(
             [self.qids[i] for i in rows.tolist()], self.scores[rows], self.gains[rows], self.valid[rows],
             self.ideal_dcg[rows], self.num_layers, self.num_heads,
-        )
+        )  # an in-memory copy of those rows, whatever backs this set
 
 
 def discounts(depth: int, length: int) -> torch.Tensor:
@@ -78,44 +96,116 @@ def discounts(depth: int, length: int) -> torch.Tensor:
     return weights
 
 
+class LabelledSetBuilder:
+    """Fills a :class:`LabelledSet` row by row as each query's scores arrive, in any order.
+
+    What is known before extraction fixes the set's shape: the queries kept (those with a relevant
+    judged document; no head can help the others), their candidates and grades. ``dtype`` is the
+    precision the scores are kept in (float16 holds float16 extractions exactly); ``on_disk`` keeps
+    them in an unlinked temporary file (``True``: the system's temporary folder; or a folder),
+    memory-mapped, so filling the set holds one query's scores at a time and the set's memory does not
+    grow with the number of queries; the system removes the file when the set is dropped, also after
+    a kill.
+    """
+
+    def __init__(
+        self,
+        doc_ids: Mapping[str, Sequence[str]],  # every query's candidates, in the set's query order
+        qrels: Mapping[str, Mapping[str, int]],
+        num_layers: int,
+        num_heads: int,
+        depth: int = 10,
+        dtype: torch.dtype = torch.float64,
+        on_disk: bool | str | Path = False,
+    ):
+        qids = [q for q in doc_ids if any(g > 0 for g in qrels.get(q, {}).values())]
+        if not qids:
+            raise ValueError("no query has a relevant judged document: nothing to search heads on")
+        if dtype not in (torch.float16, torch.float32, torch.float64):
+            raise ValueError(f"a labelled set is float16, float32 or float64, got {dtype}")
+        width = max(len(doc_ids[q]) for q in qids)
+        shape = (len(qids), num_layers * num_heads, width)
+        self.backing = None
+        if on_disk is not False:
+            folder = None if on_disk is True else Path(on_disk)
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+            self.backing = tempfile.TemporaryFile(dir=folder,
+                                                  prefix="routehead-labelled-")
+            array = np.memmap(self.backing, dtype=str(dtype).removeprefix("torch."), mode="w+", shape=shape)
+            self.scores = torch.from_numpy(array)  # zero-filled by the file system
+        else:
+            self.scores = torch.zeros(shape, dtype=dtype)
+        self.qids, self.num_layers, self.num_heads, self.dtype = qids, num_layers, num_heads, dtype
+        self.row_of = {q: row for row, q in enumerate(qids)}
+        self.counts = {q: len(doc_ids[q]) for q in qids}
+        self.gains = torch.zeros(len(qids), width, dtype=torch.float64)
+        self.valid = torch.zeros(len(qids), width, dtype=torch.bool)
+        self.ideal = torch.zeros(len(qids), dtype=torch.float64)
+        self.filled = torch.zeros(len(qids), dtype=torch.bool)
+        weights = discounts(depth, max(width, depth))
+        for row, qid in enumerate(qids):
+            judged = qrels.get(qid, {})
+            count = self.counts[qid]
+            self.gains[row, :count] = torch.tensor([float(max(judged.get(d, 0), 0)) for d in doc_ids[qid]],
+                                                   dtype=torch.float64)
+            self.valid[row, :count] = True
+            best = sorted((max(g, 0) for g in judged.values()), reverse=True)[:depth]
+            self.ideal[row] = sum(g * float(weights[i]) for i, g in enumerate(best))
+
+    def wants(self, qid: str) -> bool:
+        """Whether ``qid`` is a row of the set (it has a relevant judged document)."""
+        return qid in self.row_of
+
+    def put(self, qid: str, tensor: torch.Tensor) -> None:
+        """Write query ``qid``'s ``[layer, head, passage]`` scores (a query the set leaves out is ignored)."""
+        if qid not in self.row_of:
+            return
+        expected = (self.num_layers, self.num_heads, self.counts[qid])
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"query {qid!r} has scores of shape {tuple(tensor.shape)}, expected {expected} "
+                             "(layers, heads, its candidates)")
+        row = self.row_of[qid]
+        self.scores[row, :, : expected[2]] = tensor.reshape(self.num_layers * self.num_heads, expected[2]).to(self.dtype)
+        self.filled[row] = True
+
+    def finish(self) -> LabelledSet:
+        """The filled set; every kept query must have been put."""
+        if not bool(self.filled.all()):
+            missing = [self.qids[i] for i in (~self.filled).nonzero().flatten()[:3].tolist()]
+            raise ValueError(f"{int((~self.filled).sum())} queries have no scores yet (e.g. {missing})")
+        return LabelledSet(self.qids, self.scores, self.gains, self.valid, self.ideal, self.num_layers, self.num_heads,
+                           self.backing)
+
+
 def build_labelled_set(
     per_query_scores: Mapping[str, torch.Tensor],
     doc_ids: Mapping[str, Sequence[str]],
     qrels: Mapping[str, Mapping[str, int]],
     depth: int = 10,
     consume: bool = False,
+    dtype: torch.dtype = torch.float64,
+    on_disk: bool | str | Path = False,
 ) -> LabelledSet:
-    """Pad per-query ``[layer, head, passage]`` tensors into a :class:`LabelledSet`.
+    """Pad per-query ``[layer, head, passage]`` tensors into a :class:`LabelledSet` (in their order).
 
     Queries without any relevant judged document are left out (no head can help them).
     ``consume`` pops each kept query's tensor from ``per_query_scores`` (a mutable mapping the caller
     owns and no longer needs) as it is copied, so peak memory holds one copy of the scores.
+    ``dtype`` and ``on_disk`` as :class:`LabelledSetBuilder`.
     """
-    qids = [q for q in per_query_scores if any(g > 0 for g in qrels.get(q, {}).values())]
-    if not qids:
+    kept = [q for q in per_query_scores if any(g > 0 for g in qrels.get(q, {}).values())]
+    if not kept:
         raise ValueError("no query has a relevant judged document: nothing to search heads on")
-    first = per_query_scores[qids[0]]
-    num_layers, num_heads = first.shape[:2]
-    first_shape = tuple(first.shape)
-    width = max(per_query_scores[q].shape[-1] for q in qids)
-    scores = torch.zeros(len(qids), num_layers * num_heads, width, dtype=torch.float64)
-    gains = torch.zeros(len(qids), width, dtype=torch.float64)
-    valid = torch.zeros(len(qids), width, dtype=torch.bool)
-    ideal = torch.zeros(len(qids), dtype=torch.float64)
-    weights = discounts(depth, max(width, depth))
-    del first
-    for row, qid in enumerate(qids):
-        tensor = per_query_scores.pop(qid) if consume else per_query_scores[qid]
-        if tensor.shape[:2] != (num_layers, num_heads):
-            raise ValueError(f"query {qid!r} has scores of shape {tuple(tensor.shape)}, others {first_shape}")
-        count = tensor.shape[-1]
-        scores[row, :, :count] = tensor.reshape(num_layers * num_heads, count).double()
-        judged = qrels.get(qid, {})
-        gains[row, :count] = torch.tensor([float(max(judged.get(d, 0), 0)) for d in doc_ids[qid]], dtype=torch.float64)
-        valid[row, :count] = True
-        best = sorted((max(g, 0) for g in judged.values()), reverse=True)[:depth]
-        ideal[row] = sum(g * float(weights[i]) for i, g in enumerate(best))
-    return LabelledSet(qids, scores, gains, valid, ideal, num_layers, num_heads)
+    num_layers, num_heads = per_query_scores[kept[0]].shape[:2]
+    for qid in kept:
+        if per_query_scores[qid].shape[-1] != len(doc_ids[qid]):
+            raise ValueError(f"query {qid!r} has {per_query_scores[qid].shape[-1]} passage scores "
+                             f"for {len(doc_ids[qid])} candidates")
+    builder = LabelledSetBuilder({q: doc_ids[q] for q in kept}, qrels, num_layers, num_heads, depth, dtype, on_disk)
+    for qid in kept:
+        builder.put(qid, per_query_scores.pop(qid) if consume else per_query_scores[qid])
+    return builder.finish()
 
 
 def batched_ndcg(
@@ -150,7 +240,7 @@ def single_head_quality(data: LabelledSet, depth: int = 10, rows: torch.Tensor |
         else:
             part = data.subset(rows[start : start + QUERY_CHUNK])
         per_query = batched_ndcg(
-            part.scores, part.gains[:, None, :], part.valid[:, None, :], part.ideal_dcg[:, None], depth
+            part.scores.double(), part.gains[:, None, :], part.valid[:, None, :], part.ideal_dcg[:, None], depth
         )  # [query, head]
         if count <= QUERY_CHUNK:
             return per_query.mean(dim=0)

@@ -22,10 +22,10 @@ from ..engine.scorer import AttentionScorer, ScoringConfig
 from ..fusion import FusionConfig, first_stage_signal
 from ..router.artifact import RouterArtifactConfig, save_artifact
 from ..router.model import SelectionConfig
-from .extraction import iter_extractions
+from .extraction import iter_extractions, storage_dtype_of
 from .fusion import fit_calibration, fit_fusion
 from ..heads import Head
-from .labelled import LabelledSet, batched_ndcg, build_labelled_set, rank_heads
+from .labelled import LabelledSet, LabelledSetBuilder, batched_ndcg, build_labelled_set, rank_heads
 from .report import heatmap, model_card
 from .search import SearchConfig, search_heads
 from .sources import FitSource
@@ -42,10 +42,27 @@ class PooledExtractions:
     texts: dict[str, str] = field(default_factory=dict)
     first_stage: dict[str, list[str]] = field(default_factory=dict)  # candidates in first-stage order
 
-    def labelled_set(self, depth: int = 10, release: bool = False) -> LabelledSet:
+    @classmethod
+    def of_sources(cls, sources: Sequence[FitSource]) -> "PooledExtractions":
+        """Every query's candidates, grades, text and first-stage order (no scores yet): known before extraction."""
+        pooled = cls()
+        for source in sources:
+            for qid in source.candidates:
+                key = f"{source.name}/{qid}"
+                pooled.doc_ids[key] = list(source.candidates[qid])
+                pooled.qrels[key] = source.qrels.get(qid, {})
+                pooled.texts[key] = source.queries[qid]
+                order = source.first_stage.get(qid) if source.first_stage else None
+                pooled.first_stage[key] = list(order) if order is not None else list(source.candidates[qid])
+        return pooled
+
+    def labelled_set(self, depth: int = 10, release: bool = False, dtype: torch.dtype = torch.float64,
+                     on_disk: bool | str | Path = False) -> LabelledSet:
         """The padded labelled set; ``release`` hands each query's scores over as it is copied in
-        (``scores`` is empty afterwards), so the two copies never coexist."""
-        return build_labelled_set(self.scores, self.doc_ids, self.qrels, depth=depth, consume=release)
+        (``scores`` is empty afterwards), so the two copies never coexist; ``dtype`` and ``on_disk``
+        as :func:`~routehead_rag.fit.labelled.build_labelled_set`."""
+        return build_labelled_set(self.scores, self.doc_ids, self.qrels, depth=depth, consume=release, dtype=dtype,
+                                  on_disk=on_disk)
 
     def first_stage_signal(self, data: LabelledSet) -> torch.Tensor:
         """``[query, passage]`` standardised first-stage signal of each row of ``data`` (rank 1 highest)."""
@@ -64,14 +81,24 @@ def extract_sources(
     cache_dir: str | Path | None,
     progress: Callable[[str, int, int], None] | None = None,
     executor=None,
+    storage_dtype: str = "float16",
+    pooled: PooledExtractions | None = None,
+    sink: Callable[[str, torch.Tensor], None] | None = None,
 ) -> PooledExtractions:
     """One cached all-heads extraction per query of every source, in each source's prompt wording.
 
     ``executor`` computes what is not cached (default: in this process; see
-    :mod:`routehead_rag.fit.distributed` for Ray)."""
+    :mod:`routehead_rag.fit.distributed` for Ray); ``storage_dtype`` is the precision the cache and
+    the pooled scores keep (:mod:`routehead_rag.fit.extraction`). Each query's calibrated scores go to
+    ``sink(key, scores)`` as they arrive (e.g. :meth:`LabelledSetBuilder.put`, so no more than one
+    query's scores is held), else into the result's ``scores`` (in candidates order). ``pooled``: the
+    sources' :meth:`PooledExtractions.of_sources`, if the caller made it already."""
     report = progress or (lambda stage, done, total: None)
     scorers: dict[str | None, AttentionScorer] = {}
-    pooled = PooledExtractions()
+    pooled = pooled if pooled is not None else PooledExtractions.of_sources(sources)
+    arrived: dict[str, torch.Tensor] = {}
+    keep = sink or arrived.__setitem__
+    storage = storage_dtype_of(storage_dtype)
     total, done = sum(len(s.candidates) for s in sources), 0
 
     def tick(n: int) -> None:
@@ -84,20 +111,14 @@ def extract_sources(
             scorers[source.instruction] = AttentionScorer(
                 backbone, scoring if source.instruction is None else scoring.with_instruction(source.instruction)
             )
-        arrived: dict[str, torch.Tensor] = {}  # only the calibrated scores of each query are kept
         for extraction in iter_extractions(
             scorers[source.instruction], source.name, source.queries, source.candidates, source.passages,
             Path(cache_dir) if cache_dir is not None else None, progress=tick, key_extra=source.key, executor=executor,
-        ):
-            arrived[extraction.qid] = extraction.calibrated
-        for qid in source.candidates:  # candidates order, whatever order the extractions arrived in
-            key = f"{source.name}/{qid}"
-            pooled.scores[key] = arrived.pop(qid)
-            pooled.doc_ids[key] = list(source.candidates[qid])
-            pooled.qrels[key] = source.qrels.get(qid, {})
-            pooled.texts[key] = source.queries[qid]
-            order = source.first_stage.get(qid) if source.first_stage else None
-            pooled.first_stage[key] = list(order) if order is not None else list(source.candidates[qid])
+            storage_dtype=storage_dtype,
+        ):  # only the calibrated scores of each query are kept, at the storage precision (exact: already rounded)
+            keep(f"{source.name}/{extraction.qid}", extraction.calibrated.to(storage))
+    if sink is None:  # candidates order, whatever order the extractions arrived in
+        pooled.scores = {key: arrived.pop(key) for key in pooled.doc_ids}
     return pooled
 
 
@@ -139,6 +160,7 @@ def run_fit(
     fusion: bool = True,
     calibrate: bool = True,
     executor=None,
+    storage_dtype: str = "float16",
 ) -> FitResult:
     """Fit a router on ``sources`` and write the artifact and its fit report to ``out``.
 
@@ -150,6 +172,10 @@ def run_fit(
     On top of the router, ``fusion`` fits the first-stage weight (off, global or per query, on dev)
     and ``calibrate`` a map of the final score to a probability of relevance (on dev); both off is
     the paper's RouteHead.
+
+    ``storage_dtype`` is the precision of the extraction cache and of the labelled set, which is
+    kept in a memory-mapped temporary file (in ``cache_dir`` when given), so the memory a fit needs
+    grows with heads x candidates per piece of queries, not with the log.
     """
     scoring = scoring or ScoringConfig()
     query_embedding = query_embedding or QueryEmbeddingConfig(layer=backbone.num_layers // 2)
@@ -160,8 +186,13 @@ def run_fit(
         raise ValueError("every search setting must use the same nDCG depth")
     training = training or TrainingConfig()
     report = progress or (lambda stage, done, total: None)
-    pooled = extract_sources(backbone, sources, scoring, cache_dir, report, executor=executor)
-    data = pooled.labelled_set(depth=searches[0].depth, release=True)
+    pooled = PooledExtractions.of_sources(sources)
+    builder = LabelledSetBuilder(pooled.doc_ids, pooled.qrels, backbone.num_layers, backbone.num_heads,
+                                 depth=searches[0].depth, dtype=storage_dtype_of(storage_dtype),
+                                 on_disk=Path(cache_dir) if cache_dir is not None else True)
+    extract_sources(backbone, sources, scoring, cache_dir, report, executor=executor, storage_dtype=storage_dtype,
+                    pooled=pooled, sink=builder.put)
+    data = builder.finish()
     embeddings = []
     for index, key in enumerate(data.qids):
         embeddings.append(embed_query(backbone, pooled.texts[key], query_embedding))
@@ -210,7 +241,8 @@ def run_fit(
         calibration=calibration,
         search={**search.model_dump(mode="json"), "grid": grid},
         training={**training.model_dump(mode="json"), "chosen_k": trained.k, "chosen_sparsity": trained.sparsity,
-                  "chosen_epoch": trained.epoch, "chosen_depth_cost": depth.depth_cost, "depth_curve": depth.curve},
+                  "chosen_epoch": trained.epoch, "chosen_depth_cost": depth.depth_cost, "depth_curve": depth.curve,
+                  "storage_dtype": storage_dtype},
         data=[
             {"name": s.name, "origin": s.origin, "queries": len(s.candidates),
              "instruction": s.instruction or "the scoring prompt's"}

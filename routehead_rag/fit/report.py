@@ -41,7 +41,8 @@ def model_card(config: RouterArtifactConfig) -> str:
         "",
         f"Chosen on dev: k = {config.training['chosen_k']}, sparsity weight = {config.training['chosen_sparsity']}, "
         f"epoch {config.training['chosen_epoch']}. Query embedding: layer {config.query_embedding.layer}, "
-        f"{config.query_embedding.pooling} pooling. Backbone dtype during the fit: {config.fit_dtype}. "
+        f"{config.query_embedding.pooling} pooling. Backbone dtype during the fit: {config.fit_dtype}; "
+        f"extractions kept in {config.training.get('storage_dtype', 'float32')}. "
         f"Static baseline heads: {', '.join(config.static_heads)}.",
         "",
         *_depth_lines(config),

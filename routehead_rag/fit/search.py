@@ -86,7 +86,7 @@ def search_heads(data: LabelledSet, config: SearchConfig | None = None) -> Searc
         chosen.append(best.chosen)
         final.append(batched_ndcg(best.summed, part.gains, part.valid, part.ideal_dcg, config.depth))
 
-    labels = torch.zeros(data.scores.shape[0], data.scores.shape[1], dtype=torch.bool)
+    labels = torch.zeros(len(data.qids), data.num_flat_heads, dtype=torch.bool)
     labels[:, pool] = torch.cat(chosen)
     return SearchResult(
         qids=list(data.qids), labels=labels, query_ndcg=torch.cat(final), pool=pool.tolist(), pool_quality=quality[pool],
@@ -118,7 +118,7 @@ class _PoolSearch:
 
     def __init__(self, data: LabelledSet, pool: torch.Tensor, pool_quality: torch.Tensor, config: SearchConfig):
         self.config = config
-        self.scores = data.scores[:, pool, :]  # [query, pool, passage]
+        self.scores = data.rows_scores(heads=pool)  # [query, pool, passage] float64
         self.quality = pool_quality  # [pool]
         self.gains = data.gains[:, None, :]
         self.valid = data.valid[:, None, :]

@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..router.model import Router, RouterConfig
 from .labelled import LabelledSet, batched_ndcg, single_head_quality
 
+TRAIN_CHUNK = 2048  # train queries per backward pass; a larger train set sums the full-batch gradient over pieces
+
 
 class TrainingConfig(BaseModel):
     """Router training settings; recorded with a fitted router."""
@@ -150,10 +152,7 @@ def train_router(
             if epoch:  # epoch 0 evaluates the prior-initialised router before any update
                 router.train()
                 optimizer.zero_grad()
-                logits = router(x[train_rows])
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[train_rows])
-                loss = loss + sparsity * torch.sigmoid(logits).mean()
-                loss.backward()
+                loss = full_batch_backward(router, x, y, train_rows, sparsity)
                 optimizer.step()
             if epoch % config.eval_every and epoch != config.epochs:
                 continue
@@ -163,7 +162,7 @@ def train_router(
             for k in config.ks:
                 value = float(routed_ndcg(dev_logits, data, dev_rows, k).mean())
                 history.append({"sparsity": sparsity, "epoch": epoch, "k": k, "dev_ndcg": value,
-                                "loss": float(loss.detach()) if epoch else None})
+                                "loss": loss if epoch else None})
                 if best is None or value > best["dev_ndcg"] + 1e-12:
                     best = {"dev_ndcg": value, "k": k, "sparsity": sparsity, "epoch": epoch,
                             "state": copy.deepcopy(router.state_dict())}
@@ -185,10 +184,27 @@ def train_router(
     )
 
 
+def full_batch_backward(router: Router, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, sparsity: float) -> float:
+    """Gradients of BCE on the labels plus ``sparsity * mean(sigmoid(logits))`` over all ``rows``, in pieces of at
+    most ``TRAIN_CHUNK`` rows (each piece's mean weighted by its share), so the activations held do not grow with
+    the train set; one piece is the plain full-batch pass. Returns the loss."""
+    pieces = [rows[start : start + TRAIN_CHUNK] for start in range(0, len(rows), TRAIN_CHUNK)]
+    total = 0.0
+    for piece in pieces:
+        logits = router(x[piece])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[piece])
+        loss = loss + sparsity * torch.sigmoid(logits).mean()
+        if len(pieces) > 1:
+            loss = loss * (len(piece) / len(rows))
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 def static_dev_ndcg(data: LabelledSet, train_rows: torch.Tensor, dev_rows: torch.Tensor, k: int) -> float:
     """Dev nDCG@10 of the k heads with the best single-head quality on train (the static baseline)."""
     quality = single_head_quality(data, rows=train_rows)  # [head]
     heads = torch.argsort(quality, descending=True, stable=True)[:k]
-    logits = torch.full((len(dev_rows), data.scores.shape[1]), -1.0, dtype=torch.float64)
+    logits = torch.full((len(dev_rows), data.num_flat_heads), -1.0, dtype=torch.float64)
     logits[:, heads] = 1.0
     return float(routed_ndcg(logits, data, dev_rows, k).mean())

@@ -258,3 +258,11 @@ def test_eval_shows_per_query_progress(model_dir, beir_dir, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     assert "extracting" in result.stderr and "4/4" in result.stderr
+
+
+def test_fit_refuses_an_unknown_storage_precision(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"query": "sea", "candidates": [{"id": "a", "text": "the sea"}], "relevance": {"a": 1}}\n')
+    result = runner.invoke(app, ["fit", str(log), "--out", str(tmp_path / "r"), "--storage-dtype", "float64"])
+    assert result.exit_code == 2, result.output
+    assert "storage_dtype must be one of" in result.output and "'float64'" in result.output

@@ -168,7 +168,7 @@ def test_editing_a_candidate_in_place_is_re_extracted(tmp_path):
     assert log.stat().st_size == size
     assert not torch.equal(first.real, second.real)
     fresh = AttentionScorer(backbone).head_scores("sea", ["the sun warms the sand", "stock prices"])
-    torch.testing.assert_close(second.real, fresh.real)
+    torch.testing.assert_close(second.real, fresh.real.half().float(), atol=0, rtol=0)  # the cache keeps float16
 
 
 def test_an_interrupted_artifact_write_leaves_nothing_the_next_write_does_not_clean(tiny_router, tmp_path):

@@ -104,3 +104,25 @@ def test_depth_cost_settings_are_checked():
     with pytest.raises(ValidationError, match="finite and >= 0"):
         TrainingConfig(depth_costs=(0.0, -2.0))
     assert SelectionConfig.model_validate({"mode": "top_k", "k": 2}).depth_cost == 0.0  # older artifacts: off
+
+
+def test_training_in_pieces_takes_the_full_batch_gradient():
+    """A train set larger than TRAIN_CHUNK sums the full-batch gradient over pieces: the same update."""
+    import routehead_rag.fit.training as training
+
+    torch.manual_seed(0)
+    config = RouterConfig(input_dim=16, num_layers=3, num_heads=4, dim=8, hidden=16)
+    x, y = torch.randn(50, 16), (torch.rand(50, 12) > 0.7).float()
+    rows = torch.randperm(50)[:37]
+    whole, pieces = Router(config), Router(config)
+    pieces.load_state_dict(whole.state_dict())
+    loss_whole = training.full_batch_backward(whole, x, y, rows, sparsity=0.1)
+    original = training.TRAIN_CHUNK
+    try:
+        training.TRAIN_CHUNK = 8  # 37 rows: five pieces
+        loss_pieces = training.full_batch_backward(pieces, x, y, rows, sparsity=0.1)
+    finally:
+        training.TRAIN_CHUNK = original
+    assert loss_pieces == pytest.approx(loss_whole, rel=1e-6)
+    for (name, a), b in zip(whole.named_parameters(), pieces.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-7, rtol=1e-5, msg=name)
