@@ -18,6 +18,7 @@ same scoring with the adapter off.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -34,6 +35,7 @@ from routehead_rag.engine.capture import CaptureRequest, capture_scope, run_capt
 from routehead_rag.engine.embedding import embed_query
 from routehead_rag.engine.prompt import PromptBuilder
 from routehead_rag.eval.protocol import PROTOCOL, Role
+from routehead_rag.eval.metrics import paired_randomization_test
 from routehead_rag.fit.labelled import batched_ndcg
 from routehead_rag.fit.training import split_train_dev
 from routehead_rag.model.backbone import load_backbone
@@ -150,6 +152,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rank", type=int, action="append", default=None)
     parser.add_argument("--lr", type=float, action="append", default=None)
+    parser.add_argument("--heldout-queries", type=int, default=0,
+                        help="further dev queries, never used to pick the epoch: scored once, without and with the "
+                             "chosen adapter, with a paired test (0: none)")
     parser.add_argument("--mlp", action="store_true", help="also adapt the MLP projections (gate, up, down)")
     parser.add_argument("--name", default="adapter_go_no_go", help="result file stem")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -169,7 +174,8 @@ def main() -> int:
     train_rows, dev_rows = split_train_dev(len(data.qids), 0.2, 0)  # the router's own split
     rng = random.Random(0)
     train_keys = rng.sample([data.qids[i] for i in train_rows.tolist()], args.train_queries)
-    dev_keys = rng.sample([data.qids[i] for i in dev_rows.tolist()], args.dev_queries)
+    dev_pool = rng.sample([data.qids[i] for i in dev_rows.tolist()], args.dev_queries + args.heldout_queries)
+    dev_keys, heldout_keys = dev_pool[: args.dev_queries], dev_pool[args.dev_queries :]
     passages_of = {}
     for name, (eval_set, _) in sets.items():
         for qid in eval_set.qids:
@@ -178,12 +184,12 @@ def main() -> int:
                for name in sets}
     row_of = {key: i for i, key in enumerate(data.qids)}
     heads = {key: strategy.router.select(embed_query(backbone, pool.texts[key], strategy.config.query_embedding),
-                                         strategy.config.selection) for key in train_keys + dev_keys}
+                                         strategy.config.selection) for key in train_keys + dev_pool}
     depth = max(max(h.layer for h in hs) for hs in heads.values())
 
-    def dev_ndcg(adapter) -> tuple[float, float]:
+    def per_query_ndcg(adapter, keys) -> tuple[list[float], float]:
         values, seconds = [], []
-        for key in dev_keys:
+        for key in keys:
             begun = time.perf_counter()
             scores = routed_scores(backbone, prompts[key.split("/")[0]], pool.texts[key], passages_of[key], heads[key],
                                    adapter, grad=False).detach().double()
@@ -193,7 +199,11 @@ def main() -> int:
             padded = torch.full((data.gains.shape[1],), -1e9, dtype=torch.float64)
             padded[:count] = scores
             values.append(float(batched_ndcg(padded, data.gains[row], data.valid[row], data.ideal_dcg[row])))
-        return statistics.mean(values), statistics.median(seconds)
+        return values, statistics.median(seconds)
+
+    def dev_ndcg(adapter) -> tuple[float, float]:
+        values, seconds = per_query_ndcg(adapter, dev_keys)
+        return statistics.mean(values), seconds
 
     runs = []
     for rank in ranks:
@@ -201,6 +211,8 @@ def main() -> int:
             torch.manual_seed(0)
             adapter = QueryLoRA(backbone.decoder, depth, rank, mlp=args.mlp)
             baseline, inference_s = dev_ndcg(adapter)  # B = 0: exactly the base model
+            heldout_base = per_query_ndcg(adapter, heldout_keys)[0] if heldout_keys else []
+            best_state = copy.deepcopy(adapter.deltas.state_dict())
             optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
             history = [{"epoch": 0, "dev_ndcg@10": baseline}]
             train_seconds = []
@@ -222,6 +234,8 @@ def main() -> int:
                     optimizer.step()
                     train_seconds.append(time.perf_counter() - begun)
                 value, adapted_s = dev_ndcg(adapter)
+                if value > max(h["dev_ndcg@10"] for h in history) + 1e-12:
+                    best_state = copy.deepcopy(adapter.deltas.state_dict())
                 history.append({"epoch": epoch, "dev_ndcg@10": value})
                 console.print(f"rank {rank} lr {lr} epoch {epoch}: dev {value:.4f} (baseline {baseline:.4f})")
             best = max(history, key=lambda h: h["dev_ndcg@10"])
@@ -230,10 +244,21 @@ def main() -> int:
                          "gain_points": 100 * (best["dev_ndcg@10"] - baseline),
                          "seconds_per_train_query": statistics.median(train_seconds) if train_seconds else None,
                          "seconds_per_query_base": inference_s, "seconds_per_query_adapted": adapted_s})
+            if heldout_keys:  # the chosen epoch's adapter on queries that never chose anything
+                adapter.deltas.load_state_dict(best_state)
+                heldout_adapted = per_query_ndcg(adapter, heldout_keys)[0]
+                runs[-1].update({
+                    "heldout_baseline_ndcg@10": statistics.mean(heldout_base),
+                    "heldout_adapted_ndcg@10": statistics.mean(heldout_adapted),
+                    "heldout_gain_points": 100 * (statistics.mean(heldout_adapted) - statistics.mean(heldout_base)),
+                    "heldout_p": paired_randomization_test(heldout_adapted, heldout_base),
+                })
+                console.print({k: v for k, v in runs[-1].items() if k.startswith("heldout")})
             adapter.remove()
-    go = any(r["gain_points"] >= 2.0 for r in runs)
+    gain_key = "heldout_gain_points" if heldout_keys else "gain_points"
+    go = any(r[gain_key] >= 2.0 for r in runs)
     result = {"benchmark": "adapter_go_no_go", "dtype": args.dtype, "train_queries": len(train_keys),
-              "dev_queries": len(dev_keys), "epochs": args.epochs, "targets": list(targets), "deepest_layer": depth,
+              "dev_queries": len(dev_keys), "heldout_queries": len(heldout_keys), "epochs": args.epochs, "targets": list(targets), "deepest_layer": depth,
               "runs": runs, "go": go, "machine": machine(), "seconds": round(time.time() - started)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -247,6 +272,12 @@ def main() -> int:
         lines.append(f"| {r['rank']} | {r['lr']:g} | {r['baseline_dev_ndcg@10']:.4f} | {r['best_dev_ndcg@10']:.4f} "
                      f"({r['best_epoch']}) | {r['gain_points']:+.2f} | {r['seconds_per_train_query'] or 0:.2f} | "
                      f"{r['seconds_per_query_base']:.2f}, {r['seconds_per_query_adapted']:.2f} |")
+    if heldout_keys:
+        lines += ["", f"Held out: {len(heldout_keys)} further dev queries that picked nothing, scored once without and with "
+                  "each run's chosen adapter (p: paired randomization test); the decision uses these.", "",
+                  "| rank | lr | held-out without | held-out with | gain (points) | p |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['rank']} | {r['lr']:g} | {r['heldout_baseline_ndcg@10']:.4f} | {r['heldout_adapted_ndcg@10']:.4f} | "
+                  f"{r['heldout_gain_points']:+.2f} | {r['heldout_p']:.3f} |" for r in runs]
     lines += ["", f"Decision: **{'go' if go else 'no-go'}**.", "", machine_line(result), "",
               f"Produced by `python benchmarks/adapter_go_no_go.py {' '.join(sys.argv[1:])}` in {result['seconds']} s."]
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
