@@ -55,7 +55,7 @@ def main() -> int:
     sources = sources_from_arguments([d["name"] for d in config.data], PROTOCOL.top_k, None, "auto")
     pooled = extract_sources(backbone, sources, config.scoring, args.cache_dir or default_cache_dir(),
                              storage_dtype=storage)
-    data = pooled.labelled_set(dtype=torch.float64)
+    data = pooled.labelled_set()
     embeddings = torch.stack([embed_query(backbone, pooled.texts[q], config.query_embedding) for q in data.qids])
     train, dev = split_train_dev(len(data.qids), config.training["dev_fraction"], config.training["seed"])
     with torch.no_grad():

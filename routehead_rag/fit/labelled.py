@@ -197,11 +197,7 @@ def build_labelled_set(
     kept = [q for q in per_query_scores if any(g > 0 for g in qrels.get(q, {}).values())]
     if not kept:
         raise ValueError("no query has a relevant judged document: nothing to search heads on")
-    num_layers, num_heads = per_query_scores[kept[0]].shape[:2]
-    for qid in kept:
-        if per_query_scores[qid].shape[-1] != len(doc_ids[qid]):
-            raise ValueError(f"query {qid!r} has {per_query_scores[qid].shape[-1]} passage scores "
-                             f"for {len(doc_ids[qid])} candidates")
+    num_layers, num_heads = per_query_scores[kept[0]].shape[:2]  # every query's shape is checked as it is put
     builder = LabelledSetBuilder({q: doc_ids[q] for q in kept}, qrels, num_layers, num_heads, depth, dtype, on_disk)
     for qid in kept:
         builder.put(qid, per_query_scores.pop(qid) if consume else per_query_scores[qid])

@@ -56,13 +56,10 @@ class PooledExtractions:
                 pooled.first_stage[key] = list(order) if order is not None else list(source.candidates[qid])
         return pooled
 
-    def labelled_set(self, depth: int = 10, release: bool = False, dtype: torch.dtype = torch.float64,
-                     on_disk: bool | str | Path = False) -> LabelledSet:
+    def labelled_set(self, depth: int = 10, release: bool = False) -> LabelledSet:
         """The padded labelled set; ``release`` hands each query's scores over as it is copied in
-        (``scores`` is empty afterwards), so the two copies never coexist; ``dtype`` and ``on_disk``
-        as :func:`~routehead_rag.fit.labelled.build_labelled_set`."""
-        return build_labelled_set(self.scores, self.doc_ids, self.qrels, depth=depth, consume=release, dtype=dtype,
-                                  on_disk=on_disk)
+        (``scores`` is empty afterwards), so the two copies never coexist."""
+        return build_labelled_set(self.scores, self.doc_ids, self.qrels, depth=depth, consume=release)
 
     def first_stage_signal(self, data: LabelledSet) -> torch.Tensor:
         """``[query, passage]`` standardised first-stage signal of each row of ``data`` (rank 1 highest)."""
