@@ -7,9 +7,11 @@ routed heads by at least 2 points over the same heads without it?
 
 Per fit query: the prefix pass without gradients, then both suffix passes with gradients through
 the adapter, and a listwise loss (softmax cross-entropy against the relevance grades) on the
-standardised calibrated score of the query's routed heads. Adapters: LoRA (rank r, alpha 2r) on
-q/k/v/o projections of every layer up to the deepest routed one, applied by forward hooks on the
-model this script loads (nothing else holds it). Dev nDCG@10 after every epoch; the baseline is the
+standardised calibrated score of the query's routed heads. Adapters: the library's query-side LoRA
+(:mod:`routehead_rag.engine.query_adapter`; rank r, alpha 2r) on the attention projections (with
+``--mlp`` the MLP ones too) of every layer up to the deepest routed one. The committed results were
+made at commit b5acaaf with this script's own copy of the same LoRA, before it moved into the library
+(same math; its initial A differed by random draws). Dev nDCG@10 after every epoch; the baseline is the
 same scoring with the adapter off.
 
     python benchmarks/adapter_go_no_go.py --train-queries 160 --dev-queries 80 --epochs 2
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import random
 import statistics
 import sys
@@ -31,9 +32,8 @@ import torch
 from common import RESULTS, console, machine, machine_line, pooled, scorers_by_instruction, seeded
 from common import load_set
 
-from routehead_rag.engine.capture import CaptureRequest, capture_scope, run_capture
 from routehead_rag.engine.embedding import embed_query
-from routehead_rag.engine.prompt import PromptBuilder
+from routehead_rag.engine.query_adapter import QueryAdapter, QueryAdapterConfig, adapter_targets, decoder_path
 from routehead_rag.eval.protocol import PROTOCOL, Role
 from routehead_rag.eval.metrics import paired_randomization_test
 from routehead_rag.fit.labelled import batched_ndcg
@@ -43,8 +43,6 @@ from routehead_rag.paths import default_cache_dir
 from routehead_rag.router.artifact import SHIPPED_ROUTERS
 from routehead_rag.strategy import RoutedHeads
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # self_attn projections
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")  # mlp projections (--mlp)
 
 
 def plot(result, path: Path) -> None:
@@ -71,76 +69,18 @@ def plot(result, path: Path) -> None:
     plt.close(fig)
 
 
-class QueryLoRA(torch.nn.Module):
-    """Low-rank deltas ``B A x * alpha / r`` on the target projections of layers ``0..depth``; on only when ``active``."""
-
-    def __init__(self, decoder, depth: int, rank: int, mlp: bool = False):
-        super().__init__()
-        self.active, self.scale, self.handles = False, 2.0, []
-        self.deltas = torch.nn.ModuleDict()
-        for layer in range(depth + 1):
-            targets = [(decoder.layers[layer].self_attn, name) for name in TARGETS]
-            targets += [(decoder.layers[layer].mlp, name) for name in MLP_TARGETS] if mlp else []
-            for module, name in targets:
-                linear = getattr(module, name)
-                key = f"{layer}_{name}"
-                a = torch.nn.Linear(linear.in_features, rank, bias=False)
-                b = torch.nn.Linear(rank, linear.out_features, bias=False)
-                torch.nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-                torch.nn.init.zeros_(b.weight)  # starts as the base model exactly
-                self.deltas[key] = torch.nn.Sequential(a, b)
-                self.handles.append(linear.register_forward_hook(self._hook(key)))
-
-    def _hook(self, key):
-        def add_delta(module, args, output):
-            if not self.active:
-                return output
-            x = args[0]
-            return output + (self.deltas[key](x.float()) * self.scale).to(output.dtype)
-
-        return add_delta
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
+def make_adapter(backbone, depth: int, rank: int, mlp: bool) -> QueryAdapter:
+    """A fresh LoRA adapter (``B = 0``: the base model exactly) on layers ``0..depth``."""
+    layers, targets = adapter_targets(backbone.decoder, depth, mlp=mlp)
+    config = QueryAdapterConfig(rank=rank, alpha=2.0 * rank, layers=layers, targets=targets,
+                                decoder_path=decoder_path(backbone.model, backbone.decoder))
+    return QueryAdapter.for_decoder(backbone.decoder, config)
 
 
-def routed_scores(backbone, prompts, query, passages, heads, adapter, grad: bool) -> torch.Tensor:
-    """Calibrated (real - N/A) scores of ``passages`` summed over ``heads`` ``[passage]``; adapter on the suffix only."""
-    from transformers import DynamicCache
-
-    plan: dict[int, list[int]] = {}
-    for h in heads:
-        plan.setdefault(h.layer, []).append(h.head)
-    plan = {layer: sorted(v) for layer, v in sorted(plan.items())}
-    deepest = max(plan)
-    layout = prompts.layout(passages)
-    decoder = backbone.decoder
-    with capture_scope(decoder):
-        cache = DynamicCache()
-        adapter.active = False  # the prefix: the base model, no gradient
-        with torch.no_grad():
-            run_capture(decoder, torch.tensor([layout.prefix_ids]), cache, CaptureRequest(stop_after_layer=deepest))
-        sums = []
-        adapter.active = True
-        with torch.set_grad_enabled(grad):
-            for text in (query, prompts.config.calibration_query):
-                part = prompts.query_part(text, layout.prefix_length)
-                request = CaptureRequest(heads_by_layer=plan, mean_rows=True, stop_after_layer=deepest)
-                run_capture(decoder, torch.tensor([part.ids]), cache, request)
-                surplus = cache.get_seq_length() - layout.prefix_length
-                if surplus > 0:
-                    cache.crop(-surplus)
-                total = 0
-                for layer, rows in request.rows.items():
-                    rows = rows[0, ..., : layout.prefix_length].float()  # [heads, keys]
-                    cumulative = torch.nn.functional.pad(rows.cumsum(dim=-1), (1, 0))
-                    starts = torch.tensor([s.start for s in layout.passage_spans])
-                    ends = torch.tensor([s.end for s in layout.passage_spans])
-                    total = total + (cumulative[..., ends] - cumulative[..., starts]).sum(dim=0)  # [passage]
-                sums.append(total)
-        adapter.active = False
-    return sums[0] - sums[1]
+def routed_scores(scorer, query, passages, heads, adapter, grad: bool) -> torch.Tensor:
+    """Calibrated (real - N/A) scores of ``passages`` summed over ``heads`` ``[passage]``; adapter on the query part
+    only (the library's scorer: :meth:`AttentionScorer.head_scores`)."""
+    return scorer.aggregate(scorer.head_scores(query, passages, heads, adapter, differentiable=grad), heads)
 
 
 def main() -> int:
@@ -159,7 +99,6 @@ def main() -> int:
     parser.add_argument("--name", default="adapter_go_no_go", help="result file stem")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    targets = TARGETS + (MLP_TARGETS if args.mlp else ())
     ranks, lrs = args.rank or [8], args.lr or [1e-3]
     seeded()
     started = time.time()
@@ -180,8 +119,7 @@ def main() -> int:
     for name, (eval_set, _) in sets.items():
         for qid in eval_set.qids:
             passages_of[f"{name}/{qid}"] = eval_set.passages(qid)
-    prompts = {name: PromptBuilder(backbone.tokenizer, scorers[PROTOCOL.spec(name).instruction].config.prompt)
-               for name in sets}
+    scorer_of = {name: scorers[PROTOCOL.spec(name).instruction] for name in sets}
     row_of = {key: i for i, key in enumerate(data.qids)}
     heads = {key: strategy.router.select(embed_query(backbone, pool.texts[key], strategy.config.query_embedding),
                                          strategy.config.selection) for key in train_keys + dev_pool}
@@ -191,7 +129,7 @@ def main() -> int:
         values, seconds = [], []
         for key in keys:
             begun = time.perf_counter()
-            scores = routed_scores(backbone, prompts[key.split("/")[0]], pool.texts[key], passages_of[key], heads[key],
+            scores = routed_scores(scorer_of[key.split("/")[0]], pool.texts[key], passages_of[key], heads[key],
                                    adapter, grad=False).detach().double()
             seconds.append(time.perf_counter() - begun)
             row = row_of[key]
@@ -209,10 +147,10 @@ def main() -> int:
     for rank in ranks:
         for lr in lrs:
             torch.manual_seed(0)
-            adapter = QueryLoRA(backbone.decoder, depth, rank, mlp=args.mlp)
+            adapter = make_adapter(backbone, depth, rank, args.mlp)
             baseline, inference_s = dev_ndcg(adapter)  # B = 0: exactly the base model
             heldout_base = per_query_ndcg(adapter, heldout_keys)[0] if heldout_keys else []
-            best_state = copy.deepcopy(adapter.deltas.state_dict())
+            best_state = copy.deepcopy(adapter.state_dict())
             optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
             history = [{"epoch": 0, "dev_ndcg@10": baseline}]
             train_seconds = []
@@ -221,7 +159,7 @@ def main() -> int:
                 random.Random(epoch).shuffle(order)
                 for key in order:
                     begun = time.perf_counter()
-                    scores = routed_scores(backbone, prompts[key.split("/")[0]], pool.texts[key], passages_of[key],
+                    scores = routed_scores(scorer_of[key.split("/")[0]], pool.texts[key], passages_of[key],
                                            heads[key], adapter, grad=True)
                     row = row_of[key]
                     gains = data.gains[row, : scores.numel()].float()
@@ -235,7 +173,7 @@ def main() -> int:
                     train_seconds.append(time.perf_counter() - begun)
                 value, adapted_s = dev_ndcg(adapter)
                 if value > max(h["dev_ndcg@10"] for h in history) + 1e-12:
-                    best_state = copy.deepcopy(adapter.deltas.state_dict())
+                    best_state = copy.deepcopy(adapter.state_dict())
                 history.append({"epoch": epoch, "dev_ndcg@10": value})
                 console.print(f"rank {rank} lr {lr} epoch {epoch}: dev {value:.4f} (baseline {baseline:.4f})")
             best = max(history, key=lambda h: h["dev_ndcg@10"])
@@ -245,7 +183,7 @@ def main() -> int:
                          "seconds_per_train_query": statistics.median(train_seconds) if train_seconds else None,
                          "seconds_per_query_base": inference_s, "seconds_per_query_adapted": adapted_s})
             if heldout_keys:  # the chosen epoch's adapter on queries that never chose anything
-                adapter.deltas.load_state_dict(best_state)
+                adapter.load_state_dict(best_state)
                 heldout_adapted = per_query_ndcg(adapter, heldout_keys)[0]
                 runs[-1].update({
                     "heldout_baseline_ndcg@10": statistics.mean(heldout_base),
@@ -254,17 +192,16 @@ def main() -> int:
                     "heldout_p": paired_randomization_test(heldout_adapted, heldout_base),
                 })
                 console.print({k: v for k, v in runs[-1].items() if k.startswith("heldout")})
-            adapter.remove()
     gain_key = "heldout_gain_points" if heldout_keys else "gain_points"
     go = any(r[gain_key] >= 2.0 for r in runs)
     result = {"benchmark": "adapter_go_no_go", "dtype": args.dtype, "train_queries": len(train_keys),
-              "dev_queries": len(dev_keys), "heldout_queries": len(heldout_keys), "epochs": args.epochs, "targets": list(targets), "deepest_layer": depth,
+              "dev_queries": len(dev_keys), "heldout_queries": len(heldout_keys), "epochs": args.epochs, "targets": list(adapter_targets(backbone.decoder, depth, mlp=args.mlp)[1]), "deepest_layer": depth,
               "runs": runs, "go": go, "machine": machine(), "seconds": round(time.time() - started)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Query-side LoRA adapters: go/no-go on fit dev", "",
              f"{len(train_keys)} train / {len(dev_keys)} dev fit queries (the router's own split), {args.dtype}; LoRA on "
-             f"{', '.join(targets)} of layers 0-{depth}; listwise loss on the routed heads' standardised calibrated "
+             f"{', '.join(result['targets'])} of layers 0-{depth}; listwise loss on the routed heads' standardised calibrated "
              "score. Decision rule: go if dev nDCG@10 rises by at least 2 points over the same heads without it.", "",
              "| rank | lr | dev nDCG@10 without | best with (epoch) | gain (points) | s / train query | s / query (base, adapted) |",
              "|---|---|---|---|---|---|---|"]

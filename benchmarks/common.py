@@ -130,6 +130,27 @@ def reference_check(sets: Mapping[str, ProtocolSet]) -> dict:
     return checks
 
 
+def shipped_probabilities(eval_set: EvalSet, extractions: Mapping[str, QueryExtraction], routes, first_stage):
+    """The shipped probabilities ``[pairs]`` (routed heads, fused, calibrated) and relevance labels of every
+    (query, candidate) pair; ``None`` when the routes carry no calibration."""
+    from routehead_rag.fusion import calibrate, first_stage_signal, fuse
+
+    probabilities, labels = [], []
+    for qid in eval_set.qids:
+        route, extraction = routes[qid], extractions[qid]
+        if route.calibration is None:
+            return None
+        scores = extraction.calibrated[[h.layer for h in route.heads], [h.head for h in route.heads]].sum(dim=0)
+        if route.fusion_weight is not None:
+            rank = {d: i for i, d in enumerate(first_stage[qid])}
+            scores = fuse(scores, first_stage_signal(len(extraction.doc_ids), [-float(rank[d]) for d in extraction.doc_ids]),
+                          route.fusion_weight)
+        probabilities.append(calibrate(scores, route.calibration))
+        judged = eval_set.dataset.qrels.get(qid, {})
+        labels.append(torch.tensor([float(judged.get(d, 0) >= 1) for d in extraction.doc_ids], dtype=torch.float64))
+    return torch.cat(probabilities), torch.cat(labels)
+
+
 def machine() -> dict:
     """The machine block of every result: CPU model and its native bfloat16 support, threads, versions."""
     return {"platform": platform.platform(), **machine_info()}

@@ -5,7 +5,9 @@
 
 The block sits between the ``<!-- benchmark-table:start -->`` and ``<!-- benchmark-table:end -->``
 markers and is built from ``benchmarks/results/routehead.json`` (BM25, ICR, static heads,
-RouteHead, the hindsight oracle) and ``benchmarks/results/quality.json`` (the dense baseline).
+RouteHead, the hindsight oracle), ``benchmarks/results/quality.json`` (the dense baseline) and,
+when the shipped router has a query adapter, ``benchmarks/results/adapter.json`` (its rows, used
+only if they were measured with the adapter file that ships: same sha256).
 A unit test checks that the README matches.
 """
 
@@ -21,35 +23,67 @@ RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- benchmark-table:start -->", "<!-- benchmark-table:end -->"
 
 
+SHIPPED_CONFIG = ROOT / "routehead_rag" / "routers" / "smollm2-135m" / "config.json"
+ADAPTED = "RouteHead + query adapter (shipped)"
+
+
+def adapter_rows(results: Path) -> dict | None:
+    """``adapter.json`` if the shipped router has a query adapter and it was measured with that very file."""
+    shipped = json.loads(SHIPPED_CONFIG.read_text())
+    path = results / "adapter.json"
+    if shipped.get("query_adapter") is None:
+        return None
+    if not path.is_file():
+        raise ValueError("the shipped router has a query adapter but benchmarks/results/adapter.json is missing: "
+                         "run python benchmarks/adapter.py")
+    adapter = json.loads(path.read_text())
+    if adapter.get("adapter_sha256") != shipped["files"]["adapter_model.safetensors"]["sha256"]:
+        raise ValueError("benchmarks/results/adapter.json was measured with another adapter than the one that ships: "
+                         "run python benchmarks/adapter.py")
+    return adapter
+
+
 def table(results: Path = RESULTS) -> str:
     routehead = json.loads((results / "routehead.json").read_text())
     quality = json.loads((results / "quality.json").read_text())
+    adapter = adapter_rows(results)
+    adapted = {row["dataset"]: row for row in adapter["test"]} if adapter else {}
     dense = {row["dataset"]: row["ndcg@10"].get("dense MiniLM-L6") for row in quality["test"]}
     statics = [s for s in routehead["test"][0]["ndcg@10"] if s.startswith("static") and "chosen on fit" in s]
     columns = ["BM25", "ICR (all heads)", *statics, "RouteHead (paper)", "RouteHead", "oracle (hindsight)"]
+    extra = [ADAPTED] if adapter else []
     lines = [
         f"nDCG@10 on the protocol test sets, {routehead['model']} ({routehead['dtype']}), first 20 candidates; "
         "static heads and the router are fitted on the protocol's fit splits only; the oracle picks each "
         "query's heads with hindsight (a ceiling, not a method). RouteHead (paper): the routed heads' attention "
         "alone; RouteHead: the shipped configuration (the same router, fused with the first stage as its fit "
-        "chose). p: paired randomization test of RouteHead against BM25 / static.",
+        "chose). p: paired randomization test of RouteHead against BM25 / static."
+        + (f" {ADAPTED}: the same router with its query-side LoRA adapter reading the query part "
+           "(`fit --adapter`), what the package ranks with; p: its paired test against BM25 / RouteHead without it."
+           if adapter else ""),
         "",
-        "| set | queries | " + " | ".join(columns) + " | dense MiniLM-L6 | p vs BM25 / static |",
-        "|---|---|" + "---|" * (len(columns) + 2),
+        "| set | queries | " + " | ".join(columns + extra) + " | dense MiniLM-L6 | p vs BM25 / static |"
+        + (" p (adapter) vs BM25 / no adapter |" if adapter else ""),
+        "|---|---|" + "---|" * (len(columns) + len(extra) + 2 + bool(adapter)),
     ]
     for row in routehead["test"]:
         values = row["ndcg@10"]
         d = dense.get(row["dataset"])
         dense_cell = f"{d:.3f}" if d is not None else "-"
+        own = adapted.get(row["dataset"])
+        adapter_cell = f" | **{own['ndcg@10']['shipped + adapter']:.3f}**" if adapter else ""
+        adapter_p = f" {own['p']['vs BM25']:.3f} / {own['p']['vs shipped, no adapter']:.3f} |" if adapter else ""
         lines.append(
             f"| {row['dataset']} ({row['role']}) | {row['queries']} | "
-            + " | ".join(f"{values[c]:.3f}" for c in columns)
-            + f" | {dense_cell} | {row['p_routed_vs']['BM25']:.3f} / {row['p_routed_vs'][statics[0]]:.3f} |"
+            + " | ".join(f"{values[c]:.3f}" for c in columns) + adapter_cell
+            + f" | {dense_cell} | {row['p_routed_vs']['BM25']:.3f} / {row['p_routed_vs'][statics[0]]:.3f} |" + adapter_p
         )
     for label, values in routehead["average"].items():
         rows = [r for r in quality["test"] if label == "all test sets" or r["role"] == "cross-domain-test"]
         dense_mean = sum(r["ndcg@10"]["dense MiniLM-L6"] for r in rows) / len(rows)
-        lines.append(f"| **average, {label}** | | " + " | ".join(f"{values[c]:.3f}" for c in columns) + f" | {dense_mean:.3f} | |")
+        adapter_cell = f" | **{adapter['average'][label]['shipped + adapter']:.3f}**" if adapter else ""
+        lines.append(f"| **average, {label}** | | " + " | ".join(f"{values[c]:.3f}" for c in columns) + adapter_cell
+                     + f" | {dense_mean:.3f} | |" + (" |" if adapter else ""))
     speed = routehead["speed"]
     lines += [
         "",
@@ -58,6 +92,11 @@ def table(results: Path = RESULTS) -> str:
         f"skips {speed['forward_share_saved_by_early_stop']:.0%} of the decoder layers. "
         "Details: [`benchmarks/results/routehead.md`](benchmarks/results/routehead.md).",
     ]
+    if adapter:
+        latency = adapter["latency"]
+        lines[-1] += (f" The query adapter's rows are scored live (the cached extraction is the base model's): "
+                      f"[`benchmarks/results/adapter.md`](benchmarks/results/adapter.md); it costs "
+                      f"{latency['median_ratio']:.2f}x the routed time per query without it.")
     return "\n".join(lines)
 
 

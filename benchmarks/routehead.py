@@ -1,7 +1,9 @@
 """RouteHead benchmark: routed heads against BM25, ICR, static heads and the hindsight oracle.
 
 On the protocol (``../shared/data/README.md``), every attention strategy is scored from the
-same cached extraction pass per set, so differences are the head choice alone:
+same cached extraction pass per set, so differences are the head choice alone (so a router's
+query-side adapter is not applied here: the extraction is the base model's; ``adapter.py`` scores
+the router with its adapter live, against these rows):
 
 * **cross-domain and in-domain test sets** with a router fitted on the mixed fit splits
   (default: the router shipped in the package); static baselines chosen on the same fit
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 from common import (
     K_GRID, RESULTS, best_static, console, load_set, machine, machine_line, ndcg, pooled, scorers_by_instruction,
-    seeded, static_run,
+    seeded, shipped_probabilities, static_run,
 )
 
 from routehead_rag.engine.embedding import embed_query
@@ -74,22 +76,11 @@ DEFAULT = "RouteHead"  # the shipped configuration: + first-stage fusion where t
 def calibration_on(eval_set, extractions, routes, first_stage) -> dict:
     """Expected calibration error and reliability bins of the default's probabilities on one set."""
     from routehead_rag.fit.fusion import expected_calibration_error, reliability
-    from routehead_rag.fusion import calibrate, first_stage_signal, fuse
 
-    probabilities, labels = [], []
-    for qid in eval_set.qids:
-        route, extraction = routes[qid], extractions[qid]
-        if route.calibration is None:
-            return {}
-        scores = extraction.calibrated[[h.layer for h in route.heads], [h.head for h in route.heads]].sum(dim=0)
-        if route.fusion_weight is not None:
-            rank = {d: i for i, d in enumerate(first_stage[qid])}
-            scores = fuse(scores, first_stage_signal(len(extraction.doc_ids), [-float(rank[d]) for d in extraction.doc_ids]),
-                          route.fusion_weight)
-        probabilities.append(calibrate(scores, route.calibration))
-        judged = eval_set.dataset.qrels.get(qid, {})
-        labels.append(torch.tensor([float(judged.get(d, 0) >= 1) for d in extraction.doc_ids], dtype=torch.float64))
-    p, y = torch.cat(probabilities), torch.cat(labels)
+    pairs = shipped_probabilities(eval_set, extractions, routes, first_stage)
+    if pairs is None:
+        return {}
+    p, y = pairs
     return {"ece": expected_calibration_error(p, y), "reliability": reliability(p, y), "pairs": len(y)}
 
 

@@ -230,6 +230,19 @@ def fit(
         "float16", help="Precision of the extraction cache and of the labelled set: float16 (half the disk and memory; "
         "fit results move by noise, see benchmarks/results/storage_precision.md) or float32."
     ),
+    adapter: bool = typer.Option(
+        False, help="Also train a query-side LoRA adapter (the query part only; kept if it beats the router on dev)."
+    ),
+    adapter_rank: list[int] = typer.Option([8], help="LoRA rank to try (alpha = 2 x rank); repeat to try several."),
+    adapter_lr: list[float] = typer.Option([1e-3], help="Adapter learning rate to try; repeat to try several."),
+    adapter_epochs: int = typer.Option(3, help="Adapter epochs per rank and learning rate (best epoch on dev)."),
+    adapter_train_queries: int = typer.Option(
+        240, help="Train queries the adapter learns from, sampled from the router's train split (0: all)."
+    ),
+    adapter_dev_queries: int = typer.Option(
+        120, help="Dev queries the adapter is chosen on, sampled from the router's dev split (0: all)."
+    ),
+    adapter_mlp: bool = typer.Option(True, help="Adapt the MLP projections too (off: the attention projections only)."),
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     quiet: Quiet = False,
@@ -254,6 +267,17 @@ def fit(
         storage_dtype_of(storage_dtype)
         searches = [SearchConfig(pool_size=p, max_heads=h, margin=m) for p, h, m in itertools.product(pool_size, max_heads, margin)]
         training = TrainingConfig(seed=seed, epochs=epochs, depth_costs=tuple(depth_cost), depth_tolerance=depth_tolerance)
+        adapter_training = None
+        if adapter:
+            from .fit.adapter import AdapterTrainingConfig
+
+            for flag, value in (("--adapter-train-queries", adapter_train_queries),
+                                ("--adapter-dev-queries", adapter_dev_queries)):
+                if value < 0:
+                    raise ValueError(f"{flag} {value} is negative: pass a number of queries, or 0 for all of them")
+            adapter_training = AdapterTrainingConfig(
+                ranks=tuple(adapter_rank), learning_rates=tuple(adapter_lr), epochs=adapter_epochs, mlp=adapter_mlp,
+                train_queries=adapter_train_queries or None, dev_queries=adapter_dev_queries or None, seed=seed)
         scoring = ScoringConfig().with_instruction("relevance" if instruction is Instruction.auto else instruction.value)
         from .fit.sources import sources_from_arguments
 
@@ -276,7 +300,7 @@ def fit(
             backbone, sources, out, scoring=scoring, query_embedding=embedding, search=searches, training=training,
             cache_dir=cache_dir or default_cache_dir(), command=_command(), progress=report, report_dir=report_dir,
             fusion=fusion, calibrate=calibrate, executor=ray_executor(ray, ray_workers, model, backbone),
-            storage_dtype=storage_dtype,
+            storage_dtype=storage_dtype, adapter=adapter_training,
         )
     if not quiet:
         console().print(f"wrote {result.artifact} (report {result.report}, heatmap {result.heatmap})")

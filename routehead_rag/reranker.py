@@ -25,7 +25,7 @@ from .engine.prompt import PromptConfig
 from .engine.scorer import AttentionScorer, ScoringConfig
 from .fusion import calibrate, first_stage_signal, fuse
 from .heads import Head
-from .strategy import AutoHeads, HeadStrategy, StaticHeads, check_against_model, parse_strategy
+from .strategy import AutoHeads, HeadStrategy, RoutedHeads, StaticHeads, check_against_model, parse_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,9 @@ class RouteHeadReranker:
         scale_score: with a router fitted with a calibration, return probabilities of relevance
             (so ``score_threshold`` means the same for every query); ``False``: the raw scores.
             No effect otherwise (every head, static heads: raw attention scores).
+        query_adapter: with a router fitted with ``--adapter``, switch its query-side LoRA adapter on
+            for the query part of each prompt (default); ``False`` scores with the base model only.
+            The adapter never changes the passages' pass, nor a shared generator's outputs.
 
     Every argument is checked here, before any model work (fixed heads and a router's shape
     against the model's config too, when that is readable without loading the model); the
@@ -144,6 +147,7 @@ class RouteHeadReranker:
         use_adapters: bool = True,
         fuse_first_stage: bool = True,
         scale_score: bool = True,
+        query_adapter: bool = True,
     ):
         from .model.devices import parse_device, parse_dtype
 
@@ -158,7 +162,7 @@ class RouteHeadReranker:
                 "with (tokenizer=...)"
             )
         for name, flag in (("use_adapters", use_adapters), ("fuse_first_stage", fuse_first_stage),
-                           ("scale_score", scale_score)):
+                           ("scale_score", scale_score), ("query_adapter", query_adapter)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         if isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 64:
@@ -175,6 +179,7 @@ class RouteHeadReranker:
         self.use_adapters = use_adapters
         self.fuse_first_stage = fuse_first_stage
         self.scale_score = scale_score
+        self.query_adapter = query_adapter
         self.strategy: HeadStrategy = parse_strategy(heads)
         base_prompt = prompt or self.strategy.prompt or PromptConfig()
         self.config = ScoringConfig(
@@ -217,6 +222,8 @@ class RouteHeadReranker:
                 use_adapters=self.use_adapters,
             )
             resolved = self.strategy.resolve(backbone)
+            if not self.query_adapter and isinstance(resolved, RoutedHeads):
+                resolved = resolved.without_adapter()
             config = self.config
             if isinstance(self.strategy, AutoHeads) and resolved.prompt is not None and not self._prompt_given:
                 # "auto" found a shipped router: score in the prompt it was fitted with
@@ -281,7 +288,8 @@ class RouteHeadReranker:
         request = self._prepare(query, documents, top_k, score_threshold, first_stage_scores)
         attention = None
         if request.live:
-            attention = self.scorer.passage_scores(query, [c.text for c in request.live], request.route.heads)
+            attention = self.scorer.passage_scores(query, [c.text for c in request.live], request.route.heads,
+                                                   request.route.adapter)
         return self._finish(request, attention)
 
     def rank_batch(
@@ -320,7 +328,8 @@ class RouteHeadReranker:
         if batch_size is None:
             batch_size = 1 if self.scorer.backbone.device.type == "cpu" else 8
         scored = head_scores_batch(
-            self.scorer, [(r.query, [c.text for c in r.live], r.route.heads) for r in pending], batch_size=batch_size
+            self.scorer, [(r.query, [c.text for c in r.live], r.route.heads) for r in pending], batch_size=batch_size,
+            adapter=pending[0].route.adapter,  # one strategy, one adapter for the whole batch
         ) if pending else []
         attention = {id(r): self.scorer.aggregate(s, r.route.heads) for r, s in zip(pending, scored)}
         return [self._finish(r, attention.get(id(r))) for r in requests]

@@ -30,6 +30,7 @@ from .heads import Head, HeadGrid, as_heads, format_heads, load_heads_file
 
 if TYPE_CHECKING:
     from .engine.prompt import PromptConfig
+    from .engine.query_adapter import QueryAdapter
     from .fusion import CalibrationConfig
     from .model.backbone import Backbone
     from .router.artifact import RouterArtifactConfig
@@ -43,11 +44,13 @@ HEAD_CHOICES = ("auto", "all")
 @dataclass(frozen=True)
 class Route:
     """How one query is scored: its heads (``None``: every head), and, from a fitted router, the
-    first-stage weight (``None``: no fusion) and the calibration (``None``: raw scores)."""
+    first-stage weight (``None``: no fusion), the calibration (``None``: raw scores) and the
+    query-side adapter (``None``: the base model reads the query too)."""
 
     heads: list[Head] | None
     fusion_weight: float | None = None
     calibration: CalibrationConfig | None = None
+    adapter: QueryAdapter | None = None
 
 
 class HeadStrategy:
@@ -118,6 +121,7 @@ class RoutedHeads(HeadStrategy):
     folder: Path
     config: RouterArtifactConfig = field(repr=False)
     router: Router | None = field(default=None, repr=False, compare=False)  # loaded by resolve()
+    adapter: QueryAdapter | None = field(default=None, repr=False, compare=False)  # loaded by resolve(), if any
     name: str = field(default="routed", init=False)
 
     @classmethod
@@ -148,11 +152,23 @@ class RoutedHeads(HeadStrategy):
     def resolve(self, backbone: Backbone) -> RoutedHeads:
         if self.router is not None:
             return self
-        from .router.artifact import load_artifact
+        from .engine.query_adapter import check_fits
+        from .router.artifact import RouterArtifactError, load_artifact, load_query_adapter
 
         self.check_grid(HeadGrid(backbone.num_layers, backbone.num_heads))
         router, config = load_artifact(self.folder, backbone.fingerprint())
-        return RoutedHeads(self.folder, config, router)
+        adapter = load_query_adapter(self.folder, config)
+        if adapter is not None:
+            try:
+                check_fits(backbone.decoder, adapter.config)
+            except ValueError as err:
+                raise RouterArtifactError(f"the query adapter at {self.folder} does not fit this backbone: {err}") from None
+            adapter = adapter.to(backbone.device)
+        return RoutedHeads(self.folder, config, router, adapter)
+
+    def without_adapter(self) -> RoutedHeads:
+        """The same router with its query-side adapter left off (an ablation, or ``query_adapter=False``)."""
+        return RoutedHeads(self.folder, self.config, self.router, None)
 
     def heads_for(self, backbone: Backbone, query: str) -> list[Head]:
         return self.route(backbone, query).heads
@@ -176,10 +192,11 @@ class RoutedHeads(HeadStrategy):
         if fusion.mode == "per_query":
             with torch.no_grad():
                 weight = float(self.router.fusion_weights(embedding.reshape(1, -1))[0])
-        return Route(self.router.select(embedding, self.config.selection), weight, self.config.calibration)
+        return Route(self.router.select(embedding, self.config.selection), weight, self.config.calibration, self.adapter)
 
     def describe(self) -> str:
-        return f"routed ({self.folder.name}, k={self.config.selection.k})"
+        adapter = ", query adapter" if self.adapter is not None or (self.router is None and self.config.query_adapter) else ""
+        return f"routed ({self.folder.name}, k={self.config.selection.k}{adapter})"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 from ..heads import Head
 from .capture import CaptureRequest, capture_scope, run_capture
 from .prompt import PromptLayout
+from .query_adapter import QueryAdapter, query_part_switch
 from .scorer import AttentionScorer, HeadScores, _masked_passage_scores, _span_sums, heads_by_layer
 
 
@@ -38,8 +39,10 @@ def head_scores_batch(
     scorer: AttentionScorer,
     items: Sequence[tuple[str, Sequence[str], Sequence[Head] | None]],
     batch_size: int = 8,
+    adapter: QueryAdapter | None = None,
 ) -> list[HeadScores]:
-    """:meth:`AttentionScorer.head_scores` for each ``(query, passages, heads)``, ``batch_size`` prompts a pass."""
+    """:meth:`AttentionScorer.head_scores` for each ``(query, passages, heads)``, ``batch_size`` prompts a pass
+    (``adapter``: a query-side adapter for every item's query parts, as there)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     jobs: list[_Job] = []
@@ -51,7 +54,7 @@ def head_scores_batch(
         jobs += [_Job(index, window, query, [passage_ids[i] for i in window], heads) for window in windows]
     jobs.sort(key=lambda job: sum(len(ids) for ids in job.passage_ids))  # similar lengths: less padding
     for start in range(0, len(jobs), batch_size):
-        _score_jobs(scorer, jobs[start : start + batch_size], results)
+        _score_jobs(scorer, jobs[start : start + batch_size], results, adapter)
     return results
 
 
@@ -61,7 +64,8 @@ def _union(jobs: Sequence[_Job]) -> list[Head] | None:
     return sorted({head for job in jobs for head in job.heads})
 
 
-def _score_jobs(scorer: AttentionScorer, jobs: Sequence[_Job], results: list[HeadScores]) -> None:
+def _score_jobs(scorer: AttentionScorer, jobs: Sequence[_Job], results: list[HeadScores],
+                adapter: QueryAdapter | None = None) -> None:
     from transformers import DynamicCache
 
     backbone, prompts, config = scorer.backbone, scorer.prompts, scorer.config
@@ -90,7 +94,8 @@ def _score_jobs(scorer: AttentionScorer, jobs: Sequence[_Job], results: list[Hea
     suffix_positions = torch.stack([
         torch.arange(suffix_width) + lengths[row // per_prompt] for row in range(len(parts))
     ])  # [parts, suffix] each prompt continues from its own length
-    with capture_scope(decoder), torch.inference_mode(), backbone.adapter_scope():
+    with capture_scope(decoder), torch.inference_mode(), backbone.adapter_scope(), \
+            query_part_switch(adapter, decoder) as on:
         cache = DynamicCache()
         run_capture(decoder, prefix.to(device), cache, CaptureRequest(stop_after_layer=deepest),
                     attention_mask=prefix_mask.to(device),
@@ -100,8 +105,9 @@ def _score_jobs(scorer: AttentionScorer, jobs: Sequence[_Job], results: list[Hea
         request = CaptureRequest(heads_by_layer=plan, mean_rows=True, stop_after_layer=deepest,
                                  row_counts=[len(part.ids) for part in parts])
         full_mask = torch.cat([prefix_mask.repeat_interleave(per_prompt, dim=0), suffix_mask], dim=1)
-        run_capture(decoder, suffix.to(device), cache, request, attention_mask=full_mask.to(device),
-                    position_ids=suffix_positions.to(device))
+        with on():  # the query parts only: the prefix cache above is the base model's
+            run_capture(decoder, suffix.to(device), cache, request, attention_mask=full_mask.to(device),
+                        position_ids=suffix_positions.to(device))
     shape = (backbone.num_layers, backbone.num_heads)
     for row, (job, layout) in enumerate(zip(jobs, layouts)):
         offset = width - layout.prefix_length  # this prompt's first key position

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..heads import Head
 from .capture import CaptureRequest, capture_scope, run_capture
 from .prompt import PromptBuilder, PromptConfig, PromptLayout
+from .query_adapter import QueryAdapter, query_part_switch
 
 
 class ScoringConfig(BaseModel):
@@ -159,18 +160,29 @@ class AttentionScorer:
             )
         return fixed
 
-    def head_scores(self, query: str, passages: Sequence[str], heads: Sequence[Head] | None = None) -> HeadScores:
+    def head_scores(
+        self,
+        query: str,
+        passages: Sequence[str],
+        heads: Sequence[Head] | None = None,
+        adapter: QueryAdapter | None = None,
+        differentiable: bool = False,
+    ) -> HeadScores:
         """Per-head scores ``[layer, head, passage]`` for ``passages`` (first-stage order, best first).
 
         Only ``heads`` are computed (``None``: all), and no layer past the deepest of them runs.
         ``heads`` come checked against the backbone (:mod:`routehead_rag.strategy` checks them once).
+        ``adapter``: a :class:`~routehead_rag.engine.query_adapter.QueryAdapter` switched on for the query
+        parts only (the prefix always runs on the base model). ``differentiable`` (training): the query
+        parts keep gradients (to the adapter); the prefix never does.
         """
         backbone = self.backbone
         plan = heads_by_layer(heads, backbone.num_layers)
         passage_ids, windows = self.windows(query, passages)
         real, free, aggregated = self.empty_scores(len(passages))
         for window in windows:
-            window_scores = self._score_window(query, [passage_ids[i] for i in window], plan, heads)
+            window_scores = self._score_window(query, [passage_ids[i] for i in window], plan, heads, adapter,
+                                               differentiable)
             real[:, :, window] = window_scores.real
             if free is not None:
                 free[:, :, window] = window_scores.content_free
@@ -196,9 +208,12 @@ class AttentionScorer:
         aggregated = torch.zeros(count) if self.config.mask_outliers else None
         return real, free, aggregated
 
-    def passage_scores(self, query: str, passages: Sequence[str], heads: Sequence[Head] | None = None) -> torch.Tensor:
+    def passage_scores(
+        self, query: str, passages: Sequence[str], heads: Sequence[Head] | None = None,
+        adapter: QueryAdapter | None = None,
+    ) -> torch.Tensor:
         """One score per passage ``[passage]``: the calibrated scores summed over ``heads``."""
-        return self.aggregate(self.head_scores(query, passages, heads), heads)
+        return self.aggregate(self.head_scores(query, passages, heads, adapter), heads)
 
     @staticmethod
     def aggregate(scores: HeadScores, heads: Sequence[Head] | None) -> torch.Tensor:
@@ -208,7 +223,7 @@ class AttentionScorer:
         return aggregate(scores.calibrated, heads)
 
     # -- one prompt --------------------------------------------------------------------------
-    def _score_window(self, query, passage_ids, plan, heads) -> HeadScores:
+    def _score_window(self, query, passage_ids, plan, heads, adapter=None, differentiable=False) -> HeadScores:
         backbone = self.backbone
         layout = self.prompts.layout([], passage_ids=passage_ids)
         queries = [query] + ([self.config.prompt.calibration_query] if self.config.calibrate else [])
@@ -220,14 +235,17 @@ class AttentionScorer:
         shape = (backbone.num_layers, backbone.num_heads, len(passage_ids))
         per_query: list[torch.Tensor] = []
         token_scores: list[torch.Tensor] = []
-        with capture_scope(decoder), torch.inference_mode(), backbone.adapter_scope():
+        grad_mode = torch.enable_grad if differentiable else torch.inference_mode
+        with capture_scope(decoder), grad_mode(), backbone.adapter_scope(), query_part_switch(adapter, decoder) as on:
             cache = DynamicCache()
             prefix = torch.tensor([layout.prefix_ids], device=device)
-            run_capture(decoder, prefix, cache, CaptureRequest(stop_after_layer=deepest))
+            with torch.no_grad():  # the base model's prefix cache: adapter off, no gradient
+                run_capture(decoder, prefix, cache, CaptureRequest(stop_after_layer=deepest))
             for text in queries:
                 part = self.prompts.query_part(text, layout.prefix_length)
                 request = CaptureRequest(heads_by_layer=plan, mean_rows=True, stop_after_layer=deepest)
-                run_capture(decoder, torch.tensor([part.ids], device=device), cache, request)
+                with on():
+                    run_capture(decoder, torch.tensor([part.ids], device=device), cache, request)
                 surplus = cache.get_seq_length() - layout.prefix_length
                 if surplus > 0:
                     cache.crop(-surplus)  # back to the shared prefix

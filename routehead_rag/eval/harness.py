@@ -100,6 +100,27 @@ def extract_set(
     )
 
 
+def adapted_extractions(
+    eval_set: EvalSet,
+    scorer: AttentionScorer,
+    routes: Mapping[str, Route],
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, QueryExtraction]:
+    """Each query's routed heads scored live with its route's query-side adapter (NaN elsewhere).
+
+    Not cached: the cache holds the base model's all-heads extraction, which an adapter changes
+    (its query part reads the passages differently); so an adapter costs one routed pass per query."""
+    out: dict[str, QueryExtraction] = {}
+    for qid, route in routes.items():
+        doc_ids = eval_set.candidates[qid]
+        scores = scorer.head_scores(eval_set.dataset.queries[qid], eval_set.passages(qid, doc_ids), route.heads,
+                                    route.adapter)
+        out[qid] = QueryExtraction(qid, list(doc_ids), scores.real.float(), scores.calibrated.float())
+        if progress is not None:
+            progress(1)
+    return out
+
+
 def heads_per_query(
     strategy: HeadStrategy, backbone: Backbone | None, queries: Mapping[str, str], qids: Sequence[str]
 ) -> dict[str, list[Head] | None]:
@@ -241,6 +262,18 @@ def evaluate_on_set(
             routes[qid] = strategy.route(backbone, eval_set.dataset.queries[qid])
             if isinstance(strategy, RoutedHeads):
                 report("routing", index, total)
+        adapter_rows: dict[str, float] = {}
+        if any(route.adapter is not None for route in routes.values()):  # the adapter's scores, live
+            base = fused_run(extractions, routes, eval_set.first_stage_order())
+            adapter_rows["ndcg@10 (no query adapter)"] = set_metrics(eval_set, base)["ndcg@10"]
+            scored = 0
+
+            def tick_adapted(n: int) -> None:
+                nonlocal scored
+                scored += n
+                report("query adapter", scored, total)
+
+            extractions = adapted_extractions(eval_set, AttentionScorer(backbone, config), routes, tick_adapted)
         unfused = run_with_heads(extractions, {qid: route.heads for qid, route in routes.items()})
         run = fused_run(extractions, routes, eval_set.first_stage_order())
     router_path = strategy.folder if isinstance(strategy, RoutedHeads) else router
@@ -260,4 +293,5 @@ def evaluate_on_set(
         **({"ndcg@10 (unfused)": set_metrics(eval_set, unfused)["ndcg@10"],
             "fusion": strategy.config.fusion.model_dump()}
            if isinstance(strategy, RoutedHeads) and strategy.config.fusion.mode != "off" else {}),
+        **adapter_rows,
     }

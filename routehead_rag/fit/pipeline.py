@@ -23,6 +23,7 @@ from ..fusion import FusionConfig, first_stage_signal
 from ..router.artifact import RouterArtifactConfig, save_artifact
 from ..router.model import SelectionConfig
 from .extraction import iter_extractions, storage_dtype_of
+from .adapter import AdapterQuery, AdapterTrainingConfig, final_scores, train_query_adapter
 from .fusion import fit_calibration, fit_fusion
 from ..heads import Head
 from .labelled import LabelledSet, LabelledSetBuilder, batched_ndcg, build_labelled_set, rank_heads
@@ -133,6 +134,40 @@ def select_static_heads(
     return rank_heads(data)[:k], len(data.qids)
 
 
+def adapter_queries(backbone, sources, scoring, pooled, data, routed, router, fusion, embeddings, train_rows, dev_rows,
+                    config: AdapterTrainingConfig) -> tuple[dict[str, AdapterQuery], list[str], list[str]]:
+    """The adapter's view of the sampled train and dev queries: text, passages, grades, routed heads, fusion weight."""
+    import random
+
+    rng = random.Random(config.seed)
+    sample = lambda rows, n: sorted(rng.sample(rows, n)) if n is not None and n < len(rows) else rows  # noqa: E731
+    train = sample(train_rows.tolist(), config.train_queries)
+    dev = sample(dev_rows.tolist(), config.dev_queries)
+    scorers: dict[str | None, AttentionScorer] = {}
+    source_of = {source.name: source for source in sources}
+    signal = pooled.first_stage_signal(data)
+    weights = None
+    if fusion.mode == "per_query":
+        with torch.no_grad():
+            weights = router.fusion_weights(embeddings).double()
+    queries = {}
+    for row in [*train, *dev]:
+        key = data.qids[row]
+        name, qid = key.split("/", 1)
+        source = source_of[name]
+        if source.instruction not in scorers:
+            scorers[source.instruction] = AttentionScorer(
+                backbone, scoring if source.instruction is None else scoring.with_instruction(source.instruction))
+        count = len(pooled.doc_ids[key])
+        weight = None if fusion.mode == "off" else fusion.weight if fusion.mode == "global" else float(weights[row])
+        queries[key] = AdapterQuery(
+            key=key, text=pooled.texts[key], passages=source.passages(qid, pooled.doc_ids[key]),
+            gains=data.gains[row, :count].double().clone(), scorer=scorers[source.instruction],
+            heads=[Head(int(i) // data.num_heads, int(i) % data.num_heads) for i in routed[row].tolist()],
+            first_stage=signal[row, :count].clone(), fusion_weight=weight)
+    return queries, [data.qids[r] for r in train], [data.qids[r] for r in dev]
+
+
 @dataclass
 class FitResult:
     artifact: Path
@@ -158,6 +193,7 @@ def run_fit(
     calibrate: bool = True,
     executor=None,
     storage_dtype: str = "float16",
+    adapter: AdapterTrainingConfig | None = None,
 ) -> FitResult:
     """Fit a router on ``sources`` and write the artifact and its fit report to ``out``.
 
@@ -173,6 +209,9 @@ def run_fit(
     ``storage_dtype`` is the precision of the extraction cache and of the labelled set, which is
     kept in a memory-mapped temporary file (in ``cache_dir`` when given), so the memory a fit needs
     grows with heads x candidates per piece of queries, not with the log.
+
+    ``adapter`` trains a query-side LoRA adapter for the fitted router (:mod:`routehead_rag.fit.adapter`),
+    kept only if it beats the router on dev; the calibration is then refitted on its dev scores.
     """
     scoring = scoring or ScoringConfig()
     query_embedding = query_embedding or QueryEmbeddingConfig(layer=backbone.num_layers // 2)
@@ -225,6 +264,27 @@ def run_fit(
         router, fusion_config, final, fusion_dev = fitted.router, fitted.fusion, fitted.final, fitted.dev
     calibration, calibration_dev = (fit_calibration(final, data, dev_rows) if calibrate else (None, {}))
     report("fusion + calibration", 1, 1)
+    adapter_fit, adapter_record, adapter_dev = None, {}, {}
+    if adapter is not None:
+        queries, train_keys, dev_keys = adapter_queries(backbone, sources, scoring, pooled, data, routed, router,
+                                                        fusion_config, embeddings, train_rows, dev_rows, adapter)
+        adapter_fit = train_query_adapter(backbone, queries, train_keys, dev_keys, adapter,
+                                          Path(cache_dir) if cache_dir is not None else None, report)
+        adapter_record = {"adapter": {
+            **adapter.model_dump(mode="json"), "train_queries": len(train_keys), "dev_queries": len(dev_keys),
+            "runs": adapter_fit.runs, "base_dev_ndcg@10": adapter_fit.base_dev_ndcg, "dev_ndcg@10": adapter_fit.dev_ndcg,
+            "chosen_rank": adapter_fit.rank, "chosen_lr": adapter_fit.learning_rate, "chosen_epoch": adapter_fit.epoch,
+            "seconds_per_train_query": adapter_fit.seconds_per_train_query,
+            "seconds_per_dev_query": adapter_fit.seconds_per_dev_query}}
+        adapter_dev = {"adapter_base_ndcg@10": adapter_fit.base_dev_ndcg, "adapter_ndcg@10": adapter_fit.dev_ndcg,
+                       "adapter_dev_queries": float(len(dev_keys))}
+        if adapter_fit.adapter is not None and calibrate:  # the scores users get changed: calibrate those
+            rows = {key: row for row, key in enumerate(data.qids)}
+            adapted = final.clone()
+            for key in dev_keys:
+                count = len(queries[key].passages)
+                adapted[rows[key], :count] = final_scores(queries[key], adapter_fit.dev_attention[key])
+            calibration, calibration_dev = fit_calibration(adapted, data, torch.tensor([rows[k] for k in dev_keys]))
     counts = torch.zeros(data.num_layers * data.num_heads)
     counts.index_add_(0, routed.flatten(), torch.ones(routed.numel()))
     config = RouterArtifactConfig(
@@ -239,7 +299,7 @@ def run_fit(
         search={**search.model_dump(mode="json"), "grid": grid},
         training={**training.model_dump(mode="json"), "chosen_k": trained.k, "chosen_sparsity": trained.sparsity,
                   "chosen_epoch": trained.epoch, "chosen_depth_cost": depth.depth_cost, "depth_curve": depth.curve,
-                  "storage_dtype": storage_dtype},
+                  "storage_dtype": storage_dtype, **adapter_record},
         data=[
             {"name": s.name, "origin": s.origin, "queries": len(s.candidates),
              "instruction": s.instruction or "the scoring prompt's"}
@@ -254,14 +314,16 @@ def run_fit(
             "dev_queries": float(len(trained.dev_rows)),
             **{f"fusion_{mode}_ndcg@10": value for mode, value in fusion_dev.items()},
             **{f"calibration_{name}": value for name, value in calibration_dev.items()},
+            **adapter_dev,
         },
         static_heads=static_heads,
         command=command,
         fit_dtype=str(backbone.dtype).removeprefix("torch."),
+        query_adapter=adapter_fit.adapter.config if adapter_fit is not None and adapter_fit.adapter is not None else None,
     )
     out = Path(out)
     card = model_card(config)
-    save_artifact(out, router, config, card)
+    save_artifact(out, router, config, card, adapter_fit.adapter if adapter_fit is not None else None)
     report_dir = Path(report_dir) if report_dir is not None else out.parent
     report_dir.mkdir(parents=True, exist_ok=True)
     heatmap_path = report_dir / f"{out.name}-routed-heads.png"

@@ -46,6 +46,7 @@ def model_card(config: RouterArtifactConfig) -> str:
         f"Static baseline heads: {', '.join(config.static_heads)}.",
         "",
         *_depth_lines(config),
+        *_adapter_lines(config),
         "## First-stage fusion and calibration (fitted on dev)",
         "",
         *_fusion_lines(config),
@@ -55,6 +56,33 @@ def model_card(config: RouterArtifactConfig) -> str:
         f"```\n{config.command or 'routehead-rag fit ...'}\n```",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _adapter_lines(config: RouterArtifactConfig) -> list[str]:
+    trained = config.training.get("adapter")
+    if not trained:
+        return []
+    lines = [
+        "## Query-side adapter (LoRA on the query part only; chosen on dev)",
+        "",
+        f"Trained on {trained['train_queries']} train queries, chosen on {trained['dev_queries']} dev queries "
+        "(nDCG@10 of the final, fused scores; epoch 0 is the router without an adapter).",
+        "",
+        "| rank | learning rate | dev nDCG@10 by epoch | best epoch |",
+        "|---|---|---|---|",
+        *[f"| {run['rank']} | {run['lr']:g} | {', '.join(format(h['dev_ndcg@10'], '.4f') for h in run['history'])} | "
+          f"{run['best_epoch']} |" for run in trained["runs"]],
+        "",
+    ]
+    if config.query_adapter is not None:
+        a = config.query_adapter
+        lines.append(f"Kept: rank {a.rank}, alpha {a.alpha:g}, layers {a.layers[0]}-{a.layers[-1]}, "
+                     f"{', '.join(a.targets)}; dev nDCG@10 {trained['base_dev_ndcg@10']:.4f} without, "
+                     f"{trained['dev_ndcg@10']:.4f} with (files `adapter_model.safetensors`, `adapter_config.json`: "
+                     "PEFT's layout).")
+    else:
+        lines.append(f"Not kept: no epoch beat the router without an adapter on dev ({trained['base_dev_ndcg@10']:.4f}).")
+    return [*lines, ""]
 
 
 def _depth_lines(config: RouterArtifactConfig) -> list[str]:

@@ -32,6 +32,7 @@ from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from ..engine.embedding import QueryEmbeddingConfig
+from ..engine.query_adapter import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, QueryAdapterConfig
 from ..engine.scorer import ScoringConfig
 from ..fusion import CalibrationConfig, FusionConfig
 from ..heads import Head, HeadGrid
@@ -89,6 +90,9 @@ class RouterArtifactConfig(BaseModel):
     selection: SelectionConfig
     fusion: FusionConfig = Field(default_factory=FusionConfig, description="first-stage fusion, fitted on dev")
     calibration: CalibrationConfig | None = Field(None, description="score -> probability of relevance, on dev")
+    query_adapter: QueryAdapterConfig | None = Field(
+        None, description="a query-side LoRA adapter (PEFT layout, in adapter_model.safetensors), or none"
+    )
     files: dict[str, FileRecord] = Field(default_factory=dict, description="sha256 and size of every weight file")
     search: dict[str, Any] = Field(default_factory=dict, description="head search settings")
     training: dict[str, Any] = Field(default_factory=dict, description="training settings and the chosen values")
@@ -116,6 +120,8 @@ class RouterArtifactConfig(BaseModel):
             raise ValueError(f"fusion.mode is {self.fusion.mode!r} but router.fusion_head is {router.fusion_head}")
         if max(self.selection.k, self.selection.min_heads) > grid.size:
             raise ValueError(f"selection asks for more heads than the backbone's {grid.size}")
+        if self.query_adapter is not None and max(self.query_adapter.layers) >= fingerprint.num_layers:
+            raise ValueError(f"query_adapter.layers go past the backbone's {fingerprint.num_layers} layers")
         return self
 
     @property
@@ -141,21 +147,33 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_artifact(folder: str | Path, router: Router, config: RouterArtifactConfig, card: str) -> Path:
+def save_artifact(folder: str | Path, router: Router, config: RouterArtifactConfig, card: str, adapter=None) -> Path:
     """Write the artifact atomically to ``folder`` (replacing an existing artifact there).
 
     The weights' sha256 is recorded in ``config.json``. The write holds a lock beside the
     folder, and first removes temporary folders an earlier, killed write left behind.
+    ``adapter`` (a :class:`~routehead_rag.engine.query_adapter.QueryAdapter`, with
+    ``config.query_adapter`` its config) is written beside the router in PEFT's layout.
     """
     from safetensors.torch import save as safetensors_bytes
+
+    from ..engine.query_adapter import query_adapter_bytes
 
     folder = Path(folder)
     if router.config != config.router:
         raise ValueError("the router's shape differs from config.router")
+    if (adapter is None) != (config.query_adapter is None) or (adapter is not None and adapter.config != config.query_adapter):
+        raise ValueError("the adapter passed and config.query_adapter differ")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in router.state_dict().items()}
     weights = safetensors_bytes(tensors, metadata={"format": str(ARTIFACT_FORMAT)})
-    config = config.model_copy(update={"files": {WEIGHTS_NAME: FileRecord(sha256=_sha256(weights), bytes=len(weights))}})
+    payload = {WEIGHTS_NAME: weights}
+    if adapter is not None:
+        adapter_weights, adapter_config = query_adapter_bytes(adapter, config.backbone_fingerprint.model_dump(),
+                                                              config.backbone_name)
+        payload[ADAPTER_WEIGHTS_NAME], payload[ADAPTER_CONFIG_NAME] = adapter_weights, adapter_config.encode("utf-8")
+    config = config.model_copy(update={"files": {
+        name: FileRecord(sha256=_sha256(data), bytes=len(data)) for name, data in payload.items()}})
     lock = folder.parent / f".{folder.name}.lock"
     with FileLock(lock):
         for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
@@ -166,7 +184,8 @@ def save_artifact(folder: str | Path, router: Router, config: RouterArtifactConf
             )
         temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
         try:
-            (temporary / WEIGHTS_NAME).write_bytes(weights)
+            for name, data in payload.items():
+                (temporary / name).write_bytes(data)
             (temporary / CARD_NAME).write_text(card, encoding="utf-8")
             (temporary / CONFIG_NAME).write_text(config.model_dump_json(indent=2) + "\n", encoding="utf-8")
             umask = os.umask(0)
@@ -240,17 +259,8 @@ def load_artifact(folder: str | Path, fingerprint: dict[str, Any] | None = None)
     if _inside(folder, CARD_NAME, required=False) is None:
         warnings.warn(f"{folder} has no {CARD_NAME} (its model card); the router itself is complete",
                       RouterArtifactWarning, stacklevel=2)
-    weights_path = _inside(folder, WEIGHTS_NAME)
-    record = config.files.get(WEIGHTS_NAME)
-    if record is None:
-        raise RouterArtifactError(f"{folder / CONFIG_NAME} records no checksum of {WEIGHTS_NAME}; fit it again")
-    data = weights_path.read_bytes()
-    if len(data) != record.bytes or _sha256(data) != record.sha256:
-        raise RouterArtifactError(
-            f"{weights_path} is not the file {CONFIG_NAME} records (sha256 {_sha256(data)[:16]}..., "
-            f"{len(data)} bytes; expected {record.sha256[:16]}..., {record.bytes} bytes): the artifact is corrupt or "
-            "was edited; fit it again or restore it"
-        )
+    weights_path = folder / WEIGHTS_NAME
+    data = _recorded_bytes(folder, config, WEIGHTS_NAME)
     try:
         state = safetensors_load(data)
     except (SafetensorError, OSError, ValueError) as err:
@@ -267,6 +277,51 @@ def load_artifact(folder: str | Path, fingerprint: dict[str, Any] | None = None)
         raise RouterArtifactError(f"{weights_path} does not match {CONFIG_NAME}'s router shape: {err}") from None
     router.eval()
     return router, config
+
+
+def _recorded_bytes(folder: Path, config: RouterArtifactConfig, name: str) -> bytes:
+    """``folder/name``'s bytes, checked against the sha256 and size ``config.json`` records."""
+    path = _inside(folder, name)
+    record = config.files.get(name)
+    if record is None:
+        raise RouterArtifactError(f"{folder / CONFIG_NAME} records no checksum of {name}; fit it again")
+    data = path.read_bytes()
+    if len(data) != record.bytes or _sha256(data) != record.sha256:
+        raise RouterArtifactError(
+            f"{path} is not the file {CONFIG_NAME} records (sha256 {_sha256(data)[:16]}..., "
+            f"{len(data)} bytes; expected {record.sha256[:16]}..., {record.bytes} bytes): the artifact is corrupt or "
+            "was edited; fit it again or restore it"
+        )
+    return data
+
+
+def load_query_adapter(folder: str | Path, config: RouterArtifactConfig):
+    """The artifact's query-side adapter (:class:`~routehead_rag.engine.query_adapter.QueryAdapter`), or ``None``.
+
+    Both PEFT files are checked against their recorded sha256; the weights must fit
+    ``config.query_adapter`` and carry the router's backbone fingerprint.
+    """
+    from safetensors import SafetensorError
+
+    from ..engine.query_adapter import parse_query_adapter
+
+    folder = Path(folder)
+    if config.query_adapter is None:
+        return None
+    _recorded_bytes(folder, config, ADAPTER_CONFIG_NAME)
+    data = _recorded_bytes(folder, config, ADAPTER_WEIGHTS_NAME)
+    path = folder / ADAPTER_WEIGHTS_NAME
+    try:
+        adapter = parse_query_adapter(config.query_adapter, data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # safetensors: u64 length, JSON header
+        recorded = json.loads(header.get("__metadata__", {}).get("routehead_base_fingerprint", "null"))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RouterArtifactError(f"{path} cannot be used ({err}): the artifact is corrupt; fit it again") from None
+    if recorded != config.backbone_fingerprint.model_dump():
+        raise RouterArtifactError(f"{path} was fitted on another backbone than its router (fingerprint {recorded}); "
+                                  "fit it again")
+    adapter.requires_grad_(False)
+    return adapter
 
 
 def shipped_router_for(fingerprint: dict[str, Any]) -> Path | None:

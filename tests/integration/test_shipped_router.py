@@ -30,11 +30,38 @@ def test_default_reranker_routes_with_the_shipped_router(embedded_backbone):
     assert len(heads) == config.selection.k
     results = reranker.rank(QUERY, DOCS)
     assert results[0].index == 1, results
-    # unfused and unscaled, the routed score is the sum of the routed heads' calibrated scores
+    # unfused and unscaled, without its query adapter, the routed score is the sum of the routed heads'
+    # calibrated scores of the base model's all-heads pass
     raw = RouteHeadReranker(model=embedded_backbone.model, tokenizer=embedded_backbone.tokenizer,
-                            fuse_first_stage=False, scale_score=False)
+                            fuse_first_stage=False, scale_score=False, query_adapter=False)
     assert raw.heads_for(QUERY) == heads
     results = raw.rank(QUERY, DOCS)
     everything = raw.scorer.head_scores(QUERY, DOCS)
     for r in results:
         assert r.score == pytest.approx(float(everything.calibrated[[h.layer for h in heads], [h.head for h in heads], r.index].sum()), abs=1e-5)
+
+
+def test_the_shipped_query_adapter_reads_only_the_query(embedded_backbone):
+    """With its adapter the shipped router's scores move; the generator's logits do not."""
+    import torch
+
+    config = read_artifact_config(SHIPPED)
+    if config.query_adapter is None:
+        pytest.skip("the shipped router has no query adapter")
+    model, tokenizer = embedded_backbone.model, embedded_backbone.tokenizer
+    ids = torch.tensor([tokenizer.encode("The moon pulls the sea, and the tides follow it.")])
+    with torch.no_grad():
+        logits = model(ids).logits
+    kwargs = dict(model=model, tokenizer=tokenizer, fuse_first_stage=False, scale_score=False)
+    on = RouteHeadReranker(**kwargs)
+    off = RouteHeadReranker(query_adapter=False, **kwargs)
+    heads = on.heads_for(QUERY)
+    adapter = on.resolved_strategy.adapter
+    assert adapter is not None and off.resolved_strategy.adapter is None
+    expected = on.scorer.passage_scores(QUERY, DOCS, heads, adapter)
+    results = on.rank(QUERY, DOCS)
+    for r in results:
+        assert r.score == pytest.approx(float(expected[r.index]), abs=1e-5)
+    assert [r.score for r in results] != [r.score for r in off.rank(QUERY, DOCS)]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)

@@ -266,3 +266,32 @@ def test_fit_refuses_an_unknown_storage_precision(tmp_path):
     result = runner.invoke(app, ["fit", str(log), "--out", str(tmp_path / "r"), "--storage-dtype", "float64"])
     assert result.exit_code == 2, result.output
     assert "storage_dtype must be one of" in result.output and "'float64'" in result.output
+
+
+def test_fit_with_adapter_from_the_command_line(model_dir, tmp_path):
+    from tests.unit.test_fit import write_log
+
+    log = write_log(tmp_path / "log.jsonl", count=10)
+    router = tmp_path / "router"
+    result = runner.invoke(app, ["fit", str(log), "--out", str(router), "--model", str(model_dir), "--layer", "0",
+                                 "--epochs", "10", "--cache-dir", str(tmp_path / "cache"), "--adapter",
+                                 "--adapter-rank", "2", "--adapter-lr", "0.01", "--adapter-epochs", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "adapter_ndcg@10" in summary and "adapter_base_ndcg@10" in summary
+    config = json.loads((router / "config.json").read_text())
+    assert config["training"]["adapter"]["ranks"] == [2] and len(config["training"]["adapter"]["runs"][0]["history"]) == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--adapter-rank", "0"], "ranks"),
+    (["--adapter-lr", "3"], "learning rates"),
+    (["--adapter-train-queries", "-1"], "--adapter-train-queries -1"),
+])
+def test_fit_refuses_bad_adapter_settings_before_loading(monkeypatch, tmp_path, flags, message):
+    no_model_loads(monkeypatch)
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"query": "sea", "candidates": [{"id": "a", "text": "the sea"}], "relevance": {"a": 1}}\n')
+    result = runner.invoke(app, ["fit", str(log), "--out", str(tmp_path / "r"), "--adapter", *flags])
+    assert result.exit_code == 2, result.output
+    assert message in result.output

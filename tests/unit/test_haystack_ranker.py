@@ -94,6 +94,7 @@ def test_to_dict_defaults():
             "tokenizer": None,
             "fuse_first_stage": True,
             "scale_score": True,
+            "query_adapter": True,
         },
     }
 
@@ -113,6 +114,7 @@ def test_to_dict_with_every_argument_set():
         tokenizer="HuggingFaceTB/SmolLM2-360M-Instruct",
         fuse_first_stage=False,
         scale_score=False,
+        query_adapter=False,
     )
     assert ranker.to_dict() == {
         "type": RANKER_TYPE,
@@ -130,6 +132,7 @@ def test_to_dict_with_every_argument_set():
             "tokenizer": "HuggingFaceTB/SmolLM2-360M-Instruct",
             "fuse_first_stage": False,
             "scale_score": False,
+            "query_adapter": False,
         },
     }
 

@@ -235,11 +235,14 @@ def test_to_dict_from_dict_round_trip(no_loading):
         device="cpu",
         dtype="bfloat16",
         max_prompt_tokens=1024,
+        query_adapter=False,
     )
     data = rerank.to_dict()
     assert data["class_name"] == "RouteHeadPostprocessor"
     assert data["heads"] == ["L0.H1", "L1.H3"] and data["dtype"] == "bfloat16" and data["shared_model"] is False
+    assert data["query_adapter"] is False
     again = RouteHeadPostprocessor.from_dict(data)
+    assert again.reranker.query_adapter is False
     assert again.to_dict() == data
     assert RouteHeadPostprocessor.from_json(rerank.to_json()).to_dict() == data
     assert [str(h) for h in again.reranker.heads] == ["L0.H1", "L1.H3"]

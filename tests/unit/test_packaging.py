@@ -70,6 +70,11 @@ def test_the_core_wheel_holds_the_engine_and_the_shipped_router_and_no_adapter(w
     assert all(n.startswith("routehead_rag/") for n in names), [n for n in names if not n.startswith("routehead_rag/")]
     for part in ("config.json", "router.safetensors", "README.md"):
         assert f"routehead_rag/routers/smollm2-135m/{part}" in names
+    from routehead_rag.router.artifact import SHIPPED_ROUTERS
+
+    for part in ("adapter_config.json", "adapter_model.safetensors"):  # a query adapter ships when the fit kept one
+        if (SHIPPED_ROUTERS / "smollm2-135m" / part).exists():
+            assert f"routehead_rag/routers/smollm2-135m/{part}" in names
     required = " ".join(requirements(wheels["routehead-rag"]))
     assert "accelerate" in required  # transformers needs it to load the embedded GGUF
     for fit_only in ("bm25s", "ir-measures", "matplotlib", "haystack", "llama-index"):

@@ -97,6 +97,9 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
     scale_score: bool = Field(
         default=True, frozen=True, description="Probabilities of relevance when the router has a calibration."
     )
+    query_adapter: bool = Field(
+        default=True, frozen=True, description="Use the router's query-side LoRA adapter when it was fitted with one."
+    )
     shared_model: bool = Field(
         default=False,
         frozen=True,
@@ -120,6 +123,7 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
         fuse_first_stage: bool = True,
         scale_score: bool = True,
         shared_model: bool = False,
+        query_adapter: bool = True,
         *,
         tokenizer: Any = None,
         llm: Any = None,
@@ -148,6 +152,7 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
             device=device,
             fuse_first_stage=fuse_first_stage,
             scale_score=scale_score,
+            query_adapter=query_adapter,
         )
         fields: dict[str, Any] = dict(
             model=model,
@@ -162,6 +167,7 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
             max_prompt_tokens=max_prompt_tokens,
             fuse_first_stage=fuse_first_stage,
             scale_score=scale_score,
+            query_adapter=query_adapter,
             shared_model=model_object is not None,
         )
         if callback_manager is not None:

@@ -69,6 +69,7 @@ class RouteHeadRanker:
         tokenizer: Any = None,
         fuse_first_stage: bool = True,
         scale_score: bool = True,
+        query_adapter: bool = True,
     ) -> None:
         """
         :param model: ``"smollm2-135m"`` (the embedded default, offline), a Hugging Face id or local folder;
@@ -97,6 +98,8 @@ class RouteHeadRanker:
         :param fuse_first_stage: with a router fitted with first-stage fusion, combine attention with the
             documents' retrieval scores (``Document.score``; the input order where any is missing).
         :param scale_score: with a router fitted with a calibration, scores are probabilities of relevance.
+        :param query_adapter: with a router fitted with ``--adapter``, its query-side LoRA adapter reads the query
+            (default); it never changes the documents' pass nor a shared generator's outputs.
         :raises ValueError: an argument has a wrong value (the message names it and how to fix it).
         :raises TypeError: ``model`` or ``tokenizer`` is of a type the ranker cannot use.
         """
@@ -119,6 +122,7 @@ class RouteHeadRanker:
             max_prompt_tokens=max_prompt_tokens,
             fuse_first_stage=fuse_first_stage,
             scale_score=scale_score,
+            query_adapter=query_adapter,
             dtype=dtype,
             device=self.device.to_torch_str() if self.device is not None else None,
         )
@@ -128,6 +132,7 @@ class RouteHeadRanker:
         self.instruction = instruction
         self.fuse_first_stage = fuse_first_stage
         self.scale_score = scale_score
+        self.query_adapter = query_adapter
         self._reranker: RouteHeadReranker | None = None
         self._lock = threading.Lock()
 
@@ -246,6 +251,7 @@ class RouteHeadRanker:
             instruction=self.instruction,
             fuse_first_stage=self.fuse_first_stage,
             scale_score=self.scale_score,
+            query_adapter=self.query_adapter,
             tokenizer=self.tokenizer,
         )
 

@@ -1,0 +1,245 @@
+"""``routehead-rag fit --adapter``: train a query-side LoRA adapter for a fitted router (training side).
+
+What the adapter is and how it is applied: :mod:`routehead_rag.engine.query_adapter`. Here, per
+fit query of a (sampled) train split:
+
+1. the prefix (header and passages) runs on the base model without gradients, adapter off;
+2. the real query part and the content-free "N/A" part run on that cache with the adapter on and
+   gradients through it (:meth:`AttentionScorer.head_scores` with ``differentiable=True``: the
+   same scoring code as inference);
+3. the loss is listwise: softmax cross-entropy of the standardised calibrated score of the query's
+   routed heads against its relevance grades; one AdamW step per query.
+
+After every epoch the adapter is scored on dev queries (the router's own dev split, sampled) with
+the scores a user gets (the router's first-stage fusion applied), and the best epoch over every
+(rank, learning rate) tried is kept; epoch 0 is the adapter untrained, exactly the base model, so
+an adapter that never beats the router on dev is not kept.
+
+Resumable: after each epoch the run's state (adapter, optimizer, history, best so far) is written
+atomically to the checkpoint folder; a killed fit restarts from the last finished epoch and ends
+with the same adapter as an uninterrupted one. The prefix work is not cached across epochs: its
+KV cache is about as large as the model's activations for the whole prompt per query, far more
+than recomputing it costs (measured in ``benchmarks/results/adapter.md``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+from ..engine.query_adapter import QueryAdapter, QueryAdapterConfig, adapter_targets, decoder_path
+from ..engine.scorer import AttentionScorer
+from ..fusion import standardise
+from ..heads import Head
+
+
+class AdapterTrainingConfig(BaseModel):
+    """How the query-side adapter is trained and chosen (every choice on dev)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    ranks: tuple[StrictInt, ...] = Field((8,), min_length=1, description="LoRA ranks to try (alpha = 2 x rank)")
+    learning_rates: tuple[float, ...] = Field((1e-3,), min_length=1, description="AdamW learning rates to try")
+    epochs: StrictInt = Field(3, ge=1, le=100, description="epochs per (rank, learning rate); best epoch on dev")
+    mlp: bool = Field(True, description="adapt the MLP projections too (else the attention projections only)")
+    train_queries: StrictInt | None = Field(
+        240, ge=1, description="train queries sampled from the router's train split (None: all of them)"
+    )
+    dev_queries: StrictInt | None = Field(
+        120, ge=1, description="dev queries sampled from the router's dev split (None: all of them)"
+    )
+    seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _in_range(self) -> AdapterTrainingConfig:
+        if any(r < 1 or r > 256 for r in self.ranks):
+            raise ValueError(f"adapter ranks must be in 1..256, got {list(self.ranks)}")
+        if any(not 0 < lr < 1 for lr in self.learning_rates):
+            raise ValueError(f"adapter learning rates must be in (0, 1), got {list(self.learning_rates)}")
+        return self
+
+
+@dataclass
+class AdapterQuery:
+    """One fit query as the adapter sees it: its text, passages (candidates order), grades and route."""
+
+    key: str
+    text: str
+    passages: list[str]
+    gains: torch.Tensor  # [passage] relevance grades (0 for unjudged)
+    heads: list[Head]  # the router's heads for it
+    scorer: AttentionScorer  # in its source's prompt wording
+    first_stage: torch.Tensor  # [passage] standardised first-stage signal
+    fusion_weight: float | None  # the router's first-stage weight for it (None: no fusion)
+
+
+@dataclass
+class AdapterFit:
+    """The result of :func:`train_query_adapter`."""
+
+    adapter: QueryAdapter | None  # the best over every run and epoch; None when epoch 0 (no adapter) won
+    rank: int | None
+    learning_rate: float | None
+    epoch: int
+    base_dev_ndcg: float  # the router's dev nDCG@10 without an adapter (fused as shipped)
+    dev_ndcg: float  # with the chosen adapter (= base when none is kept)
+    runs: list[dict] = field(default_factory=list)
+    dev_attention: dict[str, torch.Tensor] = field(default_factory=dict)  # [passage] routed scores, chosen adapter
+    seconds_per_train_query: float | None = None
+    seconds_per_dev_query: dict[str, float] = field(default_factory=dict)  # "base", "adapted"
+
+
+def routed_attention(query: AdapterQuery, adapter: QueryAdapter | None, differentiable: bool = False) -> torch.Tensor:
+    """The calibrated score of ``query``'s routed heads ``[passage]``, the adapter on its query parts."""
+    scores = query.scorer.head_scores(query.text, query.passages, query.heads, adapter, differentiable=differentiable)
+    return query.scorer.aggregate(scores, query.heads)
+
+
+def final_scores(query: AdapterQuery, attention: torch.Tensor) -> torch.Tensor:
+    """What a user ranks by ``[passage]``: the attention, fused with the first stage as the router says."""
+    if query.fusion_weight is None:
+        return attention.double()
+    return standardise(attention) + query.fusion_weight * query.first_stage
+
+
+def ndcg_at_10(scores: torch.Tensor, gains: torch.Tensor) -> float:
+    """nDCG@10 of one ranking by ``scores`` ``[passage]`` (ties in passage order) against ``gains``."""
+    from .labelled import batched_ndcg, discounts
+
+    gains = gains.double()
+    ideal = (gains.sort(descending=True).values[:10] * discounts(10, gains.numel())[:10]).sum()
+    if float(ideal) <= 0:
+        return 0.0
+    valid = torch.ones_like(gains, dtype=torch.bool)
+    return float(batched_ndcg(scores.double(), gains, valid, ideal))
+
+
+def listwise_loss(attention: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy of the standardised scores ``[passage]`` against the grades (as a distribution)."""
+    z = (attention - attention.mean()) / attention.std().clamp_min(1e-6)
+    target = gains.float() / gains.float().sum()
+    return -(target * torch.log_softmax(z.float(), dim=0)).sum()
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def train_query_adapter(
+    backbone,
+    queries: dict[str, AdapterQuery],
+    train_keys: Sequence[str],
+    dev_keys: Sequence[str],
+    config: AdapterTrainingConfig,
+    checkpoint_dir: str | Path | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> AdapterFit:
+    """Train, choose on dev, return the best adapter (see the module notes). ``queries`` holds every key."""
+    report = progress or (lambda stage, done, total: None)
+    train_keys = [k for k in train_keys if float(queries[k].gains.sum()) > 0]  # nothing to learn from the rest
+    if not train_keys:
+        raise ValueError("no train query has a relevant passage: the adapter has nothing to learn from")
+    if not dev_keys:
+        raise ValueError("no dev queries to choose the adapter on")
+    deepest = max(h.layer for k in [*train_keys, *dev_keys] for h in queries[k].heads)
+    layers, targets = adapter_targets(backbone.decoder, deepest, mlp=config.mlp)
+    path = decoder_path(backbone.model, backbone.decoder)
+    checkpoints = None
+    if checkpoint_dir is not None:  # keyed by everything that changes the result
+        settings = config.model_dump(exclude={"epochs"})  # more epochs continue a finished shorter run
+        key = _digest({"fingerprint": backbone.fingerprint(), "dtype": str(backbone.dtype), "config": settings,
+                       "train": [(k, queries[k].text, [str(h) for h in queries[k].heads]) for k in train_keys],
+                       "dev": [(k, queries[k].fusion_weight, [str(h) for h in queries[k].heads]) for k in dev_keys],
+                       "prompts": sorted({queries[k].scorer.config.model_dump_json() for k in train_keys})})
+        checkpoints = Path(checkpoint_dir) / f"adapter-{key}"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+
+    def evaluate(adapter: QueryAdapter | None) -> tuple[float, dict[str, torch.Tensor], float]:
+        values, attention, seconds = [], {}, []
+        for index, key in enumerate(dev_keys):
+            begun = time.perf_counter()
+            scores = routed_attention(queries[key], adapter).detach()
+            seconds.append(time.perf_counter() - begun)
+            attention[key] = scores
+            values.append(ndcg_at_10(final_scores(queries[key], scores), queries[key].gains))
+            report("adapter dev", index + 1, len(dev_keys))
+        return statistics.mean(values), attention, statistics.median(seconds)
+
+    base_dev, base_attention, base_seconds = evaluate(None)
+    best: dict = {"dev": base_dev, "state": None, "rank": None, "lr": None, "epoch": 0, "attention": base_attention}
+    runs, train_seconds, adapted_seconds = [], [], []
+    for rank in config.ranks:
+        for lr in config.learning_rates:
+            adapter_config = QueryAdapterConfig(rank=rank, alpha=2.0 * rank, layers=layers, targets=targets,
+                                                decoder_path=path)
+            torch.manual_seed(config.seed)
+            adapter = QueryAdapter.for_decoder(backbone.decoder, adapter_config).to(backbone.device)
+            parameters = list(adapter.parameters())
+            optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+            run = {"rank": rank, "lr": lr, "history": [{"epoch": 0, "dev_ndcg@10": base_dev}]}
+            run_best = {"dev": base_dev, "state": None, "epoch": 0, "attention": base_attention}
+            start = 1
+            checkpoint = checkpoints / f"run-r{rank}-lr{lr:g}.pt" if checkpoints is not None else None
+            if checkpoint is not None and checkpoint.is_file():  # resume after the last finished epoch
+                saved = torch.load(checkpoint, weights_only=False)
+                adapter.load_state_dict(saved["adapter"])
+                optimizer.load_state_dict(saved["optimizer"])
+                run["history"], run_best, start = saved["history"], saved["best"], saved["epoch"] + 1
+            for epoch in range(start, config.epochs + 1):
+                order = list(train_keys)
+                random.Random(config.seed * 1000 + epoch).shuffle(order)
+                adapter.train()
+                for index, key in enumerate(order):
+                    begun = time.perf_counter()
+                    query = queries[key]
+                    loss = listwise_loss(routed_attention(query, adapter, differentiable=True), query.gains)
+                    # gradients of the adapter only (the base model's parameters get no .grad: not ours); None for
+                    # factors past what the routed heads read (e.g. the MLP of the deepest layer): AdamW skips those
+                    for parameter, grad in zip(parameters, torch.autograd.grad(loss, parameters, allow_unused=True)):
+                        parameter.grad = grad
+                    optimizer.step()
+                    train_seconds.append(time.perf_counter() - begun)
+                    report(f"adapter r{rank} lr {lr:g} epoch {epoch}", index + 1, len(order))
+                adapter.eval()
+                value, attention, seconds = evaluate(adapter)
+                adapted_seconds.append(seconds)
+                run["history"].append({"epoch": epoch, "dev_ndcg@10": value})
+                if value > run_best["dev"] + 1e-12:
+                    run_best = {"dev": value, "state": copy.deepcopy(adapter.state_dict()), "epoch": epoch,
+                                "attention": attention}
+                if checkpoint is not None:
+                    _save_atomic({"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "history": run["history"], "best": run_best, "epoch": epoch}, checkpoint)
+            run.update({"best_epoch": run_best["epoch"], "best_dev_ndcg@10": run_best["dev"]})
+            runs.append(run)
+            if run_best["dev"] > best["dev"] + 1e-12:
+                best = {**run_best, "rank": rank, "lr": lr, "config": adapter_config}
+    chosen = None
+    if best["state"] is not None:
+        chosen = QueryAdapter.for_decoder(backbone.decoder, best["config"])
+        chosen.load_state_dict(best["state"])
+        chosen = chosen.to(backbone.device).eval().requires_grad_(False)
+    return AdapterFit(
+        adapter=chosen, rank=best["rank"], learning_rate=best["lr"], epoch=best["epoch"], base_dev_ndcg=base_dev,
+        dev_ndcg=best["dev"], runs=runs, dev_attention=best["attention"],
+        seconds_per_train_query=statistics.median(train_seconds) if train_seconds else None,
+        seconds_per_dev_query={"base": base_seconds, **({"adapted": statistics.median(adapted_seconds)}
+                                                        if adapted_seconds else {})},
+    )

@@ -1,0 +1,393 @@
+"""The query-side adapter: PEFT's LoRA as the reference, the prefix untouched, the owner's model left alone,
+the artifact's files trusted only when their checksums hold, and training that learns and resumes."""
+
+import threading
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from routehead_rag.engine.query_adapter import (
+    ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, QueryAdapter, QueryAdapterConfig, adapter_targets, decoder_path,
+    query_adapter_bytes,
+)
+from routehead_rag.engine.scorer import AttentionScorer
+from routehead_rag.fit.adapter import AdapterTrainingConfig, train_query_adapter
+from routehead_rag.fit.pipeline import adapter_queries, run_fit
+from routehead_rag.fit.search import SearchConfig
+from routehead_rag.fit.sources import read_query_log
+from routehead_rag.fit.training import TrainingConfig
+from routehead_rag.engine.embedding import QueryEmbeddingConfig
+from routehead_rag.heads import Head
+from routehead_rag.reranker import RouteHeadReranker
+from routehead_rag.router.artifact import RouterArtifactError, load_artifact, read_artifact_config, save_artifact
+from routehead_rag.strategy import RoutedHeads
+from tests.tiny_models import tiny_backbone, tiny_causal_lm, tiny_tokenizer
+from tests.unit.test_fit import write_log
+
+DOCS = ["the moon pulls the sea", "stock prices fell", "tides follow the moon", "five players a team"]
+ALL = [Head(layer, head) for layer in range(2) for head in range(4)]  # every head of the 2-layer tiny models
+
+
+def every_head(backbone):
+    return [Head(layer, head) for layer in range(backbone.num_layers) for head in range(backbone.num_heads)]
+
+
+def random_adapter(backbone, rank=4, seed=3, mlp=True, scale=0.5) -> QueryAdapter:
+    """An adapter with non-zero B (a trained one's stand-in), on every layer."""
+    layers, targets = adapter_targets(backbone.decoder, backbone.num_layers - 1, mlp=mlp)
+    config = QueryAdapterConfig(rank=rank, alpha=2.0 * rank, layers=layers, targets=targets,
+                                decoder_path=decoder_path(backbone.model, backbone.decoder))
+    torch.manual_seed(seed)
+    adapter = QueryAdapter.for_decoder(backbone.decoder, config)
+    with torch.no_grad():
+        for b in adapter.lora_B.values():
+            b.normal_(0.0, scale)
+    return adapter.requires_grad_(False)
+
+
+def test_targets_are_found_in_the_model():
+    backbone = tiny_backbone("llama")
+    layers, targets = adapter_targets(backbone.decoder, 1)
+    assert layers == (0, 1)
+    assert set(targets) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert set(adapter_targets(backbone.decoder, 0, mlp=False)[1]) == {t for t in targets if t.startswith("self_attn")}
+    with pytest.raises(ValueError, match="deepest layer 5"):
+        adapter_targets(backbone.decoder, 5)
+    config = QueryAdapterConfig(rank=2, alpha=4.0, layers=(0,), targets=("self_attn.nope",))
+    with pytest.raises(ValueError, match="self_attn.nope"):
+        QueryAdapter.for_decoder(backbone.decoder, config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_query_part_equals_peft_lora_on_a_base_prefix_cache(tmp_path, arch):
+    """Reference: PEFT's own LoRA (PeftModel.from_pretrained on our files), adapters disabled for the
+    prefix pass and enabled for the query part, eager output_attentions; our scorer must give the
+    same per-head passage scores."""
+    peft = pytest.importorskip("peft")
+    backbone = tiny_backbone(arch)
+    adapter = random_adapter(backbone)
+    weights, config_text = query_adapter_bytes(adapter, backbone.fingerprint(), "tiny")
+    (tmp_path / ADAPTER_WEIGHTS_NAME).write_bytes(weights)
+    (tmp_path / ADAPTER_CONFIG_NAME).write_text(config_text)
+    scorer = AttentionScorer(backbone)
+    ours = scorer.head_scores("where is the moon", DOCS, every_head(backbone), adapter)
+
+    reference_model = tiny_causal_lm(arch)  # the same seed: the same weights, a separate object
+    reference_model.set_attn_implementation("eager")
+    peft_model = peft.PeftModel.from_pretrained(reference_model, tmp_path)
+    layout = scorer.prompts.layout(DOCS)
+    expected = []
+    for text in ("where is the moon", scorer.config.prompt.calibration_query):
+        part = scorer.prompts.query_part(text, layout.prefix_length)
+        cache = DynamicCache()
+        with torch.no_grad():
+            with peft_model.disable_adapter():
+                peft_model(torch.tensor([layout.prefix_ids]), past_key_values=cache, use_cache=True)
+            out = peft_model(torch.tensor([part.ids]), past_key_values=cache, use_cache=True, output_attentions=True)
+        per_layer = []
+        for attention in out.attentions:  # [1, heads, rows, keys]
+            rows = attention[0].mean(dim=1)[:, : layout.prefix_length]  # [heads, keys]
+            per_layer.append(torch.stack([rows[:, s.start : s.end].sum(dim=-1) for s in layout.passage_spans], dim=-1))
+        expected.append(torch.stack(per_layer))  # [layer, head, passage]
+    torch.testing.assert_close(ours.real, expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.content_free, expected[1], atol=1e-5, rtol=0)
+    base = scorer.head_scores("where is the moon", DOCS, every_head(backbone))
+    assert (ours.real - base.real).abs().max() > 1e-4  # the adapter does change the query's reading
+
+
+def test_prefix_pass_is_the_base_models_bitwise_and_only_the_query_part_changes():
+    """Every projection output of the prefix pass (what fills the KV cache) equals the base model's exactly."""
+    backbone = tiny_backbone("llama")
+    adapter = random_adapter(backbone)
+    scorer = AttentionScorer(backbone)
+    probe = backbone.decoder.layers[1].self_attn.k_proj
+    calls = {}
+    for name, chosen in (("base", None), ("adapted", adapter)):
+        outputs = []
+        handle = probe.register_forward_hook(lambda m, a, out: outputs.append(out.detach().clone()))
+        try:
+            scorer.head_scores("where is the moon", DOCS, [Head(1, 0)], chosen)
+        finally:
+            handle.remove()
+        calls[name] = outputs
+    assert len(calls["base"]) == len(calls["adapted"]) == 3  # prefix, real query, "N/A"
+    assert torch.equal(calls["base"][0], calls["adapted"][0])  # the prefix: bitwise
+    assert not torch.allclose(calls["base"][1], calls["adapted"][1])  # the query part: adapted
+    assert not torch.allclose(calls["base"][2], calls["adapted"][2])
+
+
+def test_zero_adapter_is_exactly_the_base_model():
+    backbone = tiny_backbone("qwen2")
+    layers, targets = adapter_targets(backbone.decoder, 1)
+    fresh = QueryAdapter.for_decoder(backbone.decoder, QueryAdapterConfig(rank=2, alpha=4.0, layers=layers, targets=targets))
+    scorer = AttentionScorer(backbone)
+    base = scorer.head_scores("moon", DOCS, ALL)
+    same = scorer.head_scores("moon", DOCS, ALL, fresh)
+    assert torch.equal(base.real, same.real) and torch.equal(base.content_free, same.content_free)
+
+
+def test_owner_model_tree_and_parameters_are_the_same_objects_and_hooks_are_gone():
+    backbone = tiny_backbone("llama")
+    adapter = random_adapter(backbone)
+    model = backbone.model
+    modules = [(n, id(m)) for n, m in model.named_modules()]
+    parameters = [(n, id(p)) for n, p in model.named_parameters()]
+    values = {n: p.detach().clone() for n, p in model.named_parameters()}
+    AttentionScorer(backbone).head_scores("moon", DOCS, ALL, adapter)
+    with pytest.raises(RuntimeError):  # an error inside the scope still removes every hook
+        with adapter.attached(backbone.decoder):
+            raise RuntimeError("boom")
+    assert [(n, id(m)) for n, m in model.named_modules()] == modules
+    assert [(n, id(p)) for n, p in model.named_parameters()] == parameters
+    assert all(torch.equal(p, values[n]) for n, p in model.named_parameters())
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def adapted_router(tmp_path, backbone):
+    """A fitted router (tiny log) with a random non-zero adapter saved beside it (PEFT files, checksums)."""
+    source = read_query_log(write_log(tmp_path / "log.jsonl"))
+    result = run_fit(backbone, [source], tmp_path / "router", query_embedding=QueryEmbeddingConfig(layer=0),
+                     search=SearchConfig(pool_size=8, max_heads=3), training=TrainingConfig(epochs=20, ks=(1, 2)),
+                     cache_dir=tmp_path / "cache")
+    router, config = load_artifact(result.artifact, backbone.fingerprint())
+    adapter = random_adapter(backbone)
+    config = config.model_copy(update={"query_adapter": adapter.config})
+    save_artifact(tmp_path / "adapted", router, config, "card", adapter)
+    return result.artifact, tmp_path / "adapted", source
+
+
+@pytest.fixture(scope="module")
+def routers(tmp_path_factory):
+    backbone = tiny_backbone("llama")
+    plain, adapted, source = adapted_router(tmp_path_factory.mktemp("adapter"), backbone)
+    return backbone, plain, adapted, source
+
+
+def test_artifact_holds_peft_files_with_checksums(routers):
+    backbone, _, adapted, _ = routers
+    config = read_artifact_config(adapted)
+    assert {ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME} <= set(config.files)
+    strategy = RoutedHeads.from_folder(adapted).resolve(backbone)
+    assert strategy.adapter is not None and strategy.adapter.config == config.query_adapter
+    assert "query adapter" in strategy.describe()
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing", "other_backbone"])
+def test_damaged_adapter_files_are_refused(routers, tmp_path, damage):
+    import shutil
+
+    backbone, _, adapted, _ = routers
+    folder = tmp_path / "copy"
+    shutil.copytree(adapted, folder)
+    if damage == "flip":
+        data = bytearray((folder / ADAPTER_WEIGHTS_NAME).read_bytes())
+        data[-3] ^= 0xFF
+        (folder / ADAPTER_WEIGHTS_NAME).write_bytes(bytes(data))
+        match = "is not the file config.json records"
+    elif damage == "missing":
+        (folder / ADAPTER_CONFIG_NAME).unlink()
+        match = "has no adapter_config.json"
+    else:  # a valid adapter file, but fitted on another backbone: rewritten with its checksum
+        import hashlib
+        import json
+
+        router, config = load_artifact(folder, backbone.fingerprint())
+        weights, _ = query_adapter_bytes(random_adapter(backbone), {"other": 1}, "x")
+        (folder / ADAPTER_WEIGHTS_NAME).write_bytes(weights)
+        raw = json.loads((folder / "config.json").read_text())
+        raw["files"][ADAPTER_WEIGHTS_NAME] = {"sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights)}
+        (folder / "config.json").write_text(json.dumps(raw))
+        match = "fitted on another backbone"
+    with pytest.raises(RouterArtifactError, match=match):
+        RoutedHeads.from_folder(folder).resolve(backbone)
+
+
+def test_reranker_uses_the_adapter_and_can_leave_it_off(routers):
+    backbone, plain, adapted, source = routers
+    model, tokenizer = backbone.model, backbone.tokenizer
+    query, passages = source.queries["q0"], source.passages("q0", source.candidates["q0"])
+    kwargs = dict(model=model, tokenizer=tokenizer, fuse_first_stage=False, scale_score=False)
+    with_adapter = RouteHeadReranker(heads=adapted, **kwargs).rank(query, passages)
+    without = RouteHeadReranker(heads=adapted, query_adapter=False, **kwargs).rank(query, passages)
+    router_alone = RouteHeadReranker(heads=plain, **kwargs).rank(query, passages)
+    assert [r.score for r in without] == [r.score for r in router_alone]
+    assert [r.score for r in with_adapter] != [r.score for r in without]
+    reranker = RouteHeadReranker(heads=adapted, **kwargs)
+    heads = reranker.heads_for(query)
+    adapter = reranker.resolved_strategy.adapter
+    expected = reranker.scorer.passage_scores(query, passages, heads, adapter)  # the engine's own path
+    assert sorted(r.score for r in with_adapter) == pytest.approx(sorted(expected.tolist()), abs=1e-6)
+    batch = reranker.rank_batch([query, query], [passages, passages[::-1]], batch_size=2)
+    single = [reranker.rank(query, passages), reranker.rank(query, passages[::-1])]
+    for got, want in zip(batch, single):
+        assert [r.id for r in got] == [r.id for r in want]
+        assert [r.score for r in got] == pytest.approx([r.score for r in want], abs=1e-5)
+
+
+def test_shared_generator_logits_unchanged_while_another_thread_ranks_with_the_adapter(routers):
+    backbone, _, adapted, _ = routers
+    model, tokenizer = backbone.model, backbone.tokenizer
+    reranker = RouteHeadReranker(model=model, tokenizer=tokenizer, heads=adapted)
+    ids = torch.tensor([tokenizer.encode("the moon pulls the sea and the tides follow")])
+    with torch.no_grad():
+        expected = model(ids).logits
+    stop, errors, count = threading.Event(), [], [0]
+
+    def rank_loop():
+        try:
+            while not stop.is_set():
+                reranker.rank("sea", DOCS)
+                count[0] += 1
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    thread = threading.Thread(target=rank_loop)
+    thread.start()
+    try:
+        for _ in range(30):
+            with torch.no_grad():
+                assert torch.equal(model(ids).logits, expected)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and count[0] > 0
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_two_rankers_with_their_own_adapters_in_two_threads_each_see_their_own():
+    backbone = tiny_backbone("llama")
+    adapters = {"a": random_adapter(backbone, seed=1), "b": random_adapter(backbone, seed=2)}
+    scorer = AttentionScorer(backbone)
+    alone = {name: scorer.head_scores("moon", DOCS, ALL, a).real for name, a in adapters.items()}
+    barrier, results, errors = threading.Barrier(2), {}, []
+
+    def work(name):
+        try:
+            barrier.wait()
+            results[name] = [scorer.head_scores("moon", DOCS, ALL, adapters[name]).real for _ in range(5)]
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in adapters]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for name in adapters:
+        for got in results[name]:
+            torch.testing.assert_close(got, alone[name], atol=1e-6, rtol=0)
+
+
+def adapter_setup(tmp_path):
+    """The fit pipeline's adapter inputs for a tiny log, train = dev (a learning test, not a quality claim)."""
+    backbone = tiny_backbone("llama")
+    source = read_query_log(write_log(tmp_path / "log.jsonl", count=10))
+    from routehead_rag.engine.scorer import ScoringConfig
+    from routehead_rag.fit.pipeline import extract_sources
+    from routehead_rag.fusion import FusionConfig
+    from routehead_rag.router.model import Router, RouterConfig
+
+    pooled = extract_sources(backbone, [source], ScoringConfig(), None, storage_dtype="float32")
+    data = pooled.labelled_set()
+    routed = torch.tensor([[4, 1]] * len(data.qids))  # flat indices in the 2 x 4 grid: L1.H0 and L0.H1
+    router = Router(RouterConfig(num_layers=data.num_layers, num_heads=data.num_heads, input_dim=backbone.hidden_size))
+    rows = torch.arange(len(data.qids))
+    config = AdapterTrainingConfig(ranks=(4,), learning_rates=(2e-2,), epochs=3, train_queries=None, dev_queries=None)
+    queries, train, dev = adapter_queries(backbone, [source], ScoringConfig(), pooled, data, routed, router,
+                                          FusionConfig(), None, rows, rows, config)
+    return backbone, queries, train, dev, config
+
+
+def test_training_learns_the_train_queries(tmp_path):
+    backbone, queries, train, dev, config = adapter_setup(tmp_path)
+    fit = train_query_adapter(backbone, queries, train, dev, config)
+    history = fit.runs[0]["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert fit.dev_ndcg > fit.base_dev_ndcg + 0.02, history  # it learns what it is shown
+    assert fit.adapter is not None and fit.epoch >= 1
+    assert all(p.grad is None for p in backbone.model.parameters())  # the base model is never trained
+
+
+def test_killed_training_resumes_to_the_same_adapter(tmp_path):
+    backbone, queries, train, dev, config = adapter_setup(tmp_path)
+    uninterrupted = train_query_adapter(backbone, queries, train, dev, config, tmp_path / "a")
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_epoch_3(stage, done, total):
+        if "epoch 3" in stage and done == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_query_adapter(backbone, queries, train, dev, config, tmp_path / "b", progress=kill_in_epoch_3)
+    resumed = train_query_adapter(backbone, queries, train, dev, config, tmp_path / "b")
+    assert resumed.runs[0]["history"] == uninterrupted.runs[0]["history"]
+    assert resumed.epoch == uninterrupted.epoch
+    for name, value in uninterrupted.adapter.state_dict().items():
+        assert torch.equal(resumed.adapter.state_dict()[name], value), name
+
+
+def test_fit_with_adapter_records_it_and_writes_it_only_when_it_wins_on_dev(tmp_path):
+    backbone = tiny_backbone("llama")
+    source = read_query_log(write_log(tmp_path / "log.jsonl"))
+    result = run_fit(backbone, [source], tmp_path / "router", query_embedding=QueryEmbeddingConfig(layer=0),
+                     search=SearchConfig(pool_size=8, max_heads=3), training=TrainingConfig(epochs=20, ks=(1, 2)),
+                     cache_dir=tmp_path / "cache", storage_dtype="float32",
+                     adapter=AdapterTrainingConfig(ranks=(2,), learning_rates=(1e-2,), epochs=2))
+    config = result.config
+    record = config.training["adapter"]
+    assert record["train_queries"] == 16 and record["dev_queries"] == 4  # every train / dev query (caps not reached)
+    assert len(record["runs"][0]["history"]) == 3
+    # epoch 0 is the router without an adapter, scored live: the fit's own dev figure from the cache
+    mode = config.fusion.mode
+    assert record["base_dev_ndcg@10"] == pytest.approx(config.dev_metrics[f"fusion_{mode}_ndcg@10"], abs=1e-6)
+    files = {p.name for p in result.artifact.iterdir()}
+    if record["dev_ndcg@10"] > record["base_dev_ndcg@10"]:
+        assert config.query_adapter is not None and {ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME} <= files
+    else:
+        assert config.query_adapter is None and ADAPTER_WEIGHTS_NAME not in files
+    assert "Query-side adapter" in (result.artifact / "README.md").read_text()
+
+
+def test_bad_adapter_settings_are_named():
+    with pytest.raises(ValueError, match="ranks"):
+        AdapterTrainingConfig(ranks=(0,))
+    with pytest.raises(ValueError, match="learning rates"):
+        AdapterTrainingConfig(learning_rates=(2.0,))
+    with pytest.raises(ValueError, match="layers"):
+        QueryAdapterConfig(rank=2, alpha=4.0, layers=(1, 1), targets=("self_attn.q_proj",))
+    with pytest.raises(TypeError, match="query_adapter"):
+        RouteHeadReranker(model=tiny_causal_lm("llama"), tokenizer=tiny_tokenizer(), query_adapter="yes")
+
+
+def test_both_framework_adapters_rank_with_the_adapter(routers):
+    from haystack import Document
+    from haystack_integrations.components.rankers.routehead import RouteHeadRanker
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+    from llama_index.postprocessor.routehead import RouteHeadPostprocessor
+
+    backbone, _, adapted, source = routers
+    model, tokenizer = backbone.model, backbone.tokenizer
+    query, passages = source.queries["q1"], source.passages("q1", source.candidates["q1"])
+    engine = {flag: RouteHeadReranker(model=model, tokenizer=tokenizer, heads=adapted, query_adapter=flag)
+              for flag in (True, False)}
+    expected = {flag: [(r.index, r.score) for r in engine[flag].rank(query, passages)] for flag in engine}
+    assert expected[True] != expected[False]
+    for flag in (True, False):
+        ranker = RouteHeadRanker(model=model, tokenizer=tokenizer, heads=adapted, top_k=None, query_adapter=flag)
+        documents = [Document(id=str(i), content=text) for i, text in enumerate(passages)]
+        ranked = ranker.run(query=query, documents=documents)["documents"]
+        assert [int(d.id) for d in ranked] == [i for i, _ in expected[flag]]
+        assert [d.score for d in ranked] == pytest.approx([v for _, v in expected[flag]], abs=1e-6)
+        post = RouteHeadPostprocessor(model=model, tokenizer=tokenizer, heads=adapted, top_n=len(passages),
+                                      query_adapter=flag)
+        nodes = [NodeWithScore(node=TextNode(id_=str(i), text=text)) for i, text in enumerate(passages)]
+        out = post.postprocess_nodes(nodes, query_bundle=QueryBundle(query))
+        assert [int(n.node.node_id) for n in out] == [i for i, _ in expected[flag]]
+        assert [n.score for n in out] == pytest.approx([v for _, v in expected[flag]], abs=1e-6)
