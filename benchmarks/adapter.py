@@ -1,10 +1,11 @@
 """The shipped router's query-side adapter on the protocol test sets: with it against without it.
 
-Both rows use the same router (the same routed heads and first-stage weight per query): without
-the adapter the routed heads are summed from the cached base-model extraction (exactly the
-``RouteHead`` rows of ``routehead.md``); with it, each test query's routed heads are scored live
-with the adapter on its query part (:func:`routehead_rag.eval.harness.adapted_extractions`, what
-``routehead-rag eval --strategy routed`` does). Both fused with the first stage as shipped and
+Both rows use the same router (the same routed heads and first-stage weight per query), and both
+score each test query's routed heads live (:func:`routehead_rag.eval.harness.adapted_extractions`,
+what ``routehead-rag eval --strategy routed`` does), once with the adapter on the query part and
+once without, so no all-heads extraction is needed. The rows without the adapter are the
+``RouteHead (paper)`` / ``RouteHead`` rows of ``routehead.json`` (made from the cached all-heads
+extraction); the largest difference to them is recorded as a check. Both fused with the first stage as shipped and
 unfused (the routed heads alone); paired randomization tests against BM25 and against the router
 without its adapter; the static baseline's numbers come from ``routehead.json`` (same extraction).
 Latency: the re-ranker's own ``rank`` with ``query_adapter`` on and off, interleaved on the same
@@ -18,6 +19,7 @@ Writes benchmarks/results/adapter.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -25,14 +27,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, console, load_set, machine, machine_line, scorers_by_instruction, seeded, shipped_probabilities
+from common import RESULTS, console, machine, machine_line, scorers_by_instruction, seeded, shipped_probabilities
 
-from routehead_rag.eval.harness import adapted_extractions, first_stage_run, fused_run, run_with_heads
+from routehead_rag.eval.harness import adapted_extractions, first_stage_run, fused_run, prepare_set, run_with_heads
 from routehead_rag.eval.metrics import paired_randomization_test, per_query
 from routehead_rag.eval.protocol import PROTOCOL, Role
 from routehead_rag.fit.fusion import expected_calibration_error
 from routehead_rag.model.backbone import load_backbone
-from routehead_rag.paths import default_cache_dir, portable_path
+from routehead_rag.paths import portable_path
 from routehead_rag.reranker import RouteHeadReranker
 from routehead_rag.router.artifact import SHIPPED_ROUTERS
 from routehead_rag.strategy import RoutedHeads
@@ -77,16 +79,22 @@ def main() -> int:
     reference = json.loads((RESULTS / "routehead.json").read_text())
     static_label = next(s for s in reference["test"][0]["ndcg@10"] if s.startswith("static") and "chosen on fit" in s)
     static_of = {row["dataset"]: row["ndcg@10"][static_label] for row in reference["test"]}
-    scorers = scorers_by_instruction(backbone)  # as routehead.py: the same cached extractions
+    reference_of = {row["dataset"]: row["ndcg@10"] for row in reference["test"]}
+    scorers = scorers_by_instruction(backbone)  # as routehead.py: the protocol's wording per set
     rows, pairs = [], {"adapter": ([], []), "base": ([], [])}
     for entry in [*PROTOCOL.entries_for(Role.IN_DOMAIN_TEST), *PROTOCOL.entries_for(Role.CROSS_DOMAIN_TEST)]:
-        eval_set, extractions = load_set(entry.name, entry.role, None, args.max_queries, scorers, default_cache_dir())
+        eval_set = prepare_set(entry.name, role=entry.role, max_queries=args.max_queries)
         qids, qrels = eval_set.qids, eval_set.dataset.qrels
         # one route per query for both rows: the heads and first-stage weight do not depend on the adapter
         routes = {q: strategy.route(backbone, eval_set.dataset.queries[q]) for q in qids}
         first_stage = eval_set.first_stage_order()
+        scorer = scorers[PROTOCOL.spec(entry.name).instruction]
         begun = time.time()
-        adapted = adapted_extractions(eval_set, scorers[PROTOCOL.spec(entry.name).instruction], routes)
+        extractions = adapted_extractions(eval_set, scorer, {q: dataclasses.replace(r, adapter=None)
+                                                             for q, r in routes.items()})
+        seconds_base = time.time() - begun
+        adapted = adapted_extractions(eval_set, scorer, routes)
+        seconds_adapted = time.time() - begun - seconds_base
         runs = {
             "BM25": first_stage_run(eval_set),
             "routed, no adapter": run_with_heads(extractions, {q: r.heads for q, r in routes.items()}),
@@ -107,9 +115,13 @@ def main() -> int:
             p, y = shipped_probabilities(eval_set, chosen, routes, first_stage)
             pairs[key][0].append(p)
             pairs[key][1].append(y)
+        recorded = reference_of.get(entry.name, {}) if args.max_queries is None else {}
+        check = {ours: means[ours] - recorded[theirs] for ours, theirs in
+                 (("routed, no adapter", "RouteHead (paper)"), ("shipped, no adapter", "RouteHead")) if theirs in recorded}
         rows.append({"dataset": entry.name, "role": entry.role.value, "queries": len(qids), "ndcg@10": means,
                      "static (routehead.json)": static_of.get(entry.name), "p": p_values,
-                     "seconds_adapted_scoring": round(time.time() - begun)})
+                     "no adapter minus routehead.json": check,
+                     "seconds_scoring": {"base": round(seconds_base), "adapter": round(seconds_adapted)}})
         console.print(entry.name, {k: round(v, 4) for k, v in means.items()}, p_values)
     averages = {}
     for label, role in (("all test sets", None), ("cross-domain", Role.CROSS_DOMAIN_TEST.value)):
@@ -117,8 +129,7 @@ def main() -> int:
         averages[label] = {name: statistics.mean(r["ndcg@10"][name] for r in chosen) for name in ROWS}
         averages[label]["static"] = statistics.mean(r["static (routehead.json)"] for r in chosen)
     calibration = {key: expected_calibration_error(torch.cat(p), torch.cat(y)) for key, (p, y) in pairs.items()}
-    speed = latency(backbone, args.router, load_set("trec-dl-2020", Role.CROSS_DOMAIN_TEST, None, None, scorers,
-                                                   default_cache_dir())[0], args.latency_queries)
+    speed = latency(backbone, args.router, prepare_set("trec-dl-2020", role=Role.CROSS_DOMAIN_TEST), args.latency_queries)
     config = strategy.config
     result = {
         "benchmark": "adapter", "dtype": args.dtype, "router": portable_path(args.router), "command": config.command,
@@ -167,6 +178,12 @@ def write_markdown(result, path: Path, argv) -> None:
         f"Calibration (expected calibration error over every test pair, the shipped probabilities): "
         f"{result['test_ece']['adapter']:.4f} with the adapter, {result['test_ece']['base']:.4f} without (the same "
         "calibration map, fitted on the adapter's dev scores).",
+        "Check: the rows without the adapter, scored live here, minus the same rows of `routehead.json` (from the "
+        "cached all-heads extraction): largest absolute difference "
+        f"{max((abs(d) for r in result['test'] for d in r['no adapter minus routehead.json'].values()), default=0):.4f}.",
+        "Scoring time per set (routed heads, live; seconds, base / adapter): "
+        + ", ".join(f"{r['dataset']} {r['seconds_scoring']['base']} / {r['seconds_scoring']['adapter']}"
+                    for r in result["test"]) + ".",
         "", machine_line(result), "",
         f"Produced by `python benchmarks/adapter.py {' '.join(argv)}` in {result['seconds']} s; the router by "
         f"`{result['command']}`.",

@@ -50,39 +50,46 @@ def table(results: Path = RESULTS) -> str:
     adapted = {row["dataset"]: row for row in adapter["test"]} if adapter else {}
     dense = {row["dataset"]: row["ndcg@10"].get("dense MiniLM-L6") for row in quality["test"]}
     statics = [s for s in routehead["test"][0]["ndcg@10"] if s.startswith("static") and "chosen on fit" in s]
-    columns = ["BM25", "ICR (all heads)", *statics, "RouteHead (paper)", "RouteHead", "oracle (hindsight)"]
-    extra = [ADAPTED] if adapter else []
+    methods = ["BM25", "ICR (all heads)", *statics, "RouteHead (paper)", "RouteHead"]
+    oracle = "oracle (hindsight)"
+    shipped = ADAPTED if adapter else "RouteHead"
     lines = [
         f"nDCG@10 on the protocol test sets, {routehead['model']} ({routehead['dtype']}), first 20 candidates; "
         "static heads and the router are fitted on the protocol's fit splits only; the oracle picks each "
         "query's heads with hindsight (a ceiling, not a method). RouteHead (paper): the routed heads' attention "
-        "alone; RouteHead: the shipped configuration (the same router, fused with the first stage as its fit "
-        "chose). p: paired randomization test of RouteHead against BM25 / static."
-        + (f" {ADAPTED}: the same router with its query-side LoRA adapter reading the query part "
-           "(`fit --adapter`), what the package ranks with; p: its paired test against BM25 / RouteHead without it."
-           if adapter else ""),
+        "alone; RouteHead: the same router fused with the first stage as its fit chose"
+        + (f"; {ADAPTED}: that, with the router's query-side LoRA adapter reading the query part (`fit --adapter`), "
+           "what the package ranks with. p: paired randomization tests of RouteHead against BM25 / static, and of "
+           "the shipped configuration against BM25 / RouteHead without the adapter."
+           if adapter else " (the shipped configuration). p: paired randomization test of RouteHead against BM25 / "
+           "static."),
         "",
-        "| set | queries | " + " | ".join(columns + extra) + " | dense MiniLM-L6 | p vs BM25 / static |"
-        + (" p (adapter) vs BM25 / no adapter |" if adapter else ""),
-        "|---|---|" + "---|" * (len(columns) + len(extra) + 2 + bool(adapter)),
+        "| set | queries | " + " | ".join(methods + ([ADAPTED] if adapter else []) + [oracle])
+        + " | dense MiniLM-L6 | p RouteHead vs BM25 / static |" + (" p shipped vs BM25 / no adapter |" if adapter else ""),
+        "|---|---|" + "---|" * (len(methods) + bool(adapter) + 3 + bool(adapter)),
     ]
+
+    def cells(values: dict, own: float | None) -> str:
+        shown = [f"**{values[c]:.3f}**" if c == shipped else f"{values[c]:.3f}" for c in methods]
+        if adapter:
+            shown.append(f"**{own:.3f}**")
+        return " | ".join([*shown, f"{values[oracle]:.3f}"])
+
     for row in routehead["test"]:
-        values = row["ndcg@10"]
         d = dense.get(row["dataset"])
-        dense_cell = f"{d:.3f}" if d is not None else "-"
         own = adapted.get(row["dataset"])
-        adapter_cell = f" | **{own['ndcg@10']['shipped + adapter']:.3f}**" if adapter else ""
         adapter_p = f" {own['p']['vs BM25']:.3f} / {own['p']['vs shipped, no adapter']:.3f} |" if adapter else ""
         lines.append(
             f"| {row['dataset']} ({row['role']}) | {row['queries']} | "
-            + " | ".join(f"{values[c]:.3f}" for c in columns) + adapter_cell
-            + f" | {dense_cell} | {row['p_routed_vs']['BM25']:.3f} / {row['p_routed_vs'][statics[0]]:.3f} |" + adapter_p
+            + cells(row["ndcg@10"], own["ndcg@10"]["shipped + adapter"] if adapter else None)
+            + f" | {f'{d:.3f}' if d is not None else '-'} | {row['p_routed_vs']['BM25']:.3f} / "
+            f"{row['p_routed_vs'][statics[0]]:.3f} |" + adapter_p
         )
     for label, values in routehead["average"].items():
         rows = [r for r in quality["test"] if label == "all test sets" or r["role"] == "cross-domain-test"]
         dense_mean = sum(r["ndcg@10"]["dense MiniLM-L6"] for r in rows) / len(rows)
-        adapter_cell = f" | **{adapter['average'][label]['shipped + adapter']:.3f}**" if adapter else ""
-        lines.append(f"| **average, {label}** | | " + " | ".join(f"{values[c]:.3f}" for c in columns) + adapter_cell
+        lines.append(f"| **average, {label}** | | "
+                     + cells(values, adapter["average"][label]["shipped + adapter"] if adapter else None)
                      + f" | {dense_mean:.3f} | |" + (" |" if adapter else ""))
     speed = routehead["speed"]
     lines += [

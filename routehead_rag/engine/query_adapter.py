@@ -298,11 +298,21 @@ def parse_query_adapter(config: QueryAdapterConfig, weights: bytes) -> QueryAdap
     return QueryAdapter.from_peft_state_dict(config, load(weights))
 
 
+def adapter_digest(adapter: QueryAdapter) -> str:
+    """sha256 of the adapter's weights (its PEFT state dict as safetensors, no metadata): what a cache
+    of scores made with it is keyed on."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    return hashlib.sha256(save(adapter.peft_state_dict())).hexdigest()
+
+
 def all_zero(adapter: QueryAdapter) -> bool:
     return all(not bool(p.any()) for p in adapter.lora_B.values())
 
 
 __all__: Sequence[str] = (
     "QueryAdapter", "QueryAdapterConfig", "AttachedAdapter", "adapter_targets", "decoder_path", "query_part_switch",
-    "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME",
+    "adapter_digest", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME",
 )

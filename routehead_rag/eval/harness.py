@@ -240,6 +240,7 @@ def evaluate_on_set(
     """
     report = progress or (lambda stage, done, total: None)
     config = None
+    adapter_rows: dict[str, float] = {}  # nDCG@10 without the router's query adapter, when it has one
     if strategy is None:
         run = first_stage_run(eval_set)
     else:
@@ -262,7 +263,6 @@ def evaluate_on_set(
             routes[qid] = strategy.route(backbone, eval_set.dataset.queries[qid])
             if isinstance(strategy, RoutedHeads):
                 report("routing", index, total)
-        adapter_rows: dict[str, float] = {}
         if any(route.adapter is not None for route in routes.values()):  # the adapter's scores, live
             base = fused_run(extractions, routes, eval_set.first_stage_order())
             adapter_rows["ndcg@10 (no query adapter)"] = set_metrics(eval_set, base)["ndcg@10"]

@@ -143,10 +143,13 @@ class PendingQuery:
 
 class LocalExtractor:
     """Computes pending extractions with the scorer in this process, ``batch_size`` prompts per forward
-    pass (1: one query at a time; more: :mod:`routehead_rag.engine.batched`)."""
+    pass (1: one query at a time; more: :mod:`routehead_rag.engine.batched`); ``adapter``: a query-side
+    adapter switched on for every query part (the cache key must then name it: :func:`extraction_key`'s
+    ``extra``, as :func:`routehead_rag.fit.pipeline.extract_sources` does)."""
 
-    def __init__(self, batch_size: int = 1):
+    def __init__(self, batch_size: int = 1, adapter=None):
         self.batch_size = batch_size
+        self.adapter = adapter
 
     def run(self, scorer: AttentionScorer, pending: Iterable[PendingQuery]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         from ..engine.batched import head_scores_batch
@@ -154,9 +157,10 @@ class LocalExtractor:
         items = iter(pending)
         while chunk := list(itertools.islice(items, self.batch_size)):
             if self.batch_size == 1:
-                scored = [scorer.head_scores(chunk[0].query, chunk[0].passages, heads=None)]
+                scored = [scorer.head_scores(chunk[0].query, chunk[0].passages, None, self.adapter)]
             else:
-                scored = head_scores_batch(scorer, [(i.query, i.passages, None) for i in chunk], self.batch_size)
+                scored = head_scores_batch(scorer, [(i.query, i.passages, None) for i in chunk], self.batch_size,
+                                           self.adapter)
             for item, scores in zip(chunk, scored):
                 content_free = scores.content_free if scores.content_free is not None else torch.zeros_like(scores.real)
                 yield item.qid, scores.real, content_free

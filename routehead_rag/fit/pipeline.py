@@ -22,7 +22,8 @@ from ..engine.scorer import AttentionScorer, ScoringConfig
 from ..fusion import FusionConfig, first_stage_signal
 from ..router.artifact import RouterArtifactConfig, save_artifact
 from ..router.model import SelectionConfig
-from .extraction import iter_extractions, storage_dtype_of
+from ..engine.query_adapter import QueryAdapter, adapter_digest, check_fits
+from .extraction import LocalExtractor, iter_extractions, storage_dtype_of
 from .adapter import AdapterQuery, AdapterTrainingConfig, final_scores, train_query_adapter
 from .fusion import fit_calibration, fit_fusion
 from ..heads import Head
@@ -82,6 +83,7 @@ def extract_sources(
     storage_dtype: str = "float16",
     pooled: PooledExtractions | None = None,
     sink: Callable[[str, torch.Tensor], None] | None = None,
+    query_adapter: QueryAdapter | None = None,
 ) -> PooledExtractions:
     """One cached all-heads extraction per query of every source, in each source's prompt wording.
 
@@ -90,8 +92,18 @@ def extract_sources(
     the pooled scores keep (:mod:`routehead_rag.fit.extraction`). Each query's calibrated scores go to
     ``sink(key, scores)`` as they arrive (e.g. :meth:`LabelledSetBuilder.put`, so no more than one
     query's scores is held), else into the result's ``scores`` (in candidates order). ``pooled``: the
-    sources' :meth:`PooledExtractions.of_sources`, if the caller made it already."""
+    sources' :meth:`PooledExtractions.of_sources`, if the caller made it already. ``query_adapter``:
+    score with this query-side adapter on the query parts (cached apart, keyed on its weights'
+    sha256; computed in this process)."""
     report = progress or (lambda stage, done, total: None)
+    adapter_key: dict = {}
+    if query_adapter is not None:
+        if executor is not None and not isinstance(executor, LocalExtractor):
+            raise ValueError(f"extraction with a query adapter runs in this process, not on {type(executor).__name__}: "
+                             "pass executor=None (or a LocalExtractor)")
+        check_fits(backbone.decoder, query_adapter.config)  # before any model work
+        executor = LocalExtractor(executor.batch_size if executor is not None else 1, query_adapter)
+        adapter_key = {"query_adapter": adapter_digest(query_adapter)}
     scorers: dict[str | None, AttentionScorer] = {}
     pooled = pooled if pooled is not None else PooledExtractions.of_sources(sources)
     arrived: dict[str, torch.Tensor] = {}
@@ -111,7 +123,8 @@ def extract_sources(
             )
         for extraction in iter_extractions(
             scorers[source.instruction], source.name, source.queries, source.candidates, source.passages,
-            Path(cache_dir) if cache_dir is not None else None, progress=tick, key_extra=source.key, executor=executor,
+            Path(cache_dir) if cache_dir is not None else None, progress=tick,
+            key_extra={**source.key, **adapter_key} if adapter_key else source.key, executor=executor,
             storage_dtype=storage_dtype,
         ):  # only the calibrated scores of each query are kept, at the storage precision (exact: already rounded)
             keep(f"{source.name}/{extraction.qid}", extraction.calibrated.to(storage))
@@ -194,6 +207,7 @@ def run_fit(
     executor=None,
     storage_dtype: str = "float16",
     adapter: AdapterTrainingConfig | None = None,
+    extraction_adapter: QueryAdapter | None = None,
 ) -> FitResult:
     """Fit a router on ``sources`` and write the artifact and its fit report to ``out``.
 
@@ -212,7 +226,13 @@ def run_fit(
 
     ``adapter`` trains a query-side LoRA adapter for the fitted router (:mod:`routehead_rag.fit.adapter`),
     kept only if it beats the router on dev; the calibration is then refitted on its dev scores.
+    ``extraction_adapter`` instead fits the router on scores made with a given query-side adapter
+    (e.g. a previous fit's) and ships that adapter with it, so the router is chosen for the scores
+    it will be used with.
     """
+    if adapter is not None and extraction_adapter is not None:
+        raise ValueError("pass adapter (train a query adapter for the router) or extraction_adapter (fit the router "
+                         "on scores made with a given one), not both")
     scoring = scoring or ScoringConfig()
     query_embedding = query_embedding or QueryEmbeddingConfig(layer=backbone.num_layers // 2)
     searches = [search or SearchConfig()] if search is None or isinstance(search, SearchConfig) else list(search)
@@ -227,7 +247,7 @@ def run_fit(
                                  depth=searches[0].depth, dtype=storage_dtype_of(storage_dtype),
                                  on_disk=Path(cache_dir) if cache_dir is not None else True)
     extract_sources(backbone, sources, scoring, cache_dir, report, executor=executor, storage_dtype=storage_dtype,
-                    pooled=pooled, sink=builder.put)
+                    pooled=pooled, sink=builder.put, query_adapter=extraction_adapter)
     data = builder.finish()
     embeddings = []
     for index, key in enumerate(data.qids):
@@ -285,6 +305,7 @@ def run_fit(
                 count = len(queries[key].passages)
                 adapted[rows[key], :count] = final_scores(queries[key], adapter_fit.dev_attention[key])
             calibration, calibration_dev = fit_calibration(adapted, data, torch.tensor([rows[k] for k in dev_keys]))
+    shipped_adapter = adapter_fit.adapter if adapter_fit is not None else extraction_adapter
     counts = torch.zeros(data.num_layers * data.num_heads)
     counts.index_add_(0, routed.flatten(), torch.ones(routed.numel()))
     config = RouterArtifactConfig(
@@ -299,7 +320,9 @@ def run_fit(
         search={**search.model_dump(mode="json"), "grid": grid},
         training={**training.model_dump(mode="json"), "chosen_k": trained.k, "chosen_sparsity": trained.sparsity,
                   "chosen_epoch": trained.epoch, "chosen_depth_cost": depth.depth_cost, "depth_curve": depth.curve,
-                  "storage_dtype": storage_dtype, **adapter_record},
+                  "storage_dtype": storage_dtype, **adapter_record,
+                  **({"extraction_adapter_sha256": adapter_digest(extraction_adapter)}
+                     if extraction_adapter is not None else {})},
         data=[
             {"name": s.name, "origin": s.origin, "queries": len(s.candidates),
              "instruction": s.instruction or "the scoring prompt's"}
@@ -319,11 +342,11 @@ def run_fit(
         static_heads=static_heads,
         command=command,
         fit_dtype=str(backbone.dtype).removeprefix("torch."),
-        query_adapter=adapter_fit.adapter.config if adapter_fit is not None and adapter_fit.adapter is not None else None,
+        query_adapter=shipped_adapter.config if shipped_adapter is not None else None,
     )
     out = Path(out)
     card = model_card(config)
-    save_artifact(out, router, config, card, adapter_fit.adapter if adapter_fit is not None else None)
+    save_artifact(out, router, config, card, shipped_adapter)
     report_dir = Path(report_dir) if report_dir is not None else out.parent
     report_dir.mkdir(parents=True, exist_ok=True)
     heatmap_path = report_dir / f"{out.name}-routed-heads.png"

@@ -60,13 +60,20 @@ def model_card(config: RouterArtifactConfig) -> str:
 
 def _adapter_lines(config: RouterArtifactConfig) -> list[str]:
     trained = config.training.get("adapter")
+    given = config.training.get("extraction_adapter_sha256")
+    if given and config.query_adapter is not None:
+        return ["## Query-side adapter (given, not trained here)", "",
+                f"The router was fitted on scores made with a given query-side adapter on (weights sha256 {given}), "
+                "which ships with it (files `adapter_model.safetensors`, `adapter_config.json`: PEFT's layout).", ""]
     if not trained:
         return []
     lines = [
         "## Query-side adapter (LoRA on the query part only; chosen on dev)",
         "",
         f"Trained on {trained['train_queries']} train queries, chosen on {trained['dev_queries']} dev queries "
-        "(nDCG@10 of the final, fused scores; epoch 0 is the router without an adapter).",
+        "(nDCG@10 of the final, fused scores; epoch 0 is the router without an adapter). The ideal ranking here is "
+        "over the judged candidates, so these figures sit above the router's dev nDCG@10 elsewhere in this card, "
+        "whose ideal counts every judged document; compare them with each other.",
         "",
         "| rank | learning rate | dev nDCG@10 by epoch | best epoch |",
         "|---|---|---|---|",

@@ -24,7 +24,11 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def beir_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-beir")
+    return write_tiny_beir(tmp_path_factory.mktemp("tiny-beir"))
+
+
+def write_tiny_beir(folder):
+    """A 4-query, 12-passage BEIR-layout set (test qrels) in ``folder``."""
     topics = ["moon tides sea", "stock market prices", "basketball players court", "bread bananas recipe"]
     docs = []
     for t, topic in enumerate(topics):

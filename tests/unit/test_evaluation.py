@@ -18,9 +18,9 @@ CANDIDATES = {q: ["d0", "d1", "d2", "d3"] for q in QUERIES}
 class CountingScorer(AttentionScorer):
     calls = 0
 
-    def head_scores(self, query, passages, heads=None):
+    def head_scores(self, query, passages, heads=None, adapter=None, differentiable=False):
         CountingScorer.calls += 1
-        return super().head_scores(query, passages, heads)
+        return super().head_scores(query, passages, heads, adapter, differentiable)
 
 
 @pytest.fixture

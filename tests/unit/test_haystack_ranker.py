@@ -53,7 +53,7 @@ class FakeScorer:
         self.calls: list[tuple[str, list[str]]] = []
         self.warm_ups = 0
 
-    def passage_scores(self, query: str, passages: list[str], heads=None) -> torch.Tensor:
+    def passage_scores(self, query: str, passages: list[str], heads=None, adapter=None) -> torch.Tensor:
         self.calls.append((query, list(passages)))
         return torch.tensor([self.scores.get(text, 0.0) for text in passages], dtype=torch.float64)  # [passage]
 
@@ -154,6 +154,7 @@ def test_from_dict_round_trip_leaves_the_data_untouched():
             "tokenizer": None,
             "fuse_first_stage": True,
             "scale_score": True,
+            "query_adapter": False,
         },
     }
     snapshot = {**data, "init_parameters": dict(data["init_parameters"])}

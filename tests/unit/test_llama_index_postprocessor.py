@@ -63,7 +63,7 @@ class OverlapScorer:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
 
-    def passage_scores(self, query, passages, heads=None):
+    def passage_scores(self, query, passages, heads=None, adapter=None):
         self.calls.append((query, list(passages)))
         return torch.tensor([overlap(query, p) for p in passages])  # [passage]
 

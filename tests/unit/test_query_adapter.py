@@ -391,3 +391,61 @@ def test_both_framework_adapters_rank_with_the_adapter(routers):
         out = post.postprocess_nodes(nodes, query_bundle=QueryBundle(query))
         assert [int(n.node.node_id) for n in out] == [i for i, _ in expected[flag]]
         assert [n.score for n in out] == pytest.approx([v for _, v in expected[flag]], abs=1e-6)
+
+
+def test_eval_scores_a_router_with_an_adapter_live_and_reports_it_without(routers, tmp_path):
+    """The cached extraction is the base model's: eval must not sum it for an adapted router."""
+    from routehead_rag.eval.harness import evaluate_on_set, prepare_set
+    from routehead_rag.eval.metrics import evaluate
+    from tests.unit.test_cli import write_tiny_beir
+
+    backbone, _, adapted, _ = routers
+    (tmp_path / "beir").mkdir()
+    folder = write_tiny_beir(tmp_path / "beir")
+    eval_set = prepare_set(str(folder), top_k=5)
+    strategy = RoutedHeads.from_folder(adapted)
+    result = evaluate_on_set(eval_set, strategy, backbone, cache_dir=tmp_path / "cache")
+    resolved = strategy.resolve(backbone)
+    scorer = AttentionScorer(backbone, resolved.config.scoring.with_instruction("relevance"))
+    run = {}
+    for qid in eval_set.qids:
+        route = resolved.route(backbone, eval_set.dataset.queries[qid])
+        ids = eval_set.candidates[qid]
+        scores = scorer.passage_scores(eval_set.dataset.queries[qid], eval_set.passages(qid, ids), route.heads,
+                                       resolved.adapter)
+        run[qid] = {d: float(s) for d, s in zip(ids, scores)}
+    expected = evaluate(run, eval_set.dataset.qrels, ["nDCG@10"], qids=eval_set.qids)["nDCG@10"]
+    key = "ndcg@10 (unfused)" if "ndcg@10 (unfused)" in result else "ndcg@10"
+    assert result[key] == pytest.approx(expected, abs=1e-9)
+    assert "ndcg@10 (no query adapter)" in result
+
+
+def test_fit_on_extractions_made_with_a_given_adapter_caches_them_apart_and_ships_it(tmp_path):
+    from routehead_rag.engine.scorer import ScoringConfig
+    from routehead_rag.fit.pipeline import extract_sources
+
+    backbone = tiny_backbone("llama")
+    source = read_query_log(write_log(tmp_path / "log.jsonl", count=12))
+    adapter = random_adapter(backbone)
+    cache = tmp_path / "cache"
+    base = extract_sources(backbone, [source], ScoringConfig(), cache, storage_dtype="float32")
+    result = run_fit(backbone, [source], tmp_path / "router", query_embedding=QueryEmbeddingConfig(layer=0),
+                     search=SearchConfig(pool_size=8, max_heads=3), training=TrainingConfig(epochs=10, ks=(1, 2)),
+                     cache_dir=cache, storage_dtype="float32", extraction_adapter=adapter)
+    assert len(list((cache / "extractions").iterdir())) == 2  # the adapted scores are cached apart from the base ones
+    adapted = extract_sources(backbone, [source], ScoringConfig(), cache, storage_dtype="float32", query_adapter=adapter)
+    key = next(iter(adapted.scores))
+    qid = key.split("/", 1)[1]
+    live = AttentionScorer(backbone).head_scores(source.queries[qid], source.passages(qid, adapted.doc_ids[key]),
+                                                None, adapter)
+    torch.testing.assert_close(adapted.scores[key], live.calibrated.float(), atol=1e-6, rtol=0)  # the adapter's, live
+    assert not torch.allclose(adapted.scores[key], base.scores[key])  # not the base model's
+    shipped = RoutedHeads.from_folder(result.artifact).resolve(backbone).adapter
+    for name, value in adapter.peft_state_dict().items():
+        assert torch.equal(shipped.peft_state_dict()[name], value), name
+    assert "given, not trained here" in (result.artifact / "README.md").read_text()
+    with pytest.raises(ValueError, match="not both"):
+        run_fit(backbone, [source], tmp_path / "other", extraction_adapter=adapter,
+                adapter=AdapterTrainingConfig(ranks=(2,)))
+    with pytest.raises(ValueError, match="in this process"):
+        extract_sources(backbone, [source], ScoringConfig(), None, executor=object(), query_adapter=adapter)
