@@ -46,15 +46,13 @@ from routehead_rag.router.artifact import SHIPPED_ROUTERS
 from routehead_rag.strategy import RoutedHeads
 
 
-def dev_values(strategy, backbone, pooled, keys, fused: bool) -> dict[str, float]:
-    """Per dev query nDCG@10 of ``strategy``'s routes over the pooled (adapted) extractions."""
+def dev_values(routes, pooled, keys, fused: bool) -> dict[str, float]:
+    """Per dev query nDCG@10 of ``routes`` over the pooled (adapted) extractions (``fused_run`` reads
+    only the calibrated scores, which is all the pool keeps)."""
     extractions = {k: QueryExtraction(k, pooled.doc_ids[k], pooled.scores[k].float(), pooled.scores[k].float())
                    for k in keys}
-    routes = {}
-    for key in keys:
-        route = strategy.route(backbone, pooled.texts[key])
-        routes[key] = route if fused else dataclasses.replace(route, fusion_weight=None)
-    run = fused_run(extractions, routes, pooled.first_stage)
+    chosen = routes if fused else {k: dataclasses.replace(r, fusion_weight=None) for k, r in routes.items()}
+    run = fused_run(extractions, chosen, pooled.first_stage)
     return per_query(run, {k: pooled.qrels[k] for k in keys}, "nDCG@10", qids=keys)
 
 
@@ -92,17 +90,15 @@ def main() -> int:
         data = pooled.labelled_set()
         _, dev_rows = split_train_dev(len(data.qids), training.dev_fraction, training.seed)
         keys = [data.qids[int(r)] for r in dev_rows]
-        values = {}
-        for name, strategy in (("shipped router", shipped), ("refitted router", refitted)):
-            for fused in (True, False):
-                values[f"{name}, {'fused' if fused else 'routed heads alone'}"] = dev_values(
-                    strategy, backbone, pooled, keys, fused)
+        routes = {name: {k: strategy.route(backbone, pooled.texts[k]) for k in keys}  # one routing pass each
+                  for name, strategy in (("shipped router", shipped), ("refitted router", refitted))}
+        values = {f"{name}, {'fused' if fused else 'routed heads alone'}": dev_values(routes[name], pooled, keys, fused)
+                  for name in routes for fused in (True, False)}
         means = {label: statistics.mean(v[k] for k in keys) for label, v in values.items()}
         p = {kind: paired_randomization_test([values[f"refitted router, {kind}"][k] for k in keys],
                                              [values[f"shipped router, {kind}"][k] for k in keys])
              for kind in ("fused", "routed heads alone")}
-        routes_changed = sum(shipped.route(backbone, pooled.texts[k]).heads != refitted.route(backbone, pooled.texts[k]).heads
-                             for k in keys)
+        routes_changed = sum(routes["shipped router"][k].heads != routes["refitted router"][k].heads for k in keys)
         record = {
             "benchmark": "adapter_router_refit", "dtype": args.dtype, "router": portable_path(args.router),
             "adapter_sha256": config.files["adapter_model.safetensors"].sha256, "dev_queries": len(keys),

@@ -22,7 +22,7 @@ from ..engine.scorer import AttentionScorer, ScoringConfig
 from ..fusion import FusionConfig, first_stage_signal
 from ..router.artifact import RouterArtifactConfig, save_artifact
 from ..router.model import SelectionConfig
-from ..engine.query_adapter import QueryAdapter, adapter_digest, check_fits
+from ..engine.query_adapter import QueryAdapter, adapter_digest
 from .extraction import LocalExtractor, iter_extractions, storage_dtype_of
 from .adapter import AdapterQuery, AdapterTrainingConfig, final_scores, train_query_adapter
 from .fusion import fit_calibration, fit_fusion
@@ -101,7 +101,6 @@ def extract_sources(
         if executor is not None and not isinstance(executor, LocalExtractor):
             raise ValueError(f"extraction with a query adapter runs in this process, not on {type(executor).__name__}: "
                              "pass executor=None (or a LocalExtractor)")
-        check_fits(backbone.decoder, query_adapter.config)  # before any model work
         executor = LocalExtractor(executor.batch_size if executor is not None else 1, query_adapter)
         adapter_key = {"query_adapter": adapter_digest(query_adapter)}
     scorers: dict[str | None, AttentionScorer] = {}
@@ -124,7 +123,7 @@ def extract_sources(
         for extraction in iter_extractions(
             scorers[source.instruction], source.name, source.queries, source.candidates, source.passages,
             Path(cache_dir) if cache_dir is not None else None, progress=tick,
-            key_extra={**source.key, **adapter_key} if adapter_key else source.key, executor=executor,
+            key_extra={**source.key, **adapter_key}, executor=executor,
             storage_dtype=storage_dtype,
         ):  # only the calibrated scores of each query are kept, at the storage precision (exact: already rounded)
             keep(f"{source.name}/{extraction.qid}", extraction.calibrated.to(storage))
