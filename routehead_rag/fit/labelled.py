@@ -96,6 +96,20 @@ def discounts(depth: int, length: int) -> torch.Tensor:
     return weights
 
 
+def scratch_tensor(shape: tuple[int, ...], dtype: torch.dtype, folder: bool | str | Path = True):
+    """A zero-filled tensor in an unlinked temporary file, memory-mapped: ``(tensor, open file)``.
+
+    ``folder``: ``True`` for the system's temporary folder, or a folder (made if missing). The file
+    has no name, so the system removes it when the tensor and the file are dropped, also after a kill;
+    its pages are page cache the kernel can reclaim, so it does not count as memory the process holds."""
+    folder = None if folder is True else Path(folder)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    backing = tempfile.TemporaryFile(dir=folder, prefix="routehead-scratch-")
+    array = np.memmap(backing, dtype=str(dtype).removeprefix("torch."), mode="w+", shape=shape)
+    return torch.from_numpy(array), backing  # zero-filled by the file system
+
+
 class LabelledSetBuilder:
     """Fills a :class:`LabelledSet` row by row as each query's scores arrive, in any order.
 
@@ -127,13 +141,7 @@ class LabelledSetBuilder:
         shape = (len(qids), num_layers * num_heads, width)
         self.backing = None
         if on_disk is not False:
-            folder = None if on_disk is True else Path(on_disk)
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
-            self.backing = tempfile.TemporaryFile(dir=folder,
-                                                  prefix="routehead-labelled-")
-            array = np.memmap(self.backing, dtype=str(dtype).removeprefix("torch."), mode="w+", shape=shape)
-            self.scores = torch.from_numpy(array)  # zero-filled by the file system
+            self.scores, self.backing = scratch_tensor(shape, dtype, on_disk)
         else:
             self.scores = torch.zeros(shape, dtype=dtype)
         self.qids, self.num_layers, self.num_heads, self.dtype = qids, num_layers, num_heads, dtype

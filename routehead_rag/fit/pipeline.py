@@ -27,11 +27,11 @@ from .extraction import LocalExtractor, iter_extractions, storage_dtype_of
 from .adapter import AdapterQuery, AdapterTrainingConfig, final_scores, train_query_adapter
 from .fusion import fit_calibration, fit_fusion
 from ..heads import Head
-from .labelled import LabelledSet, LabelledSetBuilder, batched_ndcg, build_labelled_set, rank_heads
+from .labelled import LabelledSet, LabelledSetBuilder, batched_ndcg, build_labelled_set, rank_heads, scratch_tensor
 from .report import heatmap, model_card
 from .search import SearchConfig, search_heads
 from .sources import FitSource
-from .training import TrainingConfig, choose_depth_cost, train_router
+from .training import TrainingConfig, choose_depth_cost, route_top_k, train_router
 
 
 @dataclass
@@ -51,11 +51,13 @@ class PooledExtractions:
         for source in sources:
             for qid in source.candidates:
                 key = f"{source.name}/{qid}"
-                pooled.doc_ids[key] = list(source.candidates[qid])
+                # the source's own objects, not copies (nothing here changes them): per-query memory stays what
+                # the source already holds
+                pooled.doc_ids[key] = source.candidates[qid]
                 pooled.qrels[key] = source.qrels.get(qid, {})
                 pooled.texts[key] = source.queries[qid]
                 order = source.first_stage.get(qid) if source.first_stage else None
-                pooled.first_stage[key] = list(order) if order is not None else list(source.candidates[qid])
+                pooled.first_stage[key] = order if order is not None else source.candidates[qid]
         return pooled
 
     def labelled_set(self, depth: int = 10, release: bool = False) -> LabelledSet:
@@ -248,11 +250,14 @@ def run_fit(
     extract_sources(backbone, sources, scoring, cache_dir, report, executor=executor, storage_dtype=storage_dtype,
                     pooled=pooled, sink=builder.put, query_adapter=extraction_adapter)
     data = builder.finish()
-    embeddings = []
+    embeddings = None  # [query, hidden] float32, beside the scores in a memory-mapped temporary file
     for index, key in enumerate(data.qids):
-        embeddings.append(embed_query(backbone, pooled.texts[key], query_embedding))
+        embedding = embed_query(backbone, pooled.texts[key], query_embedding)
+        if embeddings is None:
+            embeddings, embeddings_backing = scratch_tensor((len(data.qids), embedding.shape[0]), torch.float32,
+                                                            Path(cache_dir) if cache_dir is not None else True)
+        embeddings[index] = embedding
         report("embed", index + 1, len(data.qids))
-    embeddings = torch.stack(embeddings)  # [query, hidden]
     best = None
     grid = []
     for index, setting in enumerate(searches):
@@ -269,9 +274,7 @@ def run_fit(
     train_rows, dev_rows = torch.tensor(trained.train_rows), torch.tensor(trained.dev_rows)
     depth = choose_depth_cost(trained.router, embeddings, data, dev_rows, trained.k, training.depth_costs,
                               training.depth_tolerance)
-    with torch.no_grad():
-        logits = trained.router.selection_logits(trained.router(embeddings).double(), depth.depth_cost)
-        routed = logits.topk(trained.k, dim=1).indices  # [query, k]
+    routed = route_top_k(trained.router, embeddings, trained.k, [depth.depth_cost])[0]  # [query, k]
     routed_dev = float(batched_ndcg(data.sum_heads(routed[dev_rows], dev_rows), data.gains[dev_rows],
                                     data.valid[dev_rows], data.ideal_dcg[dev_rows], search.depth).mean())
     report("fusion + calibration", 0, 1)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..router.model import Router, RouterConfig
-from .labelled import LabelledSet, batched_ndcg, single_head_quality
+from .labelled import QUERY_CHUNK, LabelledSet, batched_ndcg, single_head_quality
 
 TRAIN_CHUNK = 2048  # train queries per backward pass; a larger train set sums the full-batch gradient over pieces
 
@@ -75,6 +76,23 @@ def routed_ndcg(logits: torch.Tensor, data: LabelledSet, rows: torch.Tensor, k: 
     return batched_ndcg(summed, data.gains[rows], data.valid[rows], data.ideal_dcg[rows], depth)
 
 
+def route_top_k(router: Router, embeddings: torch.Tensor, k: int, depth_costs: Sequence[float],
+                rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Each query's top-``k`` heads (flat indices, strongest first) under each depth cost: ``[row, k]`` per cost.
+
+    The router runs on pieces of at most ``QUERY_CHUNK`` of ``rows`` (all by default), so the
+    ``[query, head]`` logits held do not grow with the log; only the chosen indices are kept."""
+    rows = torch.arange(embeddings.shape[0]) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    picked: list[list[torch.Tensor]] = [[] for _ in depth_costs]
+    with torch.no_grad():
+        for start in range(0, len(rows), QUERY_CHUNK):
+            logits = router(embeddings[rows[start : start + QUERY_CHUNK]].float()).double()  # [piece, head]
+            for index, cost in enumerate(depth_costs):
+                chosen = torch.topk(router.selection_logits(logits, cost), k=min(k, logits.shape[1]), dim=1).indices
+                picked[index].append(chosen)
+    return [torch.cat(parts) if parts else torch.zeros(0, k, dtype=torch.long) for parts in picked]
+
+
 @dataclass
 class DepthChoice:
     depth_cost: float
@@ -90,11 +108,10 @@ def choose_depth_cost(
 
     The forward pass stops after a query's deepest routed layer, so its cost is that layer + 1 of
     ``num_layers``; the curve records it for every cost tried."""
-    with torch.no_grad():
-        logits = router(embeddings[dev_rows].float()).double()  # [dev, head]
+    costs_tried = sorted({0.0, *costs})
+    tops = route_top_k(router, embeddings, k, costs_tried, dev_rows)  # per cost: [dev, k]
     curve = []
-    for cost in sorted({0.0, *costs}):
-        top = torch.topk(router.selection_logits(logits, cost), k=min(k, logits.shape[1]), dim=1).indices
+    for cost, top in zip(costs_tried, tops):
         summed = data.sum_heads(top, dev_rows)
         ndcg = batched_ndcg(summed, data.gains[dev_rows], data.valid[dev_rows], data.ideal_dcg[dev_rows], 10)
         deepest = torch.div(top, data.num_heads, rounding_mode="floor").max(dim=1).values.double()  # [dev]
@@ -131,7 +148,9 @@ def train_router(
         raise ValueError("embeddings, labels and the labelled set must have one row per query, in the same order")
     train_rows, dev_rows = split_train_dev(len(data.qids), config.dev_fraction, config.seed)
     x = embeddings.float()
-    y = labels.float()
+    # [query, head]: multi-hot labels stay bool, each piece is made float as it is used (a float copy of them all
+    # would grow with the log)
+    y = labels if labels.dtype == torch.bool else labels.float()
     router_config = RouterConfig(
         input_dim=x.shape[1], num_layers=data.num_layers, num_heads=data.num_heads, dim=config.dim, hidden=config.hidden
     )
@@ -140,7 +159,7 @@ def train_router(
     # Start every router at the label prior: the head bias is the log-odds of each head's label
     # frequency on train, so before any query-dependent learning the router routes like a static
     # "most often useful" head set; training then learns the query-dependent deviations.
-    prior = y[train_rows].mean(dim=0).clamp(1e-3, 1 - 1e-3)  # [head]
+    prior = y[train_rows].float().mean(dim=0).clamp(1e-3, 1 - 1e-3)  # [head]
     for sparsity in config.sparsity_weights:
         torch.manual_seed(config.seed)
         router = Router(router_config)
@@ -192,7 +211,7 @@ def full_batch_backward(router: Router, x: torch.Tensor, y: torch.Tensor, rows: 
     total = 0.0
     for piece in pieces:
         logits = router(x[piece])
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[piece])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[piece].float())
         loss = loss + sparsity * torch.sigmoid(logits).mean()
         if len(pieces) > 1:
             loss = loss * (len(piece) / len(rows))

@@ -126,3 +126,31 @@ def test_training_in_pieces_takes_the_full_batch_gradient():
     assert loss_pieces == pytest.approx(loss_whole, rel=1e-6)
     for (name, a), b in zip(whole.named_parameters(), pieces.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-7, rtol=1e-5, msg=name)
+
+
+def test_routing_in_pieces_picks_the_heads_of_one_pass():
+    """route_top_k runs the router on pieces of QUERY_CHUNK rows; its picks equal top-k of one pass over every
+    row (the reference: the router's logits minus the depth penalty, ranked by torch.topk), for every cost."""
+    import routehead_rag.fit.training as training
+
+    torch.manual_seed(0)
+    router = Router(RouterConfig(input_dim=16, num_layers=3, num_heads=4, dim=8, hidden=16)).eval()
+    x = torch.randn(37, 16)
+    rows = torch.randperm(37)[:29]
+    costs = [0.0, 2.0, 8.0]
+    with torch.no_grad():
+        logits = router(x[rows]).double()
+    expected = [torch.topk(router.selection_logits(logits, c), k=3, dim=1).indices for c in costs]
+    original = training.QUERY_CHUNK
+    try:
+        training.QUERY_CHUNK = 8  # 29 rows: four pieces
+        pieces = training.route_top_k(router, x, 3, costs, rows)
+    finally:
+        training.QUERY_CHUNK = original
+    whole = training.route_top_k(router, x, 3, costs, rows)
+    for got, one_pass, want in zip(pieces, whole, expected):
+        assert got.shape == (29, 3)
+        assert torch.equal(got, want) and torch.equal(one_pass, want)
+    # a larger depth cost never routes deeper on average
+    layers = [torch.div(top, 4, rounding_mode="floor").max(dim=1).values.double().mean() for top in pieces]
+    assert layers[0] >= layers[1] >= layers[2]
