@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from common import RESULTS, console, machine, machine_line, scorers_by_instruction, seeded, shipped_probabilities
 
+from routehead_rag.data.protocol import PROTOCOL, Role
 from routehead_rag.eval.harness import adapted_extractions, first_stage_run, fused_run, prepare_set, run_with_heads
 from routehead_rag.eval.metrics import paired_randomization_test, per_query
-from routehead_rag.eval.protocol import PROTOCOL, Role
-from routehead_rag.fit.fusion import expected_calibration_error
+from routehead_rag.fit.fusion_fit import expected_calibration_error
 from routehead_rag.model.backbone import load_backbone
 from routehead_rag.paths import portable_path
 from routehead_rag.reranker import RouteHeadReranker

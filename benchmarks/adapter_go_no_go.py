@@ -8,7 +8,7 @@ routed heads by at least 2 points over the same heads without it?
 Per fit query: the prefix pass without gradients, then both suffix passes with gradients through
 the adapter, and a listwise loss (softmax cross-entropy against the relevance grades) on the
 standardised calibrated score of the query's routed heads. Adapters: the library's query-side LoRA
-(:mod:`routehead_rag.engine.query_adapter`; rank r, alpha 2r) on the attention projections (with
+(:mod:`routehead_rag.engine.lora`; rank r, alpha 2r) on the attention projections (with
 ``--mlp`` the MLP ones too) of every layer up to the deepest routed one. The committed results were
 made at commit b5acaaf with this script's own copy of the same LoRA, before it moved into the library
 (same math; its initial A differed by random draws). Dev nDCG@10 after every epoch; the baseline is the
@@ -29,20 +29,18 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, console, machine, machine_line, pooled, scorers_by_instruction, seeded
-from common import load_set
+from common import RESULTS, console, load_set, machine, machine_line, pooled, scorers_by_instruction, seeded
 
+from routehead_rag.data.protocol import PROTOCOL, Role
 from routehead_rag.engine.embedding import embed_query
-from routehead_rag.engine.query_adapter import QueryAdapter, QueryAdapterConfig, adapter_targets, decoder_path
-from routehead_rag.eval.protocol import PROTOCOL, Role
+from routehead_rag.engine.lora import Lora, LoraConfig, decoder_path, lora_targets
 from routehead_rag.eval.metrics import paired_randomization_test
-from routehead_rag.fit.labelled import batched_ndcg
 from routehead_rag.fit.training import split_train_dev
+from routehead_rag.measures import batched_ndcg
 from routehead_rag.model.backbone import load_backbone
 from routehead_rag.paths import default_cache_dir
 from routehead_rag.router.artifact import SHIPPED_ROUTERS
 from routehead_rag.strategy import RoutedHeads
-
 
 
 def plot(result, path: Path) -> None:
@@ -69,12 +67,12 @@ def plot(result, path: Path) -> None:
     plt.close(fig)
 
 
-def make_adapter(backbone, depth: int, rank: int, mlp: bool) -> QueryAdapter:
+def make_adapter(backbone, depth: int, rank: int, mlp: bool) -> Lora:
     """A fresh LoRA adapter (``B = 0``: the base model exactly) on layers ``0..depth``."""
-    layers, targets = adapter_targets(backbone.decoder, depth, mlp=mlp)
-    config = QueryAdapterConfig(rank=rank, alpha=2.0 * rank, layers=layers, targets=targets,
+    layers, targets = lora_targets(backbone.decoder, depth, mlp=mlp)
+    config = LoraConfig(rank=rank, alpha=2.0 * rank, layers=layers, targets=targets,
                                 decoder_path=decoder_path(backbone.model, backbone.decoder))
-    return QueryAdapter.for_decoder(backbone.decoder, config)
+    return Lora.for_decoder(backbone.decoder, config)
 
 
 def routed_scores(scorer, query, passages, heads, adapter, grad: bool) -> torch.Tensor:
@@ -195,7 +193,7 @@ def main() -> int:
     gain_key = "heldout_gain_points" if heldout_keys else "gain_points"
     go = any(r[gain_key] >= 2.0 for r in runs)
     result = {"benchmark": "adapter_go_no_go", "dtype": args.dtype, "train_queries": len(train_keys),
-              "dev_queries": len(dev_keys), "heldout_queries": len(heldout_keys), "epochs": args.epochs, "targets": list(adapter_targets(backbone.decoder, depth, mlp=args.mlp)[1]), "deepest_layer": depth,
+              "dev_queries": len(dev_keys), "heldout_queries": len(heldout_keys), "epochs": args.epochs, "targets": list(lora_targets(backbone.decoder, depth, mlp=args.mlp)[1]), "deepest_layer": depth,
               "runs": runs, "go": go, "machine": machine(), "seconds": round(time.time() - started)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")

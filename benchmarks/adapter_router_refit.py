@@ -35,12 +35,12 @@ from common import RESULTS, console, machine, machine_line, seeded
 
 from routehead_rag.eval.harness import fused_run
 from routehead_rag.eval.metrics import paired_randomization_test, per_query
-from routehead_rag.fit.extraction import QueryExtraction
 from routehead_rag.fit.pipeline import extract_sources, run_fit
 from routehead_rag.fit.search import SearchConfig
 from routehead_rag.fit.sources import sources_from_arguments
 from routehead_rag.fit.training import TrainingConfig, split_train_dev
 from routehead_rag.model.backbone import load_backbone
+from routehead_rag.offline.extraction import QueryExtraction
 from routehead_rag.paths import default_cache_dir, portable_path
 from routehead_rag.router.artifact import SHIPPED_ROUTERS
 from routehead_rag.strategy import RoutedHeads

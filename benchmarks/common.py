@@ -17,16 +17,16 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from routehead_rag.engine.scorer import AttentionScorer, ScoringConfig
+from routehead_rag.data.protocol import PROTOCOL, Role
 from routehead_rag.engine.prompt import INSTRUCTIONS
+from routehead_rag.engine.scorer import AttentionScorer, ScoringConfig
 from routehead_rag.eval.harness import EvalSet, extract_set, prepare_set, run_with_heads
 from routehead_rag.eval.metrics import evaluate, per_query, rankings_to_run
-from routehead_rag.eval.protocol import PROTOCOL, Role
-from routehead_rag.fit.extraction import QueryExtraction
 from routehead_rag.fit.labelled import build_labelled_set, rank_heads
 from routehead_rag.fit.pipeline import PooledExtractions
 from routehead_rag.heads import Head
 from routehead_rag.model.devices import machine_info
+from routehead_rag.offline.extraction import QueryExtraction
 
 console = Console(stderr=True)
 K_GRID = [1, 2, 4, 8, 16, 32, 64]
@@ -65,7 +65,7 @@ def pooled(sets: Mapping[str, ProtocolSet]) -> PooledExtractions:
     for name, (eval_set, extractions) in sets.items():
         for qid in eval_set.qids:
             key = f"{name}/{qid}"
-            out.scores[key], out.doc_ids[key] = extractions[qid].calibrated, extractions[qid].doc_ids
+            out.scores[key], out.doc_ids[key] = extractions[qid].debiased, extractions[qid].doc_ids
             out.qrels[key], out.texts[key] = eval_set.dataset.qrels.get(qid, {}), eval_set.dataset.queries[qid]
     return out
 
@@ -97,7 +97,7 @@ def leave_one_out_static(eval_set: EvalSet, extractions, qids: Sequence[str], k:
     qrels = eval_set.dataset.qrels
     for qid in qids:
         rest = [q for q in qids if q != qid]
-        data = build_labelled_set({q: extractions[q].calibrated for q in rest},
+        data = build_labelled_set({q: extractions[q].debiased for q in rest},
                                   {q: extractions[q].doc_ids for q in rest}, qrels)
         heads = [h for h, _ in rank_heads(data)[:k]]
         values.append(per_query(static_run({qid: extractions[qid]}, heads), qrels, "nDCG@10", qids=[qid])[qid])
@@ -140,7 +140,7 @@ def shipped_probabilities(eval_set: EvalSet, extractions: Mapping[str, QueryExtr
         route, extraction = routes[qid], extractions[qid]
         if route.calibration is None:
             return None
-        scores = extraction.calibrated[[h.layer for h in route.heads], [h.head for h in route.heads]].sum(dim=0)
+        scores = extraction.debiased[[h.layer for h in route.heads], [h.head for h in route.heads]].sum(dim=0)
         if route.fusion_weight is not None:
             rank = {d: i for i, d in enumerate(first_stage[qid])}
             scores = fuse(scores, first_stage_signal(len(extraction.doc_ids), [-float(rank[d]) for d in extraction.doc_ids]),

@@ -28,13 +28,23 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, backbone_source, console, load_set, machine, machine_line, ndcg, scorers_by_instruction, seeded
+from common import (
+    RESULTS,
+    backbone_source,
+    console,
+    load_set,
+    machine,
+    machine_line,
+    ndcg,
+    scorers_by_instruction,
+    seeded,
+)
 from throughput import floor_with_suffixes_seconds, timed
 
+from routehead_rag.data.protocol import PROTOCOL, Role
 from routehead_rag.engine.embedding import embed_query
 from routehead_rag.eval.harness import fused_run, run_with_heads
 from routehead_rag.eval.metrics import paired_randomization_test, per_query
-from routehead_rag.eval.protocol import PROTOCOL, Role
 from routehead_rag.model.backbone import load_backbone
 from routehead_rag.paths import default_cache_dir, portable_path
 from routehead_rag.reranker import RouteHeadReranker

@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 from common import RESULTS, backbone_source, console, machine, machine_line, seeded
 
+from routehead_rag.data.protocol import PROTOCOL
 from routehead_rag.engine.embedding import embed_query
-from routehead_rag.eval.protocol import PROTOCOL
-from routehead_rag.fit.labelled import batched_ndcg, single_head_quality
+from routehead_rag.fit.labelled import single_head_quality
 from routehead_rag.fit.pipeline import extract_sources
 from routehead_rag.fit.sources import sources_from_arguments
 from routehead_rag.fit.training import split_train_dev
+from routehead_rag.measures import batched_ndcg
 from routehead_rag.model.backbone import load_backbone
 from routehead_rag.paths import default_cache_dir, portable_path
 from routehead_rag.router.artifact import SHIPPED_ROUTERS, load_artifact

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from routehead_rag.engine.capture import CaptureRequest, capture_scope, run_capture  # noqa: E402
-from routehead_rag.engine.scorer import AttentionScorer, ScoringConfig  # noqa: E402
-from routehead_rag.model.backbone import load_backbone  # noqa: E402
+from routehead_rag.engine.capture import CaptureRequest, capture_scope, run_capture
+from routehead_rag.engine.scorer import AttentionScorer, ScoringConfig
+from routehead_rag.model.backbone import load_backbone
 
 WORDS = ("tide moon ocean gravity water coast wave sun orbit planet energy river city market price "
          "bread recipe player court team science cell protein gene study result method data").split()
@@ -78,8 +78,8 @@ def correctness(device: str) -> list[dict]:
         texts = passages(6, 30)
         cpu = AttentionScorer(load_backbone(cpu_model, tokenizer=tiny_tokenizer()), ScoringConfig())
         gpu = AttentionScorer(load_backbone(gpu_model, tokenizer=tiny_tokenizer()), ScoringConfig())
-        a = cpu.head_scores("ocean tide moon", texts).calibrated
-        b = gpu.head_scores("ocean tide moon", texts).calibrated.cpu()
+        a = cpu.head_scores("ocean tide moon", texts).debiased
+        b = gpu.head_scores("ocean tide moon", texts).debiased.cpu()
         rows.append({"arch": arch, "dtype": "torch.float32", "max_abs_diff_device_vs_cpu_scores": float((a - b).abs().max())})
     return rows
 

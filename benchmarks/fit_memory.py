@@ -36,7 +36,7 @@ from pathlib import Path
 
 from common import RESULTS, console, machine, machine_line
 
-from routehead_rag.eval.beir import load_beir
+from routehead_rag.data.beir import load_beir
 from routehead_rag.paths import default_data_dir
 
 HIDDEN, HEADS, KV_HEADS, LAYERS = 72, 9, 3, 30

@@ -20,14 +20,24 @@ import time
 from pathlib import Path
 
 from common import (
-    K_GRID, RESULTS, best_static, console, load_set, machine, machine_line, ndcg, reference_check,
-    scorers_by_instruction, seeded, static_run,
+    K_GRID,
+    RESULTS,
+    best_static,
+    console,
+    load_set,
+    machine,
+    machine_line,
+    ndcg,
+    reference_check,
+    scorers_by_instruction,
+    seeded,
+    static_run,
 )
 
-from routehead_rag.eval.first_stage import DenseRetriever
+from routehead_rag.data.first_stage import DenseRetriever
+from routehead_rag.data.protocol import PROTOCOL, Role
 from routehead_rag.eval.harness import first_stage_run
 from routehead_rag.eval.metrics import candidate_recall, ranking_to_run
-from routehead_rag.eval.protocol import PROTOCOL, Role
 from routehead_rag.model.backbone import load_backbone
 from routehead_rag.paths import default_cache_dir
 

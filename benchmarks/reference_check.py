@@ -17,8 +17,8 @@ from pathlib import Path
 
 from common import REFERENCE, RESULTS, load_set, machine, machine_line, reference_check, scorers_by_instruction
 
+from routehead_rag.data.protocol import Role
 from routehead_rag.engine.prompt import INSTRUCTIONS
-from routehead_rag.eval.protocol import Role
 from routehead_rag.model.backbone import load_backbone
 from routehead_rag.paths import default_cache_dir
 

@@ -32,15 +32,26 @@ from pathlib import Path
 
 import torch
 from common import (
-    K_GRID, RESULTS, best_static, console, load_set, machine, machine_line, ndcg, pooled, scorers_by_instruction,
-    seeded, shipped_probabilities, static_run,
+    K_GRID,
+    RESULTS,
+    best_static,
+    console,
+    load_set,
+    machine,
+    machine_line,
+    ndcg,
+    pooled,
+    scorers_by_instruction,
+    seeded,
+    shipped_probabilities,
+    static_run,
 )
 
+from routehead_rag.data.protocol import PROTOCOL, Role
 from routehead_rag.engine.embedding import embed_query
 from routehead_rag.engine.scorer import ScoringConfig
 from routehead_rag.eval.harness import first_stage_run, fused_run, run_with_heads
 from routehead_rag.eval.metrics import paired_randomization_test, per_query
-from routehead_rag.eval.protocol import PROTOCOL, Role
 from routehead_rag.fit.labelled import build_labelled_set
 from routehead_rag.fit.pipeline import run_fit
 from routehead_rag.fit.search import SearchConfig, search_heads
@@ -61,7 +72,7 @@ ROBUSTNESS_GRID = [(0.0, 0.0), (0.01, 0.0), (0.0, 0.1), (0.01, 0.1), (0.03, 0.1)
 def oracle_values(eval_set, extractions) -> dict[str, float]:
     """Per-query nDCG@10 of the hindsight head set (queries without a relevant passage: 0)."""
     qids = eval_set.qids
-    data = build_labelled_set({q: extractions[q].calibrated for q in qids}, {q: extractions[q].doc_ids for q in qids},
+    data = build_labelled_set({q: extractions[q].debiased for q in qids}, {q: extractions[q].doc_ids for q in qids},
                               {q: eval_set.dataset.qrels.get(q, {}) for q in qids})
     found = search_heads(data, ORACLE)
     values = dict.fromkeys(qids, 0.0)
@@ -75,7 +86,7 @@ DEFAULT = "RouteHead"  # the shipped configuration: + first-stage fusion where t
 
 def calibration_on(eval_set, extractions, routes, first_stage) -> dict:
     """Expected calibration error and reliability bins of the default's probabilities on one set."""
-    from routehead_rag.fit.fusion import expected_calibration_error, reliability
+    from routehead_rag.fit.fusion_fit import expected_calibration_error, reliability
 
     pairs = shipped_probabilities(eval_set, extractions, routes, first_stage)
     if pairs is None:

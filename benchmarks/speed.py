@@ -43,8 +43,8 @@ def exact_word_passages(corpus_texts, count, words=100):
 
 
 def make_cases(data_dir):
-    from routehead_rag.eval.beir import load_beir
-    from routehead_rag.eval.protocol import select_queries
+    from routehead_rag.data.beir import load_beir
+    from routehead_rag.data.protocol import select_queries
 
     dataset = load_beir("trec-dl-2019", data_dir=data_dir)
     qids = select_queries(dataset, 3)
@@ -102,7 +102,7 @@ def naive_scores(backbone, scorer, query, passages):
         for window in windows:
             layout = prompts.layout([], passage_ids=[passage_ids[i] for i in window])
             per_query = []
-            for text in (query, scorer.config.prompt.calibration_query):
+            for text in (query, scorer.config.prompt.content_free_query):
                 part = prompts.query_part(text, layout.prefix_length)
                 ids = torch.tensor([layout.prefix_ids + part.ids], device=backbone.device)
                 with torch.no_grad():
@@ -145,7 +145,7 @@ def worker(args):
     def run(query, passages):
         if args.method == "naive":
             return naive_scores(backbone, scorer, query, passages)
-        return scorer.head_scores(query, passages, heads).calibrated
+        return scorer.head_scores(query, passages, heads).debiased
 
     # warm-up on a small input, then measure growth over the loaded model
     run(cases[0][0], cases[0][1][:2])

@@ -33,17 +33,17 @@ from pathlib import Path
 import torch
 from common import RESULTS, console, load_set, machine, machine_line, scorers_by_instruction, seeded
 
+from routehead_rag.data.protocol import PROTOCOL, Role
 from routehead_rag.engine.embedding import QueryEmbeddingConfig
 from routehead_rag.engine.scorer import ScoringConfig
 from routehead_rag.eval.harness import fused_run, run_with_heads
 from routehead_rag.eval.metrics import paired_randomization_test, per_query
-from routehead_rag.eval.protocol import PROTOCOL, Role
-from routehead_rag.fit.extraction import _atomic_torch_save, _rounded
 from routehead_rag.fit.pipeline import run_fit
 from routehead_rag.fit.search import SearchConfig
-from routehead_rag.fit.training import TrainingConfig
 from routehead_rag.fit.sources import sources_from_arguments
+from routehead_rag.fit.training import TrainingConfig
 from routehead_rag.model.backbone import load_backbone
+from routehead_rag.offline.extraction import _atomic_torch_save, _rounded
 from routehead_rag.paths import default_cache_dir
 from routehead_rag.router.artifact import SHIPPED_ROUTERS, read_artifact_config
 from routehead_rag.strategy import RoutedHeads

@@ -83,7 +83,7 @@ def naive_seconds(backbone, reranker, query, passages) -> float:
     model.set_attn_implementation("eager")
     try:
         started = time.perf_counter()
-        for text in (query, prompts.config.calibration_query):
+        for text in (query, prompts.config.content_free_query):
             part = prompts.query_part(text, layout.prefix_length)
             ids = torch.tensor([layout.prefix_ids + part.ids], device=backbone.device)
             with torch.no_grad():
@@ -108,7 +108,7 @@ def floor_with_suffixes_seconds(backbone, reranker, query, passages, deepest: in
 
     prompts, config = reranker.scorer.prompts, reranker.scorer.config
     layout = prompts.layout(passages)
-    parts = [prompts.query_part(text, layout.prefix_length).ids for text in (query, config.prompt.calibration_query)]
+    parts = [prompts.query_part(text, layout.prefix_length).ids for text in (query, config.prompt.content_free_query)]
     decoder = backbone.decoder
     cache_name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"  # transformers 5.x
     handle = decoder.layers[deepest].register_forward_hook(stop)

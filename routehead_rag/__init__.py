@@ -22,8 +22,14 @@ _PUBLIC = {
     "convert_embedded": ".model.gguf_cache",
 }
 __all__ = [
-    "Head", "PromptConfig", "RankedDocument", "RankedResults", "RouteHeadReranker", "ScoringConfig", "convert_embedded",
+    "Head",
+    "PromptConfig",
+    "RankedDocument",
+    "RankedResults",
+    "RouteHeadReranker",
+    "ScoringConfig",
     "__version__",
+    "convert_embedded",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load on first access

@@ -18,69 +18,128 @@ from typing import Optional
 import typer
 
 from .cli_shared import (
-    CacheDir, Candidates, Device, Dtype, Instruction, MaxQueries, Model, Quiet, Ray, RayWorkers, SetInstruction,
-    Strategy, app, check_ray, console, heads_argument, load_model, progress_display, ray_executor, usage_errors,
+    CacheDir,
+    Candidates,
+    Device,
+    Dtype,
+    Instruction,
+    MaxPassageTokens,
+    MaxQueries,
+    Model,
+    Quiet,
+    Ray,
+    RayWorkers,
+    SetInstruction,
+    Strategy,
+    app,
+    check_ray,
+    console,
+    default_cache,
+    escape,
+    load_model,
+    parse_heads_option,
+    progress_display,
+    rank_query_batch,
+    ray_executor,
+    read_query_batch,
+    usage_errors,
+    warn_deprecated_flags,
 )
 
 
 @app.command()
 def rerank(
-    query: str = typer.Argument(..., help="The query."),
+    query: Optional[str] = typer.Argument(None, help="The query (or --queries FILE)."),
     passages: list[str] = typer.Argument(None, help="Passages in first-stage order (best first)."),
     file: Optional[Path] = typer.Option(
-        None, "--file", "-f", help="Read passages from a file: JSONL with 'text' (and 'id'), or one per line."
+        None, "--file", "-f", help="Read passages from a file: JSONL with 'text' (and 'id', 'meta'), or one per line."
+    ),
+    queries: Optional[Path] = typer.Option(
+        None, help="Many queries: a JSONL file, one {'query': ..., 'documents': [...], 'first_stage_scores': [...]?} "
+        "per line (documents as strings or {'id', 'text', 'meta'}); writes one JSON line per query (rank_batch)."
     ),
     model: Model = "smollm2-135m",
     heads: Optional[str] = typer.Option(
         None, help="'all', a heads file, heads like 'L12.H5,L3.H1', or a router folder (default: the router shipped "
         "for the backbone, else all)."
     ),
-    top_k: Optional[int] = typer.Option(None, help="Keep the best K."),
+    keep: Optional[int] = typer.Option(None, "--keep", help="Print only the best N."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", hidden=True, help="Deprecated alias of --keep."),
+    score_threshold: Optional[float] = typer.Option(None, help="Print only passages scoring at least this."),
     instruction: Optional[Instruction] = typer.Option(
         None, help="Prompt wording: 'relevance' (search queries) or 'question' (QA); default: the router's, else relevance."
     ),
+    max_passage_tokens: MaxPassageTokens = None,
+    chunk_long_documents: bool = typer.Option(
+        False, help="Score a passage longer than the budget in chunks (it takes its best chunk's score)."
+    ),
     dtype: Dtype = "auto",
     device: Device = None,
-    max_prompt_tokens: int = typer.Option(4096, help="Token budget of one prompt; more passages go in windows."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Token budget of one prompt; more passages go in windows."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table (one object per query)."),
     quiet: Quiet = False,
 ):
-    """Re-rank passages for a query and print the ranking."""
+    """Re-rank passages for a query and print the ranking.
+
+    Examples:
+
+        routehead-rag rerank "What causes tides?" "The Moon pulls the oceans." "Stocks fell."
+
+        routehead-rag rerank "What causes tides?" --file passages.jsonl --keep 3 --json
+
+        routehead-rag rerank --queries batch.jsonl > ranked.jsonl
+    """
     with usage_errors():
         from .documents import read_documents
 
-        documents: list = list(passages or [])
-        if file is not None:
-            documents += read_documents(file)
-        if not documents:
-            raise ValueError("no passages: give passages as arguments or with --file")
+        if top_k is not None:
+            if keep is not None:
+                raise ValueError("pass --keep only (--top-k is its deprecated alias)")
+            console().print("--top-k is deprecated in rerank: use --keep (same meaning)", style="yellow")
+            keep = top_k
+        if queries is not None:
+            if query is not None or passages or file is not None:
+                raise ValueError("--queries FILE takes every query from the file: give no query, passages or --file")
+            batch = read_query_batch(queries)
+        else:
+            if query is None:
+                raise ValueError("no query: give it as the first argument, or many with --queries FILE")
+            documents: list = list(passages or [])
+            if file is not None:
+                documents += read_documents(file)
+            if not documents:
+                raise ValueError("no passages: give passages as arguments or with --file")
+            batch = None
         if instruction is Instruction.auto:
             raise ValueError("--instruction auto needs a known data set; rerank takes 'relevance' or 'question'")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"--top-k must be at least 1, got {top_k}")
+        if keep is not None and keep < 1:
+            raise ValueError(f"--keep must be at least 1, got {keep}")
         from .reranker import RouteHeadReranker
 
         reranker = RouteHeadReranker(
-            model=model, heads=heads_argument(heads), instruction=instruction.value if instruction else None,
-            max_prompt_tokens=max_prompt_tokens, dtype=dtype, device=device,
+            model=model, heads=parse_heads_option(heads), instruction=instruction.value if instruction else None,
+            max_prompt_tokens=max_prompt_tokens, max_passage_tokens=max_passage_tokens,
+            chunk_long_documents=chunk_long_documents, dtype=dtype, device=device,
         )
         reranker.check_model()
+    if batch is not None:
+        rank_query_batch(reranker, batch, keep, score_threshold, quiet)
+        return
     if quiet:
-        results = reranker.rank(query, documents, top_k=top_k)
+        results = reranker.rank(query, documents, top_k=keep, score_threshold=score_threshold)
     else:
-        with console().status(f"loading {model} and scoring {len(documents)} passages"):
-            results = reranker.rank(query, documents, top_k=top_k)
+        with console().status(escape(f"loading {model} and scoring {len(documents)} passages")):
+            results = reranker.rank(query, documents, top_k=keep, score_threshold=score_threshold)
     if as_json:
-        for r in results:
-            typer.echo(json.dumps({"rank": r.rank, "id": r.id, "score": r.score, "text": r.text}))
+        typer.echo(json.dumps({"query": query, "results": results.to_records()}))
         return
     from rich.table import Table
 
-    table = Table(title=f"Query: {query}")
+    table = Table(title=escape(f"Query: {query}"))
     for column in ("rank", "id", "score", "passage"):
         table.add_column(column, overflow="fold")
     for r in results:
-        table.add_row(str(r.rank), str(r.id), f"{r.score:+.4f}", r.text[:200])
+        table.add_row(str(r.rank), escape(str(r.id)), f"{r.score:+.4f}", escape(r.text[:200]))
     console(stderr=False).print(table)
 
 
@@ -98,10 +157,18 @@ def evaluate_command(
     dtype: Dtype = "auto",
     device: Device = None,
     top_k: Candidates = 20,
+    first_stage: str = typer.Option("bm25", help="Where the candidates come from: bm25, or dense (the packaged "
+                                    "all-MiniLM-L6-v2 bi-encoder; the 'dense' extra)."),
     max_queries: MaxQueries = None,
     split: str = typer.Option("test", help="qrels split: test or train."),
-    max_words: int = typer.Option(100, help="Cut passages to their first N words (title included)."),
+    max_passage_tokens: MaxPassageTokens = None,
+    fuse_first_stage: bool = typer.Option(True, help="Fuse with the first stage where the router was fitted with fusion."),
+    scale_score: bool = typer.Option(True, help="Probabilities where the router has a calibration."),
+    lora: bool = typer.Option(True, help="Score with the router's LoRA where it has one."),
     output: Optional[Path] = typer.Option(None, help="Write the metrics as JSON here."),
+    run_output: Optional[Path] = typer.Option(
+        None, help="Write the ranking scored as a TREC run file (qid Q0 docid rank score tag)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout instead of a table."),
     cache_dir: CacheDir = None,
     instruction: SetInstruction = Instruction.auto,
@@ -109,30 +176,46 @@ def evaluate_command(
     ray_workers: RayWorkers = None,
     quiet: Quiet = False,
 ):
-    """Evaluate a strategy on a labelled BEIR-layout set (nDCG@10, recall of the candidates)."""
+    """Evaluate a configuration on a labelled BEIR-layout set (nDCG@10, recall of the candidates), ranking every query
+    exactly as RouteHeadReranker.rank does."""
     from .extras import ensure
 
     ensure("fit", "routehead-rag eval")
     check_ray(ray, ray_workers)
     with usage_errors():
-        from .eval.harness import eval_strategy, evaluate_on_set, prepare_set
-        from .model.devices import parse_device, parse_dtype
+        from .data.protocol import instruction_for
+        from .eval.harness import prepare_set, strategy_heads
+        from .options import RerankerOptions
 
-        for name, value in (("--top-k", top_k), ("--max-words", max_words)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        parse_dtype(dtype), parse_device(device)
-        chosen = eval_strategy(strategy.value, None if heads is None else heads_argument(heads), router)
-        if chosen is not None:
-            from .strategy import check_against_model
+        if top_k < 1:
+            raise ValueError(f"--top-k must be at least 1, got {top_k}")
+        heads_value = strategy_heads(strategy.value, None if heads is None else parse_heads_option(heads), router)
+        eval_set = prepare_set(data, split=split, max_queries=max_queries, top_k=top_k, first_stage=first_stage)
+        options = None
+        if heads_value is not None:
+            from .strategy import RoutedHeads
 
-            check_against_model(chosen, model)
-        eval_set = prepare_set(data, split=split, max_queries=max_queries, top_k=top_k, max_words=max_words)
-    backbone = load_model(model, dtype, device, quiet) if chosen is not None else None
+            # a router's static baseline is scored in the router's own prompt
+            prompt = RoutedHeads.from_folder(router).scoring.prompt if strategy is Strategy.static and router else None
+            options = RerankerOptions.of(
+                instruction=instruction_for(instruction.value, eval_set.name), max_passage_tokens=max_passage_tokens,
+                fuse_first_stage=fuse_first_stage, scale_score=scale_score, lora=lora, dtype=dtype, device=device,
+                prompt=prompt)
+            from .strategy import check_against_model, parse_strategy
+
+            check_against_model(parse_strategy(heads_value), model)
+    reranker = None
+    if heads_value is not None:
+        from .reranker import RouteHeadReranker
+
+        backbone = load_model(model, dtype, device, quiet)
+        reranker = RouteHeadReranker(model=backbone, heads=heads_value, options=options)
+    from .eval.harness import evaluate_on_set
+
     with progress_display(quiet) as report:
         result = evaluate_on_set(
-            eval_set, chosen, backbone, instruction=instruction.value, router=router, cache_dir=cache_dir, progress=report,
-            executor=ray_executor(ray, ray_workers, model, backbone) if chosen is not None else None,
+            eval_set, reranker, cache_dir=cache_dir or default_cache(), progress=report, run_output=run_output, router=router,
+            executor=ray_executor(ray, ray_workers, model, reranker.scorer.backbone) if reranker is not None else None,
         )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -143,13 +226,15 @@ def evaluate_command(
         from rich.table import Table
 
         recall = f"recall@{top_k}"
-        table = Table(title=f"{result['dataset']} ({result['queries']} queries)")
-        for column in ("strategy", "nDCG@10", f"{recall} (candidates)"):
+        table = Table(title=escape(f"{result['dataset']} ({result['queries']} queries)"))
+        for column in ("configuration", "nDCG@10", f"{recall} (candidates)"):
             table.add_column(column)
-        table.add_row(result["heads"] or result["strategy"], f"{result['ndcg@10']:.4f}", f"{result[recall]:.4f}")
+        table.add_row(escape(result["heads"] or result["strategy"]), f"{result['ndcg@10']:.4f}", f"{result[recall]:.4f}")
         console(stderr=False).print(table)
-    if output is not None and not quiet:
-        console().print(f"wrote {output}")
+    if not quiet:
+        for path in (output, run_output):
+            if path is not None:
+                console().print(f"wrote {escape(str(path))}")
 
 
 @app.command("select-heads")
@@ -230,19 +315,30 @@ def fit(
         "float16", help="Precision of the extraction cache and of the labelled set: float16 (half the disk and memory; "
         "fit results move by noise, see benchmarks/results/storage_precision.md) or float32."
     ),
-    adapter: bool = typer.Option(
-        False, help="Also train a query-side LoRA adapter (the query part only; kept if it beats the router on dev)."
+    lora: bool = typer.Option(
+        False, "--lora/--no-lora", "--adapter/--no-adapter",
+        help="Also train a LoRA for the router (kept only if it beats the router on dev). --adapter: deprecated alias.",
     ),
-    adapter_rank: list[int] = typer.Option([8], help="LoRA rank to try (alpha = 2 x rank); repeat to try several."),
-    adapter_lr: list[float] = typer.Option([1e-3], help="Adapter learning rate to try; repeat to try several."),
-    adapter_epochs: int = typer.Option(3, help="Adapter epochs per rank and learning rate (best epoch on dev)."),
-    adapter_train_queries: int = typer.Option(
-        240, help="Train queries the adapter learns from, sampled from the router's train split (0: all)."
+    lora_scope: str = typer.Option(
+        "query", help="What the LoRA reads with: 'query' (the query part only; the passages' pass stays the base "
+        "model's) or 'prompt' (passages and query)."
     ),
-    adapter_dev_queries: int = typer.Option(
-        120, help="Dev queries the adapter is chosen on, sampled from the router's dev split (0: all)."
+    lora_rank: list[int] = typer.Option([8], "--lora-rank", "--adapter-rank",
+                                        help="LoRA rank to try (alpha = 2 x rank); repeat to try several."),
+    lora_lr: list[float] = typer.Option([1e-3], "--lora-lr", "--adapter-lr",
+                                        help="LoRA learning rate to try; repeat to try several."),
+    lora_epochs: int = typer.Option(3, "--lora-epochs", "--adapter-epochs",
+                                    help="LoRA epochs per rank and learning rate (best epoch on dev)."),
+    lora_train_queries: int = typer.Option(
+        240, "--lora-train-queries", "--adapter-train-queries",
+        help="Train queries the LoRA learns from, sampled from the router's train split (0: all)."
     ),
-    adapter_mlp: bool = typer.Option(True, help="Adapt the MLP projections too (off: the attention projections only)."),
+    lora_dev_queries: int = typer.Option(
+        120, "--lora-dev-queries", "--adapter-dev-queries",
+        help="Dev queries the LoRA is chosen on, sampled from the router's dev split (0: all)."
+    ),
+    lora_mlp: bool = typer.Option(True, "--lora-mlp/--no-lora-mlp", "--adapter-mlp/--no-adapter-mlp",
+                                  help="Adapt the MLP projections too (off: the attention projections only)."),
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     quiet: Quiet = False,
@@ -262,22 +358,24 @@ def fit(
         from .model.devices import parse_device, parse_dtype
 
         parse_dtype(dtype), parse_device(device)
-        from .fit.extraction import storage_dtype_of
+        from .offline.extraction import storage_dtype_of
 
         storage_dtype_of(storage_dtype)
         searches = [SearchConfig(pool_size=p, max_heads=h, margin=m) for p, h, m in itertools.product(pool_size, max_heads, margin)]
         training = TrainingConfig(seed=seed, epochs=epochs, depth_costs=tuple(depth_cost), depth_tolerance=depth_tolerance)
-        adapter_training = None
-        if adapter:
-            from .fit.adapter import AdapterTrainingConfig
+        warn_deprecated_flags()
+        lora_training = None
+        if lora:
+            from .fit.lora import LoraTrainingConfig
 
-            for flag, value in (("--adapter-train-queries", adapter_train_queries),
-                                ("--adapter-dev-queries", adapter_dev_queries)):
+            for flag, value in (("--lora-train-queries", lora_train_queries),
+                                ("--lora-dev-queries", lora_dev_queries)):
                 if value < 0:
                     raise ValueError(f"{flag} {value} is negative: pass a number of queries, or 0 for all of them")
-            adapter_training = AdapterTrainingConfig(
-                ranks=tuple(adapter_rank), learning_rates=tuple(adapter_lr), epochs=adapter_epochs, mlp=adapter_mlp,
-                train_queries=adapter_train_queries or None, dev_queries=adapter_dev_queries or None, seed=seed)
+            lora_training = LoraTrainingConfig(
+                ranks=tuple(lora_rank), learning_rates=tuple(lora_lr), epochs=lora_epochs, mlp=lora_mlp,
+                scope=lora_scope, train_queries=lora_train_queries or None, dev_queries=lora_dev_queries or None,
+                seed=seed)
         scoring = ScoringConfig().with_instruction("relevance" if instruction is Instruction.auto else instruction.value)
         from .fit.sources import sources_from_arguments
 
@@ -300,7 +398,7 @@ def fit(
             backbone, sources, out, scoring=scoring, query_embedding=embedding, search=searches, training=training,
             cache_dir=cache_dir or default_cache_dir(), command=_command(), progress=report, report_dir=report_dir,
             fusion=fusion, calibrate=calibrate, executor=ray_executor(ray, ray_workers, model, backbone),
-            storage_dtype=storage_dtype, adapter=adapter_training,
+            storage_dtype=storage_dtype, lora=lora_training,
         )
     if not quiet:
         console().print(f"wrote {result.artifact} (report {result.report}, heatmap {result.heatmap})")

@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,9 +28,15 @@ def console(stderr: bool = True):
     return Console(stderr=stderr, soft_wrap=True)
 
 
-def print_error(message: str) -> None:
-    from rich.markup import escape
+def escape(text: str) -> str:
+    """``text`` with rich markup escaped: every user-visible text goes through it (a passage, a query or an id
+    holding ``[/]`` or ``[link=...]`` is printed as written, never interpreted)."""
+    from rich.markup import escape as rich_escape
 
+    return rich_escape(text)
+
+
+def print_error(message: str) -> None:
     console().print(f"[bold red]error:[/bold red] {escape(' '.join(message.split()))}", highlight=False)
 
 
@@ -41,9 +47,10 @@ UsageError = typer.BadParameter.__mro__[1]
 class _Cli(TyperGroup):
     """Turns every user-facing error into one line and an exit code (2: usage, 1: runtime)."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         debug = os.environ.get("ROUTEHEAD_DEBUG", "").strip() not in ("", "0")
         argv = list(sys.argv[1:] if args is None else args)
+        INVOCATION[:] = argv  # what was typed, for the deprecated-flag warnings
         try:
             result = super().main(
                 args=argv, prog_name=prog_name or "routehead-rag", complete_var=complete_var,
@@ -93,13 +100,13 @@ def usage_errors() -> Iterator[None]:
         raise UsageError(str(err)) from None
 
 
-class Instruction(str, Enum):
+class Instruction(StrEnum):
     auto = "auto"
     relevance = "relevance"
     question = "question"
 
 
-class Strategy(str, Enum):
+class Strategy(StrEnum):
     bm25 = "bm25"
     all = "all"
     static = "static"
@@ -123,7 +130,10 @@ Device = Annotated[Optional[str], typer.Option(help=DEVICE_HELP)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)]
 CacheDir = Annotated[Optional[Path], typer.Option(help="Extraction cache (default: $ROUTEHEAD_CACHE).")]
 SetInstruction = Annotated[Instruction, typer.Option(help=INSTRUCTION_HELP)]
-Candidates = Annotated[int, typer.Option(help="Candidates per query.")]
+Candidates = Annotated[int, typer.Option(help="Candidates per query: the first stage's top K.")]
+MaxPassageTokens = Annotated[Optional[int], typer.Option(
+    help="Passage budget: cut each passage to its first N tokens (a cut is logged); default: the router's budget."
+)]
 MaxQueries = Annotated[Optional[int], typer.Option(help="First N judged queries of each set (ids sorted as strings).")]
 Ray = Annotated[Optional[str], typer.Option(
     "--ray", help="Extract on a Ray cluster: 'local' (start one here), 'auto' (the running one) or its address "
@@ -134,7 +144,7 @@ RayWorkers = Annotated[Optional[int], typer.Option(help="Ray actors to start (de
 
 def check_ray(ray: Optional[str], workers: Optional[int]) -> None:
     if ray is not None:
-        from .fit.distributed import check_ray_arguments
+        from .offline.distributed import check_ray_arguments
 
         check_ray_arguments(workers)
 
@@ -142,12 +152,12 @@ def check_ray(ray: Optional[str], workers: Optional[int]) -> None:
 def ray_executor(ray: Optional[str], workers: Optional[int], model: str, backbone):
     if ray is None:
         return None
-    from .fit.distributed import RayExtractor
+    from .offline.distributed import RayExtractor
 
     return RayExtractor.for_backbone(model, backbone, address=ray, workers=workers)
 
 
-def heads_argument(heads: Optional[str]):
+def parse_heads_option(heads: Optional[str]):
     """``--heads`` as the core takes it: a path, 'auto'/'all', or a comma/space-separated head list."""
     if heads is None:
         return "auto"
@@ -185,7 +195,78 @@ def load_model(model: str, dtype: Optional[str], device: Optional[str], quiet: b
 
     if quiet:
         return load_backbone(model, dtype=dtype, device=device)
-    with console().status(f"loading {model}"):
+    with console().status(escape(f"loading {model}")):
         return load_backbone(model, dtype=dtype, device=device)
 
 
+def default_cache() -> Path:
+    from .paths import default_cache_dir
+
+    return default_cache_dir()
+
+
+def read_query_batch(path: Path) -> list[dict]:
+    """``rerank --queries FILE``: one ``{"query", "documents", "first_stage_scores"?, "id"?}`` per JSONL line;
+    a bad line is an error naming it (the documents themselves are checked by the re-ranker)."""
+    import json
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a file")
+    batch = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("query"), str):
+                raise ValueError(f"{path}:{number}: each line needs a string 'query' and a list 'documents'")
+            if not isinstance(record.get("documents"), list):
+                raise ValueError(f"{path}:{number}: 'documents' must be a list of strings or {{'id', 'text', 'meta'}}")
+            unknown = sorted(set(record) - {"query", "documents", "first_stage_scores", "id"})
+            if unknown:
+                raise ValueError(f"{path}:{number}: unknown fields {unknown} (a line holds 'query', 'documents', "
+                                 "'first_stage_scores' and 'id')")
+            batch.append({**record, "line": number})
+    if not batch:
+        raise ValueError(f"{path} holds no queries")
+    return batch
+
+
+def rank_query_batch(reranker, batch: list[dict], keep, score_threshold, quiet: bool) -> None:
+    """Rank every query of a ``--queries`` file with ``rank_batch`` (one progress bar), one JSON line each."""
+    import json
+
+    results = []
+    with progress_display(quiet) as report:
+        for start in range(0, len(batch), 16):  # pieces, so the bar moves
+            piece = batch[start : start + 16]
+            results += reranker.rank_batch(
+                [item["query"] for item in piece], [item["documents"] for item in piece], top_k=keep,
+                score_threshold=score_threshold, first_stage_scores=[item.get("first_stage_scores") for item in piece])
+            report("ranking", min(start + 16, len(batch)), len(batch))
+    for item, ranked in zip(batch, results):
+        typer.echo(json.dumps({"query": item["query"], **({"id": item["id"]} if "id" in item else {}),
+                               "results": ranked.to_records()}))
+
+
+
+
+DEPRECATED_FLAGS = {
+    "--adapter": "--lora", "--no-adapter": "--no-lora", "--adapter-rank": "--lora-rank", "--adapter-lr": "--lora-lr",
+    "--adapter-epochs": "--lora-epochs", "--adapter-train-queries": "--lora-train-queries",
+    "--adapter-dev-queries": "--lora-dev-queries", "--adapter-mlp": "--lora-mlp", "--no-adapter-mlp": "--no-lora-mlp",
+}
+
+
+INVOCATION: list[str] = []  # the arguments of the command being run (set by the app's main)
+
+
+def warn_deprecated_flags(argv: list[str] | None = None) -> None:
+    """One yellow line per deprecated flag used (they still work for one release)."""
+    for arg in INVOCATION if argv is None else argv:
+        name = arg.split("=", 1)[0]
+        if name in DEPRECATED_FLAGS:
+            console().print(f"{name} is deprecated: use {DEPRECATED_FLAGS[name]} (same meaning)", style="yellow")

@@ -1,8 +1,10 @@
 """What a re-ranker accepts as a query and documents: the one place they are checked and normalised.
 
 * ``documents`` is a sequence in first-stage order (best first) of strings (their id is their
-  position) or ``(id, text)`` pairs; ids are unique across both kinds.  A dict, a set, ``None`` or
-  a single string is a ``TypeError`` that says what to pass instead.
+  position), ``(id, text)`` pairs or dicts ``{"text": ..., "id": ..., "meta": {...}}`` (``id`` and
+  ``meta`` optional; the meta is carried to the results untouched); ids are unique across all kinds.
+  A dict or a set *as* the list, ``None`` or a single string is a ``TypeError`` that says what to
+  pass instead.
 * Text that cannot be encoded (lone surrogates such as ``"\\ud800"``, which no tokenizer takes)
   is scored as if each invalid code point were U+FFFD (the engine cleans whatever it encodes,
   :func:`routehead_rag.engine.prompt.encodable`); the caller's strings are returned untouched.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,41 +49,57 @@ def check_score_threshold(value: Any, name: str = "score_threshold") -> float | 
     return value
 
 
-def check_first_stage_scores(scores: Any, count: int) -> list[float] | None:
-    """One finite number per document, or ``None`` (also when any score is ``None``: then the order is used)."""
+def _is_real(value: Any) -> bool:
+    """A real number of any kind (``int``, ``float``, NumPy scalars, 0-d arrays...), not a bool."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return False
+    if isinstance(value, numbers.Real):
+        return True
+    return getattr(value, "ndim", None) == 0 and hasattr(value, "item") and isinstance(value.item(), numbers.Real) \
+        and not isinstance(value.item(), bool)
+
+
+def check_first_stage_scores(scores: Any, count: int, name: str = "first_stage_scores") -> list[float] | None:
+    """One finite real number per document (any real type: ``float``, NumPy scalars or an array), or ``None``
+    (also when any score is ``None``: then the order is used). Unordered collections are refused."""
     if scores is None:
         return None
-    if isinstance(scores, (str, bytes, Mapping)) or not isinstance(scores, Iterable):
-        raise TypeError(f"first_stage_scores must be a list of numbers, one per document, got {type(scores).__name__}")
+    if isinstance(scores, (str, bytes, Mapping, Set)) or not isinstance(scores, Iterable):
+        kind = "a set, which has no order" if isinstance(scores, Set) else type(scores).__name__
+        raise TypeError(f"{name} must be a list (or array) of numbers, one per document in order, got {kind}")
+    if getattr(scores, "ndim", 1) != 1:
+        raise ValueError(f"{name} must be one-dimensional (one score per document), got shape {getattr(scores, 'shape', '?')}")
     scores = list(scores)
     if len(scores) != count:
-        raise ValueError(f"first_stage_scores has {len(scores)} scores for {count} documents: give one per document")
+        raise ValueError(f"{name} has {len(scores)} scores for {count} documents: give one per document")
     if any(s is None for s in scores):
         return None
     for index, score in enumerate(scores):
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise ValueError(f"first_stage_scores[{index}] is {score!r}: scores must be finite numbers (or None)")
+        if not _is_real(score) or not math.isfinite(float(score)):
+            raise ValueError(f"{name}[{index}] is {score!r}: scores must be finite numbers (or None)")
     return [float(s) for s in scores]
 
 
 def retrieval_scores(scores: Iterable[Any]) -> list[float] | None:
-    """A framework's retrieval scores if every one is a finite number, else ``None`` (fuse with the order).
+    """A framework's retrieval scores if every one is a finite real number (NumPy's included), else ``None``
+    (fuse with the order).
 
-    For the adapters: a Haystack ``Document.score`` or LlamaIndex ``NodeWithScore.score`` may be
+    For the integrations: a Haystack ``Document.score`` or LlamaIndex ``NodeWithScore.score`` may be
     missing (``None``) or not a number; then the documents' order is the first-stage signal.
     """
     scores = list(scores)
-    usable = all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores)
+    usable = all(_is_real(s) and math.isfinite(float(s)) for s in scores)
     return [float(s) for s in scores] if usable else None
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One document as given (``id``, ``text``) and the text actually scored."""
+    """One document as given (``id``, ``text``, ``meta``), at ``index`` in the caller's list."""
 
     id: Any
     text: str  # the caller's text, untouched
     index: int  # position in the caller's list
+    meta: Mapping[str, Any] | None = None  # a dict document's "meta", as given (never copied or changed)
 
     @property
     def blank(self) -> bool:
@@ -104,15 +123,19 @@ def normalise_documents(documents: Any) -> list[Candidate]:
     candidates: list[Candidate] = []
     seen: dict[Any, int] = {}
     for index, document in enumerate(documents):
+        meta = None
         if isinstance(document, str):
             doc_id, text = index, document
+        elif isinstance(document, Mapping):
+            doc_id, text, meta = _dict_document(document, index)
         elif isinstance(document, tuple) and len(document) == 2:
             doc_id, text = document
             if not isinstance(text, str):
                 raise TypeError(f"document {index} has text of type {type(text).__name__}; expected str")
         else:
             raise TypeError(
-                f"document {index} is of type {type(document).__name__}; expected a string or an (id, text) tuple"
+                f"document {index} is of type {type(document).__name__}; expected a string, an (id, text) tuple or "
+                "a dict with 'text' (and optionally 'id' and 'meta')"
             )
         try:
             hash(doc_id)
@@ -125,8 +148,25 @@ def normalise_documents(documents: Any) -> list[Candidate]:
                 "(a string's id is its position in the list; give every document an (id, text) pair to choose ids)"
             )
         seen[doc_id] = index
-        candidates.append(Candidate(doc_id, text, index))
+        candidates.append(Candidate(doc_id, text, index, meta))
     return candidates
+
+
+_DOCUMENT_KEYS = {"id", "text", "meta"}
+
+
+def _dict_document(document: Mapping, index: int) -> tuple[Any, str, Mapping | None]:
+    """``(id, text, meta)`` of a dict document; its id defaults to its position."""
+    unknown = sorted(map(str, set(document) - _DOCUMENT_KEYS))
+    if unknown:
+        raise TypeError(f"document {index} has unknown keys {unknown}: a dict document takes 'text' and optionally "
+                        "'id' and 'meta' (put anything else inside 'meta')")
+    if not isinstance(document.get("text"), str):
+        raise TypeError(f"document {index} needs a string 'text', got {type(document.get('text')).__name__}")
+    meta = document.get("meta")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise TypeError(f"document {index} has 'meta' of type {type(meta).__name__}; expected a dict or None")
+    return document.get("id", index), document["text"], meta
 
 
 def read_documents(path: str | Path) -> list[Any]:
@@ -148,8 +188,12 @@ def read_documents(path: str | Path) -> list[Any]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{number}: a JSON line needs a string 'text' field (and optionally 'id')")
-            documents.append((record["id"], record["text"]) if "id" in record else record["text"])
+                raise ValueError(f"{path}:{number}: a JSON line needs a string 'text' field (and optionally 'id' and 'meta')")
+            unknown = sorted(set(record) - _DOCUMENT_KEYS)
+            if unknown:
+                raise ValueError(f"{path}:{number}: unknown fields {unknown}; a line holds 'text', 'id' and 'meta' "
+                                 "(put anything else inside 'meta')")
+            documents.append({key: record[key] for key in ("id", "text", "meta") if key in record})
         else:
             documents.append(line)
     return documents

@@ -2,9 +2,10 @@
 
 * **Fusion.** The first stage knows things attention misses, and the reverse. With fusion on,
   a passage's score is ``z(attention) + w * z(first stage)``, ``z`` standardising over the
-  query's passages (blank ones left out).  The first-stage signal is the framework's retrieval
-  score where one is given for every passage (Haystack ``Document.score``, LlamaIndex
-  ``NodeWithScore.score``), else the input order (rank 1 highest).  ``w`` is fitted by
+  query's passages (blank ones left out).  The first-stage signal is the passage's first-stage
+  rank: by the retrieval scores where one is given for every passage (Haystack ``Document.score``,
+  LlamaIndex ``NodeWithScore.score``), else by the input order (rank 1 highest). A rank means the
+  same for every retriever, so the fitted weight applies to BM25, dense or any first stage.  ``w`` is fitted by
   ``routehead-rag fit`` on dev: one global weight (0 allowed), or a weight the router predicts
   per query from the query embedding, whichever wins on dev.
 * **Calibration.** ``p = sigmoid(slope * score + intercept)`` with ``slope > 0`` (monotone, so the
@@ -30,7 +31,7 @@ class FusionConfig(BaseModel):
     mode: Literal["off", "global", "per_query"] = Field(
         "off", description="off: attention alone; global: one weight; per_query: the router predicts the weight"
     )
-    weight: float = Field(0.0, ge=0.0, description="the global first-stage weight (mode 'global')")
+    weight: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="the global first-stage weight (mode 'global')")
 
 
 class CalibrationConfig(BaseModel):
@@ -38,37 +39,53 @@ class CalibrationConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    slope: float = Field(..., gt=0.0, description="positive: the ranking is unchanged")
-    intercept: float
+    slope: float = Field(..., gt=0.0, allow_inf_nan=False, description="positive: the ranking is unchanged")
+    intercept: float = Field(..., allow_inf_nan=False)
     target: str = Field("grade >= 1", description="what 'relevant' meant in the dev labels")
 
 
-def standardise(scores: torch.Tensor) -> torch.Tensor:
-    """``(x - mean) / std`` over the last dimension ``[..., passage]``; a constant row becomes zeros."""
+def standardise(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x - mean) / std`` over the last dimension ``[..., passage]`` (float64), over the ``valid`` passages
+    only (padding comes back 0); a constant row becomes zeros.
+
+    Overflow-safe: each row is first divided by its largest magnitude (standardising is scale-free), so
+    finite scores as large as ``1e308`` standardise like any others."""
     scores = scores.double()
-    mean = scores.mean(dim=-1, keepdim=True)
-    std = scores.std(dim=-1, keepdim=True, unbiased=False)
-    return torch.where(std > 1e-12, (scores - mean) / std.clamp_min(1e-12), torch.zeros_like(scores))
+    if valid is None:
+        valid = torch.ones_like(scores, dtype=torch.bool)
+    scale = scores.abs().masked_fill(~valid, 0.0).amax(dim=-1, keepdim=True)
+    scaled = torch.where(valid, scores / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scores))
+    count = valid.sum(dim=-1, keepdim=True).clamp_min(1)
+    mean = scaled.sum(dim=-1, keepdim=True) / count
+    centred = torch.where(valid, scaled - mean, torch.zeros_like(scaled))
+    std = (centred.square().sum(dim=-1, keepdim=True) / count).sqrt()
+    return torch.where((std > 1e-12) & valid, centred / std.clamp_min(1e-12), torch.zeros_like(scores))
 
 
 def order_signal(count: int) -> torch.Tensor:
-    """The first-stage signal of passages given in first-stage order: rank 1 highest, ``[passage]``."""
+    """The first-stage signal of passages given in first-stage order: minus the rank (rank 1 highest), ``[passage]``."""
     return -torch.arange(count, dtype=torch.float64)
 
 
 def first_stage_signal(count: int, scores: list[float] | None = None) -> torch.Tensor:
-    """Standardised first-stage signal ``[passage]``: the retrieval scores when given, else the input order."""
-    signal = torch.tensor(scores, dtype=torch.float64) if scores is not None else order_signal(count)
-    if signal.numel() != count:
-        raise ValueError(f"{signal.numel()} first-stage scores for {count} passages")
-    if not bool(torch.isfinite(signal).all()):
-        signal = order_signal(count)  # a framework's NaN or infinite score carries no usable scale
-    return standardise(signal)
+    """The first-stage signal ``[passage]``: minus each passage's first-stage rank (rank 1 highest).
 
-
-def fuse(attention: torch.Tensor, first_stage: torch.Tensor, weight: float) -> torch.Tensor:
-    """``z(attention) + weight * first_stage`` over ``[..., passage]`` (``first_stage`` already standardised)."""
-    return standardise(attention) + weight * first_stage.double()
+    The rank, not the score, whatever the first stage (BM25, cosine, a framework's own): so one fitted
+    weight means the same for every retriever and every score scale. With ``scores`` (one per passage, in
+    the passages' order) the rank is by score, highest first, ties in input order; without, or with a
+    non-finite score among them, the input order is the rank. :func:`routehead_rag.recipe.final_scores`
+    standardises it over the list."""
+    if scores is None:
+        return order_signal(count)
+    values = torch.tensor(scores, dtype=torch.float64)
+    if values.numel() != count:
+        raise ValueError(f"{values.numel()} first-stage scores for {count} passages")
+    if not bool(torch.isfinite(values).all()):
+        return order_signal(count)  # a framework's NaN or infinite score carries no usable order
+    order = torch.argsort(-values, stable=True)  # [passage] best first
+    signal = torch.empty(count, dtype=torch.float64)
+    signal[order] = order_signal(count)
+    return signal
 
 
 def calibrate(scores: torch.Tensor, calibration: CalibrationConfig) -> torch.Tensor:

@@ -25,7 +25,7 @@ class Head(NamedTuple):
         return f"L{self.layer}.H{self.head}"
 
     @classmethod
-    def parse(cls, text: str) -> "Head":
+    def parse(cls, text: str) -> Head:
         """Parse ``"L12.H5"`` into ``Head(12, 5)``."""
         if not isinstance(text, str):
             raise TypeError(f"a head is written like 'L12.H5', got {type(text).__name__}: {text!r}")

@@ -1,14 +1,14 @@
 """The one head choice: which heads score a query, built once from the user's ``heads`` argument.
 
 Every path from a query to its scores goes through here: :class:`~routehead_rag.RouteHeadReranker`,
-both framework adapters (through it), ``routehead-rag eval`` and the benchmarks::
+both framework integrations (through it), ``routehead-rag eval`` and the benchmarks::
 
     strategy = parse_strategy(heads)     # "auto" | "all" | ["L12.H5", ...] | heads file | router folder
     strategy.check_grid(grid)            # against the model's layers x heads, before weights load
     strategy = strategy.resolve(backbone)  # router weights load (fingerprint checked); "auto" decides here
     strategy.heads_for(backbone, query)  # the heads to sum for this query (None: every head)
-    strategy.route(backbone, query)      # the same, with what a fitted router adds: the query's
-                                         # first-stage weight and the score calibration
+    strategy.route(backbone, query)      # the query's ScoringRecipe: the same heads, with what a fitted
+                                         # router adds (first-stage weight, calibration, LoRA)
 
 The argument is validated once, here, at construction: a bad head, a missing heads file or a
 corrupt router folder is an error before any model work.  ``"auto"`` picks the router shipped
@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .heads import Head, HeadGrid, as_heads, format_heads, load_heads_file
+from .recipe import ScoringRecipe
 
 if TYPE_CHECKING:
-    from .engine.prompt import PromptConfig
-    from .engine.query_adapter import QueryAdapter
-    from .fusion import CalibrationConfig
+    from .engine.lora import Lora
+    from .engine.scorer import ScoringConfig
     from .model.backbone import Backbone
     from .router.artifact import RouterArtifactConfig
     from .router.model import Router
@@ -41,26 +41,14 @@ logger = logging.getLogger(__name__)
 HEAD_CHOICES = ("auto", "all")
 
 
-@dataclass(frozen=True)
-class Route:
-    """How one query is scored: its heads (``None``: every head), and, from a fitted router, the
-    first-stage weight (``None``: no fusion), the calibration (``None``: raw scores) and the
-    query-side adapter (``None``: the base model reads the query too)."""
-
-    heads: list[Head] | None
-    fusion_weight: float | None = None
-    calibration: CalibrationConfig | None = None
-    adapter: QueryAdapter | None = None
-
-
 class HeadStrategy:
     """Base of the head choices; subclasses are small frozen values."""
 
     name: str = ""
 
     @property
-    def prompt(self) -> PromptConfig | None:
-        """The prompt this choice was fitted with (a router's), or ``None`` (the caller's or the default)."""
+    def scoring(self) -> ScoringConfig | None:
+        """The scoring settings this choice was fitted with (a router's), or ``None`` (the caller's or the default)."""
         return None
 
     def check_grid(self, grid: HeadGrid, where: str = "this backbone") -> None:
@@ -75,9 +63,11 @@ class HeadStrategy:
         """The heads to sum for ``query`` (``None``: every head); only on a resolved strategy."""
         raise NotImplementedError
 
-    def route(self, backbone: Backbone, query: str) -> Route:
-        """:meth:`heads_for`, with the first-stage weight and calibration where the choice has them."""
-        return Route(self.heads_for(backbone, query))
+    def route(self, backbone: Backbone, query: str) -> ScoringRecipe:
+        """The query's :class:`~routehead_rag.recipe.ScoringRecipe`: :meth:`heads_for`, with the first-stage
+        weight, calibration and LoRA where the choice has them."""
+        heads = self.heads_for(backbone, query)
+        return ScoringRecipe(None if heads is None else tuple(heads))
 
     def describe(self) -> str:
         return self.name
@@ -121,7 +111,8 @@ class RoutedHeads(HeadStrategy):
     folder: Path
     config: RouterArtifactConfig = field(repr=False)
     router: Router | None = field(default=None, repr=False, compare=False)  # loaded by resolve()
-    adapter: QueryAdapter | None = field(default=None, repr=False, compare=False)  # loaded by resolve(), if any
+    lora: Lora | None = field(default=None, repr=False, compare=False)  # loaded by resolve(), if any
+    lora_merged: bool = field(default=False, compare=False)  # the LoRA sits in the (owned) model's weights
     name: str = field(default="routed", init=False)
 
     @classmethod
@@ -132,8 +123,8 @@ class RoutedHeads(HeadStrategy):
         return cls(Path(folder), read_artifact_config(folder))
 
     @property
-    def prompt(self) -> PromptConfig:
-        return self.config.scoring.prompt
+    def scoring(self) -> ScoringConfig:
+        return self.config.scoring
 
     @property
     def grid(self) -> HeadGrid:
@@ -152,28 +143,41 @@ class RoutedHeads(HeadStrategy):
     def resolve(self, backbone: Backbone) -> RoutedHeads:
         if self.router is not None:
             return self
-        from .engine.query_adapter import check_fits
-        from .router.artifact import RouterArtifactError, load_artifact, load_query_adapter
+        from .engine.lora import check_fits
+        from .router.artifact import RouterArtifactError, load_artifact, load_lora
 
         self.check_grid(HeadGrid(backbone.num_layers, backbone.num_heads))
         router, config = load_artifact(self.folder, backbone.fingerprint())
-        adapter = load_query_adapter(self.folder, config)
-        if adapter is not None:
+        lora = load_lora(self.folder, config)
+        if lora is not None:
             try:
-                check_fits(backbone.decoder, adapter.config)
+                check_fits(backbone.decoder, lora.config)
             except ValueError as err:
-                raise RouterArtifactError(f"the query adapter at {self.folder} does not fit this backbone: {err}") from None
-            adapter = adapter.to(backbone.device)
-        return RoutedHeads(self.folder, config, router, adapter)
+                raise RouterArtifactError(f"the LoRA at {self.folder} does not fit this backbone: {err}") from None
+            lora = lora.to(backbone.device)
+        return RoutedHeads(self.folder, config, router, lora)
 
-    def without_adapter(self) -> RoutedHeads:
-        """The same router with its query-side adapter left off (an ablation, or ``query_adapter=False``)."""
+    def ready(self, backbone: Backbone, use_lora: bool = True) -> RoutedHeads:
+        """The resolved router as ``backbone`` scores with it: its LoRA left off (``use_lora=False``), merged into
+        the weights once when it reads the whole prompt and the model is ours (no cost per query), else
+        applied by scoped hooks per call (a shared model's weights are never touched)."""
+        if self.lora is None or not use_lora:
+            return self.without_lora()
+        if self.lora.config.scope == "prompt" and backbone.owned:
+            from .engine.lora import merge_into
+
+            merge_into(backbone.decoder, self.lora)
+            return RoutedHeads(self.folder, self.config, self.router, None, lora_merged=True)
+        return self
+
+    def without_lora(self) -> RoutedHeads:
+        """The same router with its LoRA left off (an ablation, or ``lora=False``)."""
         return RoutedHeads(self.folder, self.config, self.router, None)
 
     def heads_for(self, backbone: Backbone, query: str) -> list[Head]:
-        return self.route(backbone, query).heads
+        return self.route(backbone, query).head_list
 
-    def route(self, backbone: Backbone, query: str) -> Route:
+    def route(self, backbone: Backbone, query: str) -> ScoringRecipe:
         """One short embedding pass: the routed heads, and the query's first-stage weight."""
         if self.router is None:
             raise RuntimeError("RoutedHeads.route needs a resolved strategy: call resolve(backbone) first")
@@ -181,7 +185,7 @@ class RoutedHeads(HeadStrategy):
 
         return self.route_embedding(embed_query(backbone, query, self.config.query_embedding))
 
-    def route_embedding(self, embedding) -> Route:
+    def route_embedding(self, embedding) -> ScoringRecipe:
         """The route of a query from its embedding ``[hidden]`` (see :meth:`route`)."""
         if self.router is None:
             raise RuntimeError("RoutedHeads.route_embedding needs a resolved strategy: call resolve(backbone) first")
@@ -192,11 +196,13 @@ class RoutedHeads(HeadStrategy):
         if fusion.mode == "per_query":
             with torch.no_grad():
                 weight = float(self.router.fusion_weights(embedding.reshape(1, -1))[0])
-        return Route(self.router.select(embedding, self.config.selection), weight, self.config.calibration, self.adapter)
+        heads = tuple(self.router.select(embedding, self.config.selection))
+        return ScoringRecipe(heads, weight, self.config.calibration, self.lora)
 
     def describe(self) -> str:
-        adapter = ", query adapter" if self.adapter is not None or (self.router is None and self.config.query_adapter) else ""
-        return f"routed ({self.folder.name}, k={self.config.selection.k}{adapter})"
+        lora = self.config.lora if self.lora is not None or self.lora_merged or self.router is None else None
+        scope = f", {lora.scope} LoRA" if lora is not None else ""
+        return f"routed ({self.folder.name}, k={self.config.selection.k}{scope})"
 
 
 @dataclass(frozen=True)
@@ -233,8 +239,8 @@ class AutoHeads(HeadStrategy):
         raise RuntimeError("'auto' decides when the backbone loads: call resolve(backbone) first")
 
 
-def heads_argument(heads: Any) -> str | list[str]:
-    """The JSON-able form of a ``heads`` argument, for the adapters' serialisation: names and paths as
+def serialisable_heads(heads: Any) -> str | list[str]:
+    """The JSON-able form of a ``heads`` argument, for the integrations' serialisation: names and paths as
     strings, a head list as ``"L12.H5"`` strings (normalised, repeats dropped).  Validates like
     :func:`parse_strategy`."""
     strategy = parse_strategy(heads)

@@ -39,7 +39,7 @@ def embed_query(backbone, query: str, config: QueryEmbeddingConfig | None = None
     if config.layer >= backbone.num_layers:
         raise ValueError(f"layer {config.layer} does not exist: the backbone has layers 0..{backbone.num_layers - 1}")
     ids = torch.tensor([query_token_ids(backbone, query)], device=backbone.device)  # [1, T]
-    with torch.inference_mode(), backbone.adapter_scope():
+    with torch.inference_mode(), backbone.peft_adapter_scope():
         hidden = run_hidden_states(backbone.decoder, ids, config.layer)[0].float()  # [T, hidden]
     pooled = hidden.mean(dim=0) if config.pooling == "mean" else hidden[-1]
     return pooled.cpu()

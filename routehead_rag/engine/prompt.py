@@ -55,10 +55,12 @@ class PromptConfig(BaseModel):
         description="first-stage rank 1 placed last, next to the query (ICR found this best), or first",
     )
     max_passage_words: int | None = Field(
-        100, ge=1, description="cut each passage to its first N words, line breaks kept (cut_words; None: no cut)"
+        None, ge=1, description="cut each passage to its first N words, line breaks kept (cut_words; None: no word cut)"
     )
     max_passage_tokens: int | None = Field(
-        None, ge=1, description="cut each passage to its first N tokens, after the word cut (None: no cut)"
+        128, ge=1, description="the passage budget: cut each passage to its first N tokens of the model's tokenizer, "
+        "after any word cut (None: no cut). 128 was chosen on fit dev data for quality and cost "
+        "(benchmarks/results/passage_budget.md)"
     )
     use_chat_template: bool = Field(True, description="wrap the prompt as one user turn of the chat template")
     system_prompt: str | None = Field(
@@ -66,9 +68,9 @@ class PromptConfig(BaseModel):
         description="None: no system turn, not even a template's default one (as ICR prompts); "
         "a string: that system message",
     )
-    calibration_query: str = Field("N/A", min_length=1, description="content-free query used for calibration")
+    content_free_query: str = Field("N/A", min_length=1, description="content-free query used for calibration")
 
-    def with_instruction(self, instruction: str) -> "PromptConfig":
+    def with_instruction(self, instruction: str) -> PromptConfig:
         """A copy in a named instruction's wording (``"relevance"`` or ``"question"``), all else kept.
 
         The one place an instruction name becomes its wording.
@@ -208,7 +210,7 @@ class PromptBuilder:
         exchange = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
         try:
             before = self._render(exchange, False)
-            after = self._render(exchange + [{"role": "user", "content": _SENTINEL}], True)
+            after = self._render([*exchange, {"role": "user", "content": _SENTINEL}], True)
         except Exception:  # a template that refuses the exchange: keep its default
             return head
         if not after.startswith(before) or _SENTINEL not in after:
@@ -223,14 +225,41 @@ class PromptBuilder:
 
     def cut_passage(self, text: str) -> list[int]:
         """Token ids of one passage after the word cut (:func:`cut_words`) and token cut (no ``[i]`` label)."""
-        ids = self._encode(cut_words(text, self.config.max_passage_words))
-        if self.config.max_passage_tokens is not None:
-            ids = ids[: self.config.max_passage_tokens]
-        return ids
+        return self.cut_passage_counted(text)[0]
+
+    def cut_passage_counted(self, text: str) -> tuple[list[int], int | None]:
+        """:meth:`cut_passage`, and the passage's whole length in tokens when the budget cut it (else ``None``)."""
+        words = cut_words(text, None)
+        kept = cut_words(words, self.config.max_passage_words)
+        ids = self._encode(kept)
+        whole = None
+        if kept != words:
+            whole = len(self._encode(words))
+        budget = self.config.max_passage_tokens
+        if budget is not None and len(ids) > budget:
+            whole = whole if whole is not None else len(ids)
+            ids = ids[:budget]
+        return ids, whole
+
+    def split_passage(self, text: str, budget: int) -> list[tuple[int, int]]:
+        """Character spans ``[(start, end), ...]`` of ``text`` that each hold at most ``budget`` tokens, in order and
+        covering every token (chunk mode); one span for a text that fits. Needs a fast tokenizer (offsets)."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("chunk_long_documents needs a fast tokenizer (with offset mapping); this one is not")
+        offsets = self.tokenizer(encodable(text), add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) <= budget:
+            return [(0, len(text))]
+        spans = []
+        for start in range(0, len(offsets), budget):
+            piece = offsets[start : start + budget]
+            begin = 0 if start == 0 else piece[0][0]
+            end = len(text) if start + budget >= len(offsets) else offsets[start + budget][0]
+            spans.append((begin, end))
+        return spans
 
     def fixed_token_count(self, query: str) -> int:
         """Tokens of everything but the passages, for the longer of the real and content-free query."""
-        longest = max((self.query_part(query, 0).ids, self.query_part(self.config.calibration_query, 0).ids), key=len)
+        longest = max((self.query_part(query, 0).ids, self.query_part(self.config.content_free_query, 0).ids), key=len)
         return len(self._head_ids) + len(longest)
 
     def passage_cost(self, passage_ids: list[int], position: int) -> int:

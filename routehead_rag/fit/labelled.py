@@ -1,11 +1,9 @@
-"""A labelled set as padded tensors, the batched nDCG the search and training use, and static head ranking.
+"""A labelled set as padded tensors, and the static head ranking the search and training use.
 
-nDCG here is ir_measures' (linear gain, log2 discount, the ideal ranking over every judged
-document of the query); ties in the scores keep candidate order, as
-:func:`routehead_rag.eval.metrics.ranking_to_run` encodes them.  :func:`batched_ndcg` is checked
-against ir_measures in the tests, so the one static head ranking (:func:`rank_heads`, QRHead-style:
-every head's mean single-head nDCG@10) is computed here, batched, for ``select-heads``, the fit's
-static baseline and the benchmarks alike.
+nDCG is :mod:`routehead_rag.measures`' (ir_measures' definition, the ideal over every judged document),
+so the one static head ranking (:func:`rank_heads`, QRHead-style: every head's mean single-head
+nDCG@10) is computed here, batched, for ``select-heads``, the fit's static baseline and the
+benchmarks alike.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import numpy as np
 import torch
 
 from ..heads import Head, HeadGrid
-
+from ..measures import batched_ndcg, ideal_dcg
 
 QUERY_CHUNK = 256  # queries per piece for work batched over queries (see LabelledSet.chunks)
 
@@ -79,21 +77,13 @@ class LabelledSet:
         for start in range(0, len(self.qids), size):
             yield self.subset(torch.arange(start, min(start + size, len(self.qids))))
 
-    def subset(self, rows: Sequence[int] | torch.Tensor) -> "LabelledSet":
+    def subset(self, rows: Sequence[int] | torch.Tensor) -> LabelledSet:
         """The set restricted to ``rows`` (in that order)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         return LabelledSet(
             [self.qids[i] for i in rows.tolist()], self.scores[rows], self.gains[rows], self.valid[rows],
             self.ideal_dcg[rows], self.num_layers, self.num_heads,
         )  # an in-memory copy of those rows, whatever backs this set
-
-
-def discounts(depth: int, length: int) -> torch.Tensor:
-    """``1 / log2(rank + 1)`` for ranks 1..``length``, zero past ``depth``: ``[length]``."""
-    ranks = torch.arange(1, length + 1, dtype=torch.float64)
-    weights = 1.0 / torch.log2(ranks + 1.0)
-    weights[depth:] = 0.0
-    return weights
 
 
 def scratch_tensor(shape: tuple[int, ...], dtype: torch.dtype, folder: bool | str | Path = True):
@@ -151,15 +141,13 @@ class LabelledSetBuilder:
         self.valid = torch.zeros(len(qids), width, dtype=torch.bool)
         self.ideal = torch.zeros(len(qids), dtype=torch.float64)
         self.filled = torch.zeros(len(qids), dtype=torch.bool)
-        weights = discounts(depth, max(width, depth))
         for row, qid in enumerate(qids):
             judged = qrels.get(qid, {})
             count = self.counts[qid]
             self.gains[row, :count] = torch.tensor([float(max(judged.get(d, 0), 0)) for d in doc_ids[qid]],
                                                    dtype=torch.float64)
             self.valid[row, :count] = True
-            best = sorted((max(g, 0) for g in judged.values()), reverse=True)[:depth]
-            self.ideal[row] = sum(g * float(weights[i]) for i, g in enumerate(best))
+            self.ideal[row] = ideal_dcg(judged.values(), depth)
 
     def wants(self, qid: str) -> bool:
         """Whether ``qid`` is a row of the set (it has a relevant judged document)."""
@@ -210,23 +198,6 @@ def build_labelled_set(
     for qid in kept:
         builder.put(qid, per_query_scores.pop(qid) if consume else per_query_scores[qid])
     return builder.finish()
-
-
-def batched_ndcg(
-    scores: torch.Tensor,  # [..., passage]
-    gains: torch.Tensor,  # [..., passage] (broadcastable)
-    valid: torch.Tensor,  # [..., passage] bool (broadcastable)
-    ideal_dcg: torch.Tensor,  # [...] (broadcastable)
-    depth: int = 10,
-) -> torch.Tensor:
-    """nDCG@``depth`` of rankings by ``scores`` (descending, ties in passage order): ``[...]``."""
-    masked = scores.masked_fill(~valid, float("-inf"))
-    order = torch.argsort(masked, dim=-1, descending=True, stable=True)
-    ranked_gains = torch.gather(gains.expand_as(masked), -1, order)
-    ranked_valid = torch.gather(valid.expand_as(masked), -1, order)
-    weights = discounts(depth, scores.shape[-1]).to(scores.device)
-    dcg = (ranked_gains * ranked_valid * weights).sum(dim=-1)
-    return torch.where(ideal_dcg > 0, dcg / ideal_dcg.clamp_min(1e-12), torch.zeros_like(dcg))
 
 
 def single_head_quality(data: LabelledSet, depth: int = 10, rows: torch.Tensor | None = None) -> torch.Tensor:

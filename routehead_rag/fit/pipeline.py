@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 
 from ..engine.embedding import QueryEmbeddingConfig, embed_query
+from ..engine.lora import Lora, lora_digest
 from ..engine.scorer import AttentionScorer, ScoringConfig
 from ..fusion import FusionConfig, first_stage_signal
+from ..heads import Head
+from ..measures import batched_ndcg
+from ..offline.extraction import LocalExtractor, iter_extractions, storage_dtype_of
 from ..router.artifact import RouterArtifactConfig, save_artifact
 from ..router.model import SelectionConfig
-from ..engine.query_adapter import QueryAdapter, adapter_digest
-from .extraction import LocalExtractor, iter_extractions, storage_dtype_of
-from .adapter import AdapterQuery, AdapterTrainingConfig, final_scores, train_query_adapter
-from .fusion import fit_calibration, fit_fusion
-from ..heads import Head
-from .labelled import LabelledSet, LabelledSetBuilder, batched_ndcg, build_labelled_set, rank_heads, scratch_tensor
+from .fusion_fit import fit_calibration, fit_fusion
+from .labelled import LabelledSet, LabelledSetBuilder, build_labelled_set, rank_heads, scratch_tensor
+from .lora import LoraQuery, LoraTrainingConfig, final_scores, train_lora
 from .report import heatmap, model_card
 from .search import SearchConfig, search_heads
 from .sources import FitSource
@@ -36,16 +37,17 @@ from .training import TrainingConfig, choose_depth_cost, route_top_k, train_rout
 
 @dataclass
 class PooledExtractions:
-    """Every fit query's calibrated per-head scores, across sources, keyed ``"<source>/<qid>"``."""
+    """Every fit query's debiased per-head scores, across sources, keyed ``"<source>/<qid>"``."""
 
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # [layer, head, passage]
     doc_ids: dict[str, list[str]] = field(default_factory=dict)
     qrels: dict[str, dict[str, int]] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)
-    first_stage: dict[str, list[str]] = field(default_factory=dict)  # candidates in first-stage order
+    first_stage: dict[str, list[float]] = field(default_factory=dict)  # per candidate: the first-stage signal
+    groups: dict[str, str] = field(default_factory=dict)  # the query's train/dev group, "<source>/<group>"
 
     @classmethod
-    def of_sources(cls, sources: Sequence[FitSource]) -> "PooledExtractions":
+    def of_sources(cls, sources: Sequence[FitSource]) -> PooledExtractions:
         """Every query's candidates, grades, text and first-stage order (no scores yet): known before extraction."""
         pooled = cls()
         for source in sources:
@@ -56,8 +58,9 @@ class PooledExtractions:
                 pooled.doc_ids[key] = source.candidates[qid]
                 pooled.qrels[key] = source.qrels.get(qid, {})
                 pooled.texts[key] = source.queries[qid]
-                order = source.first_stage.get(qid) if source.first_stage else None
-                pooled.first_stage[key] = order if order is not None else source.candidates[qid]
+                scores = source.first_stage_scores.get(qid) if source.first_stage_scores else None
+                pooled.first_stage[key] = first_stage_signal(len(source.candidates[qid]), scores).tolist()
+                pooled.groups[key] = f"{source.name}/{source.groups.get(qid, qid) if source.groups else qid}"
         return pooled
 
     def labelled_set(self, depth: int = 10, release: bool = False) -> LabelledSet:
@@ -66,12 +69,11 @@ class PooledExtractions:
         return build_labelled_set(self.scores, self.doc_ids, self.qrels, depth=depth, consume=release)
 
     def first_stage_signal(self, data: LabelledSet) -> torch.Tensor:
-        """``[query, passage]`` standardised first-stage signal of each row of ``data`` (rank 1 highest)."""
+        """``[query, passage]`` raw first-stage signal of each row of ``data`` (the scores, else minus the rank)."""
         signal = torch.zeros(data.gains.shape, dtype=torch.float64)
         for row, key in enumerate(data.qids):
-            rank = {doc: position for position, doc in enumerate(self.first_stage[key])}
-            ids = self.doc_ids[key]
-            signal[row, : len(ids)] = first_stage_signal(len(ids), [-float(rank[d]) for d in ids])
+            values = self.first_stage[key]
+            signal[row, : len(values)] = torch.tensor(values, dtype=torch.float64)
         return signal
 
 
@@ -85,26 +87,26 @@ def extract_sources(
     storage_dtype: str = "float16",
     pooled: PooledExtractions | None = None,
     sink: Callable[[str, torch.Tensor], None] | None = None,
-    query_adapter: QueryAdapter | None = None,
+    lora: Lora | None = None,
 ) -> PooledExtractions:
     """One cached all-heads extraction per query of every source, in each source's prompt wording.
 
     ``executor`` computes what is not cached (default: in this process; see
-    :mod:`routehead_rag.fit.distributed` for Ray); ``storage_dtype`` is the precision the cache and
-    the pooled scores keep (:mod:`routehead_rag.fit.extraction`). Each query's calibrated scores go to
+    :mod:`routehead_rag.offline.distributed` for Ray); ``storage_dtype`` is the precision the cache and
+    the pooled scores keep (:mod:`routehead_rag.offline.extraction`). Each query's debiased scores go to
     ``sink(key, scores)`` as they arrive (e.g. :meth:`LabelledSetBuilder.put`, so no more than one
     query's scores is held), else into the result's ``scores`` (in candidates order). ``pooled``: the
-    sources' :meth:`PooledExtractions.of_sources`, if the caller made it already. ``query_adapter``:
-    score with this query-side adapter on the query parts (cached apart, keyed on its weights'
-    sha256; computed in this process)."""
+    sources' :meth:`PooledExtractions.of_sources`, if the caller made it already. ``lora``: score with
+    this LoRA on where its scope says (cached apart, keyed on its weights' sha256; computed in this
+    process)."""
     report = progress or (lambda stage, done, total: None)
-    adapter_key: dict = {}
-    if query_adapter is not None:
+    lora_key: dict = {}
+    if lora is not None:
         if executor is not None and not isinstance(executor, LocalExtractor):
-            raise ValueError(f"extraction with a query adapter runs in this process, not on {type(executor).__name__}: "
+            raise ValueError(f"extraction with a LoRA runs in this process, not on {type(executor).__name__}: "
                              "pass executor=None (or a LocalExtractor)")
-        executor = LocalExtractor(executor.batch_size if executor is not None else 1, query_adapter)
-        adapter_key = {"query_adapter": adapter_digest(query_adapter)}
+        executor = LocalExtractor(executor.batch_size if executor is not None else 1, lora)
+        lora_key = {"lora": lora_digest(lora), "lora_scope": lora.config.scope}
     scorers: dict[str | None, AttentionScorer] = {}
     pooled = pooled if pooled is not None else PooledExtractions.of_sources(sources)
     arrived: dict[str, torch.Tensor] = {}
@@ -125,10 +127,10 @@ def extract_sources(
         for extraction in iter_extractions(
             scorers[source.instruction], source.name, source.queries, source.candidates, source.passages,
             Path(cache_dir) if cache_dir is not None else None, progress=tick,
-            key_extra={**source.key, **adapter_key}, executor=executor,
+            key_extra={**source.key, **lora_key}, executor=executor,
             storage_dtype=storage_dtype,
-        ):  # only the calibrated scores of each query are kept, at the storage precision (exact: already rounded)
-            keep(f"{source.name}/{extraction.qid}", extraction.calibrated.to(storage))
+        ):  # only the debiased scores of each query are kept, at the storage precision (exact: already rounded)
+            keep(f"{source.name}/{extraction.qid}", extraction.debiased.to(storage))
     if sink is None:  # candidates order, whatever order the extractions arrived in
         pooled.scores = {key: arrived.pop(key) for key in pooled.doc_ids}
     return pooled
@@ -148,9 +150,9 @@ def select_static_heads(
     return rank_heads(data)[:k], len(data.qids)
 
 
-def adapter_queries(backbone, sources, scoring, pooled, data, routed, router, fusion, embeddings, train_rows, dev_rows,
-                    config: AdapterTrainingConfig) -> tuple[dict[str, AdapterQuery], list[str], list[str]]:
-    """The adapter's view of the sampled train and dev queries: text, passages, grades, routed heads, fusion weight."""
+def lora_queries(backbone, sources, scoring, pooled, data, routed, router, fusion, embeddings, train_rows, dev_rows,
+                    config: LoraTrainingConfig) -> tuple[dict[str, LoraQuery], list[str], list[str]]:
+    """The LoRA training's view of the sampled train and dev queries: text, passages, grades, routed heads, fusion weight."""
     import random
 
     rng = random.Random(config.seed)
@@ -174,7 +176,7 @@ def adapter_queries(backbone, sources, scoring, pooled, data, routed, router, fu
                 backbone, scoring if source.instruction is None else scoring.with_instruction(source.instruction))
         count = len(pooled.doc_ids[key])
         weight = None if fusion.mode == "off" else fusion.weight if fusion.mode == "global" else float(weights[row])
-        queries[key] = AdapterQuery(
+        queries[key] = LoraQuery(
             key=key, text=pooled.texts[key], passages=source.passages(qid, pooled.doc_ids[key]),
             gains=data.gains[row, :count].double().clone(), scorer=scorers[source.instruction],
             heads=[Head(int(i) // data.num_heads, int(i) % data.num_heads) for i in routed[row].tolist()],
@@ -207,8 +209,8 @@ def run_fit(
     calibrate: bool = True,
     executor=None,
     storage_dtype: str = "float16",
-    adapter: AdapterTrainingConfig | None = None,
-    extraction_adapter: QueryAdapter | None = None,
+    lora: LoraTrainingConfig | None = None,
+    extraction_lora: Lora | None = None,
 ) -> FitResult:
     """Fit a router on ``sources`` and write the artifact and its fit report to ``out``.
 
@@ -225,15 +227,14 @@ def run_fit(
     kept in a memory-mapped temporary file (in ``cache_dir`` when given), so the memory a fit needs
     grows with heads x candidates per piece of queries, not with the log.
 
-    ``adapter`` trains a query-side LoRA adapter for the fitted router (:mod:`routehead_rag.fit.adapter`),
-    kept only if it beats the router on dev; the calibration is then refitted on its dev scores.
-    ``extraction_adapter`` instead fits the router on scores made with a given query-side adapter
-    (e.g. a previous fit's) and ships that adapter with it, so the router is chosen for the scores
-    it will be used with.
+    ``lora`` trains a LoRA for the fitted router (:mod:`routehead_rag.fit.lora`), kept only if it beats
+    the router on dev; the calibration is then refitted on its dev scores. ``extraction_lora`` instead
+    fits the router on scores made with a given LoRA (e.g. a previous fit's) and ships that LoRA with
+    it, so the router is chosen for the scores it will be used with.
     """
-    if adapter is not None and extraction_adapter is not None:
-        raise ValueError("pass adapter (train a query adapter for the router) or extraction_adapter (fit the router "
-                         "on scores made with a given one), not both")
+    if lora is not None and extraction_lora is not None:
+        raise ValueError("pass lora (train a LoRA for the router) or extraction_lora (fit the router on scores made "
+                         "with a given one), not both")
     scoring = scoring or ScoringConfig()
     query_embedding = query_embedding or QueryEmbeddingConfig(layer=backbone.num_layers // 2)
     searches = [search or SearchConfig()] if search is None or isinstance(search, SearchConfig) else list(search)
@@ -248,13 +249,13 @@ def run_fit(
                                  depth=searches[0].depth, dtype=storage_dtype_of(storage_dtype),
                                  on_disk=Path(cache_dir) if cache_dir is not None else True)
     extract_sources(backbone, sources, scoring, cache_dir, report, executor=executor, storage_dtype=storage_dtype,
-                    pooled=pooled, sink=builder.put, query_adapter=extraction_adapter)
+                    pooled=pooled, sink=builder.put, lora=extraction_lora)
     data = builder.finish()
     embeddings = None  # [query, hidden] float32, beside the scores in a memory-mapped temporary file
     for index, key in enumerate(data.qids):
         embedding = embed_query(backbone, pooled.texts[key], query_embedding)
         if embeddings is None:
-            embeddings, embeddings_backing = scratch_tensor((len(data.qids), embedding.shape[0]), torch.float32,
+            embeddings, _embeddings_backing = scratch_tensor((len(data.qids), embedding.shape[0]), torch.float32,
                                                             Path(cache_dir) if cache_dir is not None else True)
         embeddings[index] = embedding
         report("embed", index + 1, len(data.qids))
@@ -263,7 +264,7 @@ def run_fit(
     for index, setting in enumerate(searches):
         report("search + train", index, len(searches))
         found = search_heads(data, setting)
-        trained = train_router(embeddings, found.labels, data, training)
+        trained = train_router(embeddings, found.labels, data, training, [pooled.groups[key] for key in data.qids])
         grid.append({**setting.model_dump(mode="json"), "dev_routed_ndcg@10": trained.dev_ndcg, "k": trained.k})
         if best is None or trained.dev_ndcg > best[2].dev_ndcg + 1e-12:
             best = (setting, found, trained)
@@ -286,28 +287,28 @@ def run_fit(
         router, fusion_config, final, fusion_dev = fitted.router, fitted.fusion, fitted.final, fitted.dev
     calibration, calibration_dev = (fit_calibration(final, data, dev_rows) if calibrate else (None, {}))
     report("fusion + calibration", 1, 1)
-    adapter_fit, adapter_record, adapter_dev = None, {}, {}
-    if adapter is not None:
-        queries, train_keys, dev_keys = adapter_queries(backbone, sources, scoring, pooled, data, routed, router,
-                                                        fusion_config, embeddings, train_rows, dev_rows, adapter)
-        adapter_fit = train_query_adapter(backbone, queries, train_keys, dev_keys, adapter,
-                                          Path(cache_dir) if cache_dir is not None else None, report)
-        adapter_record = {"adapter": {
-            **adapter.model_dump(mode="json"), "train_queries": len(train_keys), "dev_queries": len(dev_keys),
-            "runs": adapter_fit.runs, "base_dev_ndcg@10": adapter_fit.base_dev_ndcg, "dev_ndcg@10": adapter_fit.dev_ndcg,
-            "chosen_rank": adapter_fit.rank, "chosen_lr": adapter_fit.learning_rate, "chosen_epoch": adapter_fit.epoch,
-            "seconds_per_train_query": adapter_fit.seconds_per_train_query,
-            "seconds_per_dev_query": adapter_fit.seconds_per_dev_query}}
-        adapter_dev = {"adapter_base_ndcg@10": adapter_fit.base_dev_ndcg, "adapter_ndcg@10": adapter_fit.dev_ndcg,
-                       "adapter_dev_queries": float(len(dev_keys))}
-        if adapter_fit.adapter is not None and calibrate:  # the scores users get changed: calibrate those
+    lora_fit, lora_record, lora_dev = None, {}, {}
+    if lora is not None:
+        queries, train_keys, dev_keys = lora_queries(backbone, sources, scoring, pooled, data, routed, router,
+                                                     fusion_config, embeddings, train_rows, dev_rows, lora)
+        lora_fit = train_lora(backbone, queries, train_keys, dev_keys, lora,
+                              Path(cache_dir) if cache_dir is not None else None, report)
+        lora_record = {"lora": {
+            **lora.model_dump(mode="json"), "train_queries": len(train_keys), "dev_queries": len(dev_keys),
+            "runs": lora_fit.runs, "base_dev_ndcg@10": lora_fit.base_dev_ndcg, "dev_ndcg@10": lora_fit.dev_ndcg,
+            "chosen_rank": lora_fit.rank, "chosen_lr": lora_fit.learning_rate, "chosen_epoch": lora_fit.epoch,
+            "seconds_per_train_query": lora_fit.seconds_per_train_query,
+            "seconds_per_dev_query": lora_fit.seconds_per_dev_query}}
+        lora_dev = {"lora_base_ndcg@10": lora_fit.base_dev_ndcg, "lora_ndcg@10": lora_fit.dev_ndcg,
+                    "lora_dev_queries": float(len(dev_keys))}
+        if lora_fit.lora is not None and calibrate:  # the scores users get changed: calibrate those
             rows = {key: row for row, key in enumerate(data.qids)}
             adapted = final.clone()
             for key in dev_keys:
                 count = len(queries[key].passages)
-                adapted[rows[key], :count] = final_scores(queries[key], adapter_fit.dev_attention[key])
+                adapted[rows[key], :count] = final_scores(queries[key], lora_fit.dev_attention[key])
             calibration, calibration_dev = fit_calibration(adapted, data, torch.tensor([rows[k] for k in dev_keys]))
-    shipped_adapter = adapter_fit.adapter if adapter_fit is not None else extraction_adapter
+    shipped_lora = lora_fit.lora if lora_fit is not None else extraction_lora
     counts = torch.zeros(data.num_layers * data.num_heads)
     counts.index_add_(0, routed.flatten(), torch.ones(routed.numel()))
     config = RouterArtifactConfig(
@@ -322,9 +323,9 @@ def run_fit(
         search={**search.model_dump(mode="json"), "grid": grid},
         training={**training.model_dump(mode="json"), "chosen_k": trained.k, "chosen_sparsity": trained.sparsity,
                   "chosen_epoch": trained.epoch, "chosen_depth_cost": depth.depth_cost, "depth_curve": depth.curve,
-                  "storage_dtype": storage_dtype, **adapter_record,
-                  **({"extraction_adapter_sha256": adapter_digest(extraction_adapter)}
-                     if extraction_adapter is not None else {})},
+                  "storage_dtype": storage_dtype, **lora_record,
+                  **({"extraction_lora_sha256": lora_digest(extraction_lora)}
+                     if extraction_lora is not None else {})},
         data=[
             {"name": s.name, "origin": s.origin, "queries": len(s.candidates),
              "instruction": s.instruction or "the scoring prompt's"}
@@ -339,16 +340,16 @@ def run_fit(
             "dev_queries": float(len(trained.dev_rows)),
             **{f"fusion_{mode}_ndcg@10": value for mode, value in fusion_dev.items()},
             **{f"calibration_{name}": value for name, value in calibration_dev.items()},
-            **adapter_dev,
+            **lora_dev,
         },
         static_heads=static_heads,
         command=command,
         fit_dtype=str(backbone.dtype).removeprefix("torch."),
-        query_adapter=shipped_adapter.config if shipped_adapter is not None else None,
+        lora=shipped_lora.config if shipped_lora is not None else None,
     )
     out = Path(out)
     card = model_card(config)
-    save_artifact(out, router, config, card, shipped_adapter)
+    save_artifact(out, router, config, card, shipped_lora)
     report_dir = Path(report_dir) if report_dir is not None else out.parent
     report_dir.mkdir(parents=True, exist_ok=True)
     heatmap_path = report_dir / f"{out.name}-routed-heads.png"

@@ -59,19 +59,21 @@ def model_card(config: RouterArtifactConfig) -> str:
 
 
 def _adapter_lines(config: RouterArtifactConfig) -> list[str]:
-    trained = config.training.get("adapter")
-    given = config.training.get("extraction_adapter_sha256")
-    if given and config.query_adapter is not None:
-        return ["## Query-side adapter (given, not trained here)", "",
-                f"The router was fitted on scores made with a given query-side adapter on (weights sha256 {given}), "
+    trained = config.training.get("lora")
+    given = config.training.get("extraction_lora_sha256")
+    if given and config.lora is not None:
+        return [f"## LoRA ({config.lora.scope} scope; given, not trained here)", "",
+                f"The router was fitted on scores made with a given LoRA on (weights sha256 {given}), "
                 "which ships with it (files `adapter_model.safetensors`, `adapter_config.json`: PEFT's layout).", ""]
     if not trained:
         return []
+    scope = trained.get("scope", "query")
+    reads = "the query part only" if scope == "query" else "the whole prompt, passages included"
     lines = [
-        "## Query-side adapter (LoRA on the query part only; chosen on dev)",
+        f"## LoRA ({scope} scope: {reads}; chosen on dev)",
         "",
         f"Trained on {trained['train_queries']} train queries, chosen on {trained['dev_queries']} dev queries "
-        "(nDCG@10 of the final, fused scores; epoch 0 is the router without an adapter). The ideal ranking here is "
+        "(nDCG@10 of the final, fused scores; epoch 0 is the router without a LoRA). The ideal ranking here is "
         "over the judged candidates, so these figures sit above the router's dev nDCG@10 elsewhere in this card, "
         "whose ideal counts every judged document; compare them with each other.",
         "",
@@ -81,14 +83,14 @@ def _adapter_lines(config: RouterArtifactConfig) -> list[str]:
           f"{run['best_epoch']} |" for run in trained["runs"]],
         "",
     ]
-    if config.query_adapter is not None:
-        a = config.query_adapter
+    if config.lora is not None:
+        a = config.lora
         lines.append(f"Kept: rank {a.rank}, alpha {a.alpha:g}, layers {a.layers[0]}-{a.layers[-1]}, "
                      f"{', '.join(a.targets)}; dev nDCG@10 {trained['base_dev_ndcg@10']:.4f} without, "
                      f"{trained['dev_ndcg@10']:.4f} with (files `adapter_model.safetensors`, `adapter_config.json`: "
                      "PEFT's layout).")
     else:
-        lines.append(f"Not kept: no epoch beat the router without an adapter on dev ({trained['base_dev_ndcg@10']:.4f}).")
+        lines.append(f"Not kept: no epoch beat the router without a LoRA on dev ({trained['base_dev_ndcg@10']:.4f}).")
     return [*lines, ""]
 
 

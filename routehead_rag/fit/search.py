@@ -1,6 +1,6 @@
 """Offline head search: per-query pseudo-labels (the best small head set) from labelled data.
 
-Input: calibrated per-head scores ``[layer, head, passage]`` of many labelled queries (one
+Input: debiased per-head scores ``[layer, head, passage]`` of many labelled queries (one
 extraction pass, see :mod:`routehead_rag.evaluation`).  Steps:
 
 1. **pool** — rank every head by its single-head nDCG@10 over the whole set and keep the
@@ -25,7 +25,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..heads import Head, HeadGrid
-from .labelled import LabelledSet, batched_ndcg, single_head_quality
+from ..measures import batched_ndcg
+from .labelled import LabelledSet, single_head_quality
 
 
 class SearchConfig(BaseModel):
@@ -102,7 +103,7 @@ class _State:
     count: torch.Tensor  # [query]
     value: torch.Tensor  # [query] objective
 
-    def where(self, take: torch.Tensor, other: "_State") -> "_State":
+    def where(self, take: torch.Tensor, other: _State) -> _State:
         """Per query: ``other`` where ``take`` else ``self``."""
         return _State(
             chosen=torch.where(take[:, None], other.chosen, self.chosen),

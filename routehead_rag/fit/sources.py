@@ -23,13 +23,15 @@ class FitSource:
 
     name: str
     queries: dict[str, str]
-    candidates: dict[str, list[str]]
+    candidates: dict[str, list[str]]  # each query's candidates in first-stage order (best first)
     qrels: dict[str, dict[str, int]]
     passages: Callable[[str, list[str]], list[str]]  # (qid, doc ids) -> passage texts
     origin: str  # where it came from, relative to the data dir or the repository (portable_path)
-    key: dict = field(default_factory=dict)  # settings that change its passages (e.g. the word cut)
-    first_stage: dict[str, list[str]] | None = None  # each query's candidates in first-stage order; None: as listed
+    key: dict = field(default_factory=dict)  # settings that change its passages' texts beyond the scoring prompt
     instruction: str | None = None  # a named prompt instruction for this source; None: the fit's scoring prompt
+    first_stage_scores: dict[str, list[float]] | None = None  # per query, one per candidate; None: the order only
+    first_stage_kind: str | None = None  # which first stage scored them ("bm25", "dense"); None: a log's own order
+    groups: dict[str, str] | None = None  # query id -> its group (kept on one side of train/dev); None: each its own
 
 
 @dataclass(frozen=True)
@@ -182,15 +184,18 @@ def read_query_log(path: str | Path, max_queries: int | None = None) -> FitSourc
 
 
 def beir_source(name_or_path: str, top_k: int = 20, max_queries: int | None = None,
-                data_dir: str | None = None, max_words: int = 100, instruction: str | None = "auto") -> FitSource:
+                data_dir: str | None = None, instruction: str | None = "auto") -> FitSource:
     """A BEIR-layout folder's fit split: the protocol's for a protocol set, else ``qrels/train.tsv``.
 
-    ``instruction="auto"`` takes the protocol's wording for a protocol set (``question`` for
-    the multi-hop QA sets) and ``relevance`` otherwise; ``None`` keeps the fit's own prompt.
+    Candidates are the first stage's top ``top_k`` in its order, with its scores
+    (:func:`routehead_rag.data.candidates.first_stage_lists`: what eval and users see), passages whole
+    (the scoring prompt's passage budget cuts them, as in ranking). ``instruction="auto"`` takes the
+    protocol's wording for a protocol set (``question`` for the QA sets) and ``relevance`` otherwise;
+    ``None`` keeps the fit's own prompt.
     """
-    from ..eval.beir import CandidateSource, load_beir, resolve_data_dir
-    from ..eval.candidates import bm25_order, build_candidates
-    from ..eval.protocol import PROTOCOL, Role, instruction_for, protocol_queries, select_queries
+    from ..data.beir import load_beir, resolve_data_dir
+    from ..data.candidates import first_stage_lists
+    from ..data.protocol import PROTOCOL, Role, instruction_for, protocol_queries, select_queries
 
     folder = resolve_data_dir(name_or_path, data_dir)
     name = folder.name
@@ -213,29 +218,30 @@ def beir_source(name_or_path: str, top_k: int = 20, max_queries: int | None = No
         qids = qids[:max_queries]
     if instruction is not None:
         instruction = instruction_for(instruction, name)
-    candidates = build_candidates(dataset, qids, top_k)
-    first_stage = bm25_order(dataset, qids, top_k) if dataset.candidate_source is CandidateSource.POOL else None
+    lists = first_stage_lists(dataset, qids, top_k)
     return FitSource(
-        name=name, queries={q: dataset.queries[q] for q in qids}, candidates=candidates,
-        qrels={q: dataset.qrels.get(q, {}) for q in qids},
-        passages=lambda qid, ids: dataset.passages(ids, max_words),
-        origin=portable_path(folder), key={"max_words": max_words}, instruction=instruction, first_stage=first_stage,
+        name=name, queries={q: dataset.queries[q] for q in qids},
+        candidates={q: lists[q].doc_ids for q in qids}, qrels={q: dataset.qrels.get(q, {}) for q in qids},
+        passages=lambda qid, ids: [dataset.corpus[d].full_text for d in ids],
+        origin=portable_path(folder), instruction=instruction,
+        first_stage_scores={q: lists[q].scores for q in qids}, first_stage_kind="bm25",
+        groups={q: PROTOCOL.spec(name).group(q) for q in qids},
     )
 
 
 def eval_set_source(eval_set, instruction: str | None = "auto") -> FitSource:
     """A prepared labelled set (:class:`routehead_rag.eval.harness.EvalSet`) as a fit source."""
-    from ..eval.protocol import instruction_for
+    from ..data.protocol import instruction_for
 
     dataset = eval_set.dataset
     return FitSource(
         name=dataset.name, queries={q: dataset.queries[q] for q in eval_set.qids},
-        candidates={q: eval_set.candidates[q] for q in eval_set.qids},
+        candidates={q: eval_set.candidates[q].doc_ids for q in eval_set.qids},
         qrels={q: dataset.qrels.get(q, {}) for q in eval_set.qids},
-        passages=lambda qid, ids: eval_set.passages(qid, ids), origin=portable_path(dataset.path),
-        key={"max_words": eval_set.max_words},
+        passages=lambda qid, ids: eval_set.passages(ids), origin=portable_path(dataset.path),
         instruction=instruction_for(instruction, dataset.name) if instruction is not None else None,
-        first_stage=eval_set.first_stage_order(),
+        first_stage_scores={q: eval_set.candidates[q].scores for q in eval_set.qids},
+        first_stage_kind=eval_set.first_stage,
     )
 
 

@@ -5,7 +5,7 @@ Never imported by inference code.  Steps, all seeded:
 1. split the labelled queries into train and dev (``dev_fraction``, shuffled with ``seed``);
 2. for each sparsity weight, train the router with BCE on the pseudo-labels plus
    ``sparsity * mean(sigmoid(logits))``; every ``eval_every`` epochs score the *routed
-   aggregation* on dev (for every candidate ``k``: sum the calibrated scores of each dev
+   aggregation* on dev (for every candidate ``k``: sum the debiased scores of each dev
    query's top-k routed heads, nDCG@10) and keep the best state;
 3. choose (sparsity weight, k, epoch) by dev nDCG@10 — never by the loss;
 4. choose the depth cost (:func:`choose_depth_cost`): the one whose routed heads stop the
@@ -15,6 +15,7 @@ Never imported by inference code.  Steps, all seeded:
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..measures import batched_ndcg
 from ..router.model import Router, RouterConfig
-from .labelled import QUERY_CHUNK, LabelledSet, batched_ndcg, single_head_quality
+from .labelled import QUERY_CHUNK, LabelledSet, single_head_quality
 
 TRAIN_CHUNK = 2048  # train queries per backward pass; a larger train set sums the full-batch gradient over pieces
 
@@ -60,13 +62,28 @@ class TrainingConfig(BaseModel):
         return costs
 
 
-def split_train_dev(num_queries: int, dev_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded shuffle split: ``(train indices, dev indices)``, both non-empty."""
-    if num_queries < 2:
-        raise ValueError(f"need at least 2 labelled queries to split train/dev, got {num_queries}")
-    order = torch.randperm(num_queries, generator=torch.Generator().manual_seed(seed))
-    n_dev = min(max(1, round(num_queries * dev_fraction)), num_queries - 1)
-    return order[n_dev:], order[:n_dev]
+def split_train_dev(groups: Sequence[str], dev_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train rows, dev rows)`` of queries whose groups are ``groups`` (one per query): a query is dev when its
+    group hashes (with ``seed``) below ``dev_fraction``, so a query is dev in every fit it takes part in, and
+    queries of one group (e.g. the paraphrases of one StackExchange thread) never straddle train and dev.
+    Both sides non-empty."""
+    if len(groups) < 2:
+        raise ValueError(f"need at least 2 labelled queries to split train/dev, got {len(groups)}")
+    if len(set(groups)) < 2:
+        raise ValueError(f"need at least 2 groups of queries to split train/dev, got one ({groups[0]!r}) for all "
+                         f"{len(groups)} queries")
+
+    def position(group: str) -> float:
+        digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    placed = torch.tensor([position(g) for g in groups], dtype=torch.float64)  # [query] in [0, 1)
+    dev = placed < dev_fraction
+    if bool(dev.all()) or not bool(dev.any()):  # too few groups for the fraction: the lowest-hashed group is dev
+        first = groups[int(placed.argmin())]
+        dev = torch.tensor([g == first for g in groups])
+    rows = torch.arange(len(groups))
+    return rows[~dev], rows[dev]
 
 
 def routed_ndcg(logits: torch.Tensor, data: LabelledSet, rows: torch.Tensor, k: int, depth: int = 10) -> torch.Tensor:
@@ -141,12 +158,16 @@ def train_router(
     labels: torch.Tensor,  # [query, head] multi-hot from the head search
     data: LabelledSet,
     config: TrainingConfig | None = None,
+    groups: Sequence[str] | None = None,
 ) -> TrainingResult:
-    """Fit a router and choose its k and sparsity weight on dev nDCG@10 of the routed aggregation."""
+    """Fit a router and choose its k and sparsity weight on dev nDCG@10 of the routed aggregation.
+
+    ``groups`` (one per query, default the query keys) decide the train/dev split (:func:`split_train_dev`)."""
     config = config or TrainingConfig()
     if embeddings.shape[0] != labels.shape[0] or labels.shape[0] != len(data.qids):
         raise ValueError("embeddings, labels and the labelled set must have one row per query, in the same order")
-    train_rows, dev_rows = split_train_dev(len(data.qids), config.dev_fraction, config.seed)
+    train_rows, dev_rows = split_train_dev(list(groups) if groups is not None else data.qids, config.dev_fraction,
+                                           config.seed)
     x = embeddings.float()
     # [query, head]: multi-hot labels stay bool, each piece is made float as it is used (a float copy of them all
     # would grow with the log)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import SHARED_MODEL_NAME
 from .architecture import (
     UnsupportedArchitectureError,
     check_supported,
@@ -39,7 +40,7 @@ from .architecture import (
     unwrap_peft,
 )
 from .devices import choose_dtype, default_device, parse_device, parse_dtype
-from .gguf_cache import EMBEDDED_DEFAULT, BackboneNotAvailableError, convert_embedded, convert_gguf
+from .gguf_cache import EMBEDDED_DEFAULT, BackboneNotAvailableError, convert_embedded, convert_gguf, not_available
 from .quiet import quiet_loading
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SHARED_MODEL_NAME = "<shared model>"
 
 
 # --------------------------------------------------------------------------- Backbone
@@ -65,7 +65,8 @@ class Backbone:
     model: PreTrainedModel  # as given or loaded (may be a peft.PeftModel); never mutated by us
     tokenizer: PreTrainedTokenizerBase
     name: str  # hub id, folder path, "smollm2-135m", or "<shared model>"
-    use_adapters: bool = True  # PeftModel only: score with adapters on (default) or disabled
+    use_peft_adapters: bool = True  # PeftModel only: score with adapters on (default) or disabled
+    owned: bool = False  # loaded by us (so ours to change, e.g. a prompt-scope LoRA merged in), not a caller's
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokenizer, PreTrainedTokenizerBase):
@@ -138,10 +139,10 @@ class Backbone:
     def is_peft(self) -> bool:
         return is_peft_model(self.model)
 
-    def adapter_scope(self) -> contextlib.AbstractContextManager[None]:
+    def peft_adapter_scope(self) -> contextlib.AbstractContextManager[None]:
         """Context in which to run the model: adapters disabled for a PeftModel with
-        ``use_adapters=False``, a no-op otherwise. Adapters are restored on exit."""
-        if self.is_peft and not self.use_adapters:
+        ``use_peft_adapters=False``, a no-op otherwise. Adapters are restored on exit."""
+        if self.is_peft and not self.use_peft_adapters:
             return self.model.disable_adapter()
         return contextlib.nullcontext()
 
@@ -162,7 +163,7 @@ class Backbone:
         }
 
     def __repr__(self) -> str:
-        peft = ", peft" + ("" if self.use_adapters else " (adapters off)") if self.is_peft else ""
+        peft = ", peft" + ("" if self.use_peft_adapters else " (adapters off)") if self.is_peft else ""
         return (
             f"Backbone(name={self.name!r}, model_type={getattr(self.text_config, 'model_type', None)!r}, "
             f"layers={self.num_layers}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, "
@@ -219,9 +220,12 @@ def load_backbone(
     tokenizer: PreTrainedTokenizerBase | str | os.PathLike[str] | None = None,
     dtype: torch.dtype | str | None = "auto",
     device: torch.device | str | None = None,
-    use_adapters: bool = True,
+    use_peft_adapters: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    tokenizer_kwargs: dict[str, Any] | None = None,
+    token: str | bool | None = None,
 ) -> Backbone:
     """Load (or wrap) the causal LM to score with.
 
@@ -237,20 +241,28 @@ def load_backbone(
             its current dtype.
         device: None ("cuda" if available, else "cpu"), a string or torch.device. For a
             shared model: None or its current device.
-        use_adapters: for a PeftModel, score with adapters on (True) or disabled.
+        use_peft_adapters: for a PeftModel, score with adapters on (True) or disabled.
         cache_dir: where GGUF conversions live (default: :func:`default_cache_dir`).
         local_files_only: passed to ``from_pretrained`` for hub ids (None: transformers' default).
+        model_kwargs: more keyword arguments for ``AutoModelForCausalLM.from_pretrained`` (e.g. ``device_map``,
+            ``revision``, a ``quantization_config``); they override ours (``dtype``, ``attn_implementation``).
+        tokenizer_kwargs: more keyword arguments for ``AutoTokenizer.from_pretrained``.
+        token: a hub token for gated or private models (never stored or logged).
 
     Raises:
         BackboneNotAvailableError: the model cannot be found or loaded offline.
         UnsupportedArchitectureError: the model's architecture cannot be scored.
         TypeError / ValueError: wrong argument types or values.
     """
-    if not isinstance(use_adapters, bool):
-        raise TypeError(f"use_adapters must be a bool, got {type(use_adapters).__name__}.")
+    if not isinstance(use_peft_adapters, bool):
+        raise TypeError(f"use_peft_adapters must be a bool, got {type(use_peft_adapters).__name__}.")
 
     if isinstance(model, nn.Module):
-        return _wrap_shared(model, tokenizer=tokenizer, dtype=dtype, device=device, use_adapters=use_adapters)
+        if model_kwargs or tokenizer_kwargs:
+            raise ValueError("model_kwargs and tokenizer_kwargs apply to a model loaded by name; a model object you "
+                             "share is used as it is")
+        return _wrap_shared(model, tokenizer=tokenizer, dtype=dtype, device=device, use_peft_adapters=use_peft_adapters)
+    extra = {"model_kwargs": dict(model_kwargs or {}), "tokenizer_kwargs": dict(tokenizer_kwargs or {}), "token": token}
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(
             f"model must be a model name or path (str / os.PathLike) or a loaded transformers "
@@ -268,14 +280,14 @@ def load_backbone(
         folder = convert_embedded(cache_dir)
         return _load_pretrained(
             folder, name=EMBEDDED_DEFAULT, tokenizer=tokenizer, dtype=torch_dtype, device=torch_device,
-            local_files_only=True, use_adapters=use_adapters,
+            local_files_only=True, use_peft_adapters=use_peft_adapters, **extra,
         )
     path = pathlib.Path(source).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         folder = convert_gguf(path, cache_dir)
         return _load_pretrained(
             folder, name=source, tokenizer=tokenizer, dtype=torch_dtype, device=torch_device,
-            local_files_only=True, use_adapters=use_adapters,
+            local_files_only=True, use_peft_adapters=use_peft_adapters, **extra,
         )
     if isinstance(model, os.PathLike) or looks_like_local_path(source):
         if not path.exists():
@@ -289,19 +301,20 @@ def load_backbone(
                 f"or use the embedded default {EMBEDDED_DEFAULT!r}."
             )
         if not (path / "config.json").is_file():
-            raise _not_available(source, FileNotFoundError(f"no config.json in {source!r}"), local=True)
+            raise not_available(source, FileNotFoundError(f"no config.json in {source!r}"), local=True)
         return _load_pretrained(
             path, name=source, tokenizer=tokenizer, dtype=torch_dtype, device=torch_device,
-            local_files_only=True if local_files_only is None else local_files_only, use_adapters=use_adapters,
+            local_files_only=True if local_files_only is None else local_files_only, use_peft_adapters=use_peft_adapters,
+            **extra,
         )
     return _load_pretrained(
         source, name=source, tokenizer=tokenizer, dtype=torch_dtype, device=torch_device,
-        local_files_only=local_files_only, use_adapters=use_adapters,
+        local_files_only=local_files_only, use_peft_adapters=use_peft_adapters, **extra,
     )
 
 
 def _wrap_shared(
-    model: nn.Module, *, tokenizer: Any, dtype: Any, device: Any, use_adapters: bool
+    model: nn.Module, *, tokenizer: Any, dtype: Any, device: Any, use_peft_adapters: bool
 ) -> Backbone:
     """Wrap a caller's model without touching it (no copy, move, cast or eval())."""
     if not isinstance(unwrap_peft(model), PreTrainedModel):
@@ -326,23 +339,7 @@ def _wrap_shared(
             "The shared model is in training mode; attention dropout (if any) will add noise to the scores. "
             "Call model.eval() yourself if that is not intended."
         )
-    return Backbone(model=model, tokenizer=tokenizer, name=SHARED_MODEL_NAME, use_adapters=use_adapters)
-
-
-def _not_available(source: str, err: BaseException, *, local: bool) -> BackboneNotAvailableError:
-    err = type(err)(str(err).strip().splitlines()[0] if str(err).strip() else "")  # its first line says it
-    if local:
-        return BackboneNotAvailableError(
-            f"Could not load a model from the folder {source!r} ({type(err).__name__}: {err}). Pass a folder "
-            f"written by save_pretrained (config.json, weights and tokenizer files), a Hugging Face id, or use "
-            f"the embedded default {EMBEDDED_DEFAULT!r} (load_backbone() with no argument)."
-        )
-    return BackboneNotAvailableError(
-        f"Model {source!r} is not available offline: it is not in the local Hugging Face cache and could not be "
-        f"downloaded ({type(err).__name__}: {err}). Connect to the internet once so it gets cached, pass a local "
-        f"folder written by save_pretrained, or use the embedded default {EMBEDDED_DEFAULT!r} "
-        f"(load_backbone() with no argument)."
-    )
+    return Backbone(model=model, tokenizer=tokenizer, name=SHARED_MODEL_NAME, use_peft_adapters=use_peft_adapters)
 
 
 def _load_pretrained(
@@ -353,17 +350,24 @@ def _load_pretrained(
     dtype: torch.dtype,
     device: torch.device,
     local_files_only: bool | None,
-    use_adapters: bool,
+    use_peft_adapters: bool,
+    model_kwargs: dict[str, Any],
+    tokenizer_kwargs: dict[str, Any],
+    token: str | bool | None,
 ) -> Backbone:
     """from_pretrained for a hub id or folder: check the architecture first, then load with SDPA."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     hub_kwargs: dict[str, Any] = {} if local_files_only is None else {"local_files_only": local_files_only}
+    if token is not None:
+        hub_kwargs["token"] = token
+    revision = model_kwargs.get("revision")
+    config_kwargs = {**hub_kwargs, **({"revision": revision} if revision is not None else {})}
     try:
-        config = AutoConfig.from_pretrained(source, **hub_kwargs)
+        config = AutoConfig.from_pretrained(source, **config_kwargs)
     except OSError as err:
-        raise _not_available(str(source), err, local=isinstance(source, pathlib.Path)) from err
+        raise not_available(str(source), err, local=isinstance(source, pathlib.Path)) from err
 
     # Before any weights are read: is there a causal-LM class, and does it route attention
     # through AttentionInterface? (check_supported repeats this on the instance.)
@@ -384,19 +388,21 @@ def _load_pretrained(
 
     try:
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = AutoTokenizer.from_pretrained(source if tokenizer is None else tokenizer, **hub_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source if tokenizer is None else tokenizer,
+                                                      **{**hub_kwargs, **tokenizer_kwargs})
         started = time.perf_counter()
         with quiet_loading():
             causal_lm = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, attn_implementation=attn_implementation, **hub_kwargs
+                source, **{"dtype": dtype, "attn_implementation": attn_implementation, **hub_kwargs, **model_kwargs}
             )
     except OSError as err:
-        raise _not_available(str(source), err, local=isinstance(source, pathlib.Path)) from err
+        raise not_available(str(source), err, local=isinstance(source, pathlib.Path)) from err
     check_supported(causal_lm)
     causal_lm.eval()  # ours: no dropout
-    causal_lm.to(device=device)
+    if getattr(causal_lm, "hf_device_map", None) is None:  # a device_map from model_kwargs placed it already
+        causal_lm.to(device=device)
     logger.info(
         "Loaded %s (%s) on %s in %.1f s.",
         name, type(causal_lm).__name__, device, time.perf_counter() - started,
     )
-    return Backbone(model=causal_lm, tokenizer=tokenizer, name=name, use_adapters=use_adapters)
+    return Backbone(model=causal_lm, tokenizer=tokenizer, name=name, use_peft_adapters=use_peft_adapters, owned=True)

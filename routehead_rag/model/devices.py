@@ -79,8 +79,14 @@ def parse_device(value: Any) -> torch.device | None:
 
 
 def default_device() -> torch.device:
-    """``cuda`` when available (the current CUDA device, no index forced), else ``cpu``."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``cuda`` when available (the current CUDA device, no index forced), else Apple's ``mps``, else ``cpu``
+    (the order Haystack's and LlamaIndex's own rankers pick in)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 @functools.lru_cache(maxsize=1)
@@ -128,7 +134,7 @@ def choose_dtype(requested: torch.dtype | str, device: torch.device) -> torch.dt
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         if device.type == "cpu" and cpu_has_native_bf16():
             return torch.bfloat16
-        return torch.float32
+        return torch.float32  # mps included: float32 is its safe default (bfloat16 support varies by macOS)
     assert isinstance(requested, torch.dtype)  # parse_dtype returns "auto" or a dtype
     if device.type == "cpu":
         native = {torch.bfloat16: cpu_has_native_bf16, torch.float16: cpu_has_native_fp16}.get(requested)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
+from ..atomic import atomic_write_text
 from ..paths import default_cache_dir
 from .quiet import quiet_loading
 
@@ -199,7 +200,7 @@ def gguf_sha256(gguf: str | os.PathLike[str], cache_dir: str | os.PathLike[str] 
     memo[key] = {**stamp, "sha256": sha}
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
         cache.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(memo_path, json.dumps(memo, indent=1, sort_keys=True))
+        atomic_write_text(memo_path, json.dumps(memo, indent=1, sort_keys=True))
     return sha
 
 
@@ -220,7 +221,7 @@ def _write_manifest(folder: pathlib.Path, *, gguf: pathlib.Path, gguf_sha: str) 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": files,
     }
-    _atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -249,20 +250,6 @@ def _folder_is_valid(folder: pathlib.Path, gguf_sha: str) -> bool:
     return True
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _remove(path: pathlib.Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -273,3 +260,20 @@ def _remove(path: pathlib.Path) -> None:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.") or "model"
+
+
+def not_available(source: str, err: BaseException, *, local: bool) -> BackboneNotAvailableError:
+    """The error for a model that cannot be loaded offline, saying what to pass instead."""
+    err = type(err)(str(err).strip().splitlines()[0] if str(err).strip() else "")  # its first line says it
+    if local:
+        return BackboneNotAvailableError(
+            f"Could not load a model from the folder {source!r} ({type(err).__name__}: {err}). Pass a folder "
+            f"written by save_pretrained (config.json, weights and tokenizer files), a Hugging Face id, or use "
+            f"the embedded default {EMBEDDED_DEFAULT!r} (load_backbone() with no argument)."
+        )
+    return BackboneNotAvailableError(
+        f"Model {source!r} is not available offline: it is not in the local Hugging Face cache and could not be "
+        f"downloaded ({type(err).__name__}: {err}). Connect to the internet once so it gets cached, pass a local "
+        f"folder written by save_pretrained, or use the embedded default {EMBEDDED_DEFAULT!r} "
+        f"(load_backbone() with no argument)."
+    )

@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,14 +29,15 @@ from typing import Any
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
+from ..atomic import atomic_folder, remove_stale
 from ..engine.embedding import QueryEmbeddingConfig
-from ..engine.query_adapter import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, QueryAdapterConfig
+from ..engine.lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoraConfig
 from ..engine.scorer import ScoringConfig
 from ..fusion import CalibrationConfig, FusionConfig
 from ..heads import Head, HeadGrid
 from .model import Router, RouterConfig, SelectionConfig
 
-ARTIFACT_FORMAT = 2  # 2: weight checksums, strict types
+ARTIFACT_FORMAT = 3  # 2: weight checksums, strict types; 3: the LoRA (with its scope) under "lora", renamed settings
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "router.safetensors"
 CARD_NAME = "README.md"
@@ -90,8 +89,8 @@ class RouterArtifactConfig(BaseModel):
     selection: SelectionConfig
     fusion: FusionConfig = Field(default_factory=FusionConfig, description="first-stage fusion, fitted on dev")
     calibration: CalibrationConfig | None = Field(None, description="score -> probability of relevance, on dev")
-    query_adapter: QueryAdapterConfig | None = Field(
-        None, description="a query-side LoRA adapter (PEFT layout, in adapter_model.safetensors), or none"
+    lora: LoraConfig | None = Field(
+        None, description="the scoring LoRA (PEFT layout, in adapter_model.safetensors) and its scope, or none"
     )
     files: dict[str, FileRecord] = Field(default_factory=dict, description="sha256 and size of every weight file")
     search: dict[str, Any] = Field(default_factory=dict, description="head search settings")
@@ -120,8 +119,8 @@ class RouterArtifactConfig(BaseModel):
             raise ValueError(f"fusion.mode is {self.fusion.mode!r} but router.fusion_head is {router.fusion_head}")
         if max(self.selection.k, self.selection.min_heads) > grid.size:
             raise ValueError(f"selection asks for more heads than the backbone's {grid.size}")
-        if self.query_adapter is not None and max(self.query_adapter.layers) >= fingerprint.num_layers:
-            raise ValueError(f"query_adapter.layers go past the backbone's {fingerprint.num_layers} layers")
+        if self.lora is not None and max(self.lora.layers) >= fingerprint.num_layers:
+            raise ValueError(f"lora.layers go past the backbone's {fingerprint.num_layers} layers")
         return self
 
     @property
@@ -147,61 +146,52 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_artifact(folder: str | Path, router: Router, config: RouterArtifactConfig, card: str, adapter=None) -> Path:
+def save_artifact(folder: str | Path, router: Router, config: RouterArtifactConfig, card: str, lora=None) -> Path:
     """Write the artifact atomically to ``folder`` (replacing an existing artifact there).
 
     The weights' sha256 is recorded in ``config.json``. The write holds a lock beside the
     folder, and first removes temporary folders an earlier, killed write left behind.
-    ``adapter`` (a :class:`~routehead_rag.engine.query_adapter.QueryAdapter`, with
-    ``config.query_adapter`` its config) is written beside the router in PEFT's layout.
+    ``lora`` (a :class:`~routehead_rag.engine.lora.Lora`, with ``config.lora`` its config) is written
+    beside the router in PEFT's layout.
     """
     from safetensors.torch import save as safetensors_bytes
 
-    from ..engine.query_adapter import query_adapter_bytes
+    from ..engine.lora import lora_bytes
 
     folder = Path(folder)
     if router.config != config.router:
         raise ValueError("the router's shape differs from config.router")
-    if (adapter is None) != (config.query_adapter is None) or (adapter is not None and adapter.config != config.query_adapter):
-        raise ValueError("the adapter passed and config.query_adapter differ")
+    if (lora is None) != (config.lora is None) or (lora is not None and lora.config != config.lora):
+        raise ValueError("the LoRA passed and config.lora differ")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in router.state_dict().items()}
     weights = safetensors_bytes(tensors, metadata={"format": str(ARTIFACT_FORMAT)})
     payload = {WEIGHTS_NAME: weights}
-    if adapter is not None:
-        adapter_weights, adapter_config = query_adapter_bytes(adapter, config.backbone_fingerprint.model_dump(),
-                                                              config.backbone_name)
-        payload[ADAPTER_WEIGHTS_NAME], payload[ADAPTER_CONFIG_NAME] = adapter_weights, adapter_config.encode("utf-8")
+    if lora is not None:
+        lora_weights, lora_config = lora_bytes(lora, config.backbone_fingerprint.model_dump(), config.backbone_name)
+        payload[ADAPTER_WEIGHTS_NAME], payload[ADAPTER_CONFIG_NAME] = lora_weights, lora_config.encode("utf-8")
     config = config.model_copy(update={"files": {
         name: FileRecord(sha256=_sha256(data), bytes=len(data)) for name, data in payload.items()}})
     lock = folder.parent / f".{folder.name}.lock"
+
+    def fill(temporary: Path) -> None:
+        for name, data in payload.items():
+            (temporary / name).write_bytes(data)
+        (temporary / CARD_NAME).write_text(card, encoding="utf-8")
+        (temporary / CONFIG_NAME).write_text(config.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o777 & ~umask)  # mkdtemp makes it 0700; a router folder is meant to be shared
+        for path in temporary.iterdir():
+            os.chmod(path, 0o666 & ~umask)
+
     with FileLock(lock):
-        for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
-            shutil.rmtree(stale, ignore_errors=True)  # left by a killed write; we hold the lock
+        remove_stale(folder.parent, folder.name)  # left by a killed write; we hold the lock
         if folder.exists() and not (folder / CONFIG_NAME).is_file() and any(folder.iterdir()):
             raise RouterArtifactError(
                 f"{folder} exists and is not a router artifact: refusing to replace it; choose another --out"
             )
-        temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
-            for name, data in payload.items():
-                (temporary / name).write_bytes(data)
-            (temporary / CARD_NAME).write_text(card, encoding="utf-8")
-            (temporary / CONFIG_NAME).write_text(config.model_dump_json(indent=2) + "\n", encoding="utf-8")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(temporary, 0o777 & ~umask)  # mkdtemp makes it 0700; a router folder is meant to be shared
-            for path in temporary.iterdir():
-                os.chmod(path, 0o666 & ~umask)
-            if folder.exists():
-                backup = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-                os.replace(folder, backup)
-                os.replace(temporary, folder)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.replace(temporary, folder)
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
+        atomic_folder(folder, fill)
     lock.unlink(missing_ok=True)
     return folder
 
@@ -232,8 +222,11 @@ def read_artifact_config(folder: str | Path) -> RouterArtifactConfig:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RouterArtifactError(f"{path} is not valid JSON ({err}): the artifact is corrupt; fit it again") from None
     version = raw.get("format") if isinstance(raw, dict) else None
-    if type(version) is not int:  # noqa: E721  (1.0 and true are not formats)
+    if type(version) is not int:
         raise RouterArtifactError(f"{path} has no integer 'format' (got {version!r}): not a router artifact; fit it again")
+    if version == 2:  # the same content under older names: read it as format 3
+        raw, version = upgrade_format_2(raw), ARTIFACT_FORMAT
+        text = json.dumps(raw)
     if version != ARTIFACT_FORMAT:
         newer = version > ARTIFACT_FORMAT
         raise RouterArtifactError(
@@ -245,6 +238,25 @@ def read_artifact_config(folder: str | Path) -> RouterArtifactConfig:
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
         raise RouterArtifactError(f"{path} is not a valid router config ({problems})") from None
+
+
+def upgrade_format_2(raw: dict[str, Any]) -> dict[str, Any]:
+    """A format-2 ``config.json`` as format 3: ``query_adapter`` -> ``lora`` (scope ``query``), ICR's
+    ``scoring.calibrate`` -> ``scoring.subtract_content_free``, ``prompt.calibration_query`` ->
+    ``prompt.content_free_query``. Anything else is left for validation to judge."""
+    raw = json.loads(json.dumps(raw))  # a deep copy of plain JSON
+    raw["format"] = ARTIFACT_FORMAT
+    if "query_adapter" in raw:
+        adapter = raw.pop("query_adapter")
+        raw["lora"] = {**adapter, "scope": "query"} if isinstance(adapter, dict) else adapter
+    scoring = raw.get("scoring")
+    if isinstance(scoring, dict):
+        if "calibrate" in scoring:
+            scoring["subtract_content_free"] = scoring.pop("calibrate")
+        prompt = scoring.get("prompt")
+        if isinstance(prompt, dict) and "calibration_query" in prompt:
+            prompt["content_free_query"] = prompt.pop("calibration_query")
+    return raw
 
 
 def load_artifact(folder: str | Path, fingerprint: dict[str, Any] | None = None) -> tuple[Router, RouterArtifactConfig]:
@@ -295,24 +307,24 @@ def _recorded_bytes(folder: Path, config: RouterArtifactConfig, name: str) -> by
     return data
 
 
-def load_query_adapter(folder: str | Path, config: RouterArtifactConfig):
-    """The artifact's query-side adapter (:class:`~routehead_rag.engine.query_adapter.QueryAdapter`), or ``None``.
+def load_lora(folder: str | Path, config: RouterArtifactConfig):
+    """The artifact's query-side adapter (:class:`~routehead_rag.engine.lora.Lora`), or ``None``.
 
     Both PEFT files are checked against their recorded sha256; the weights must fit
-    ``config.query_adapter`` and carry the router's backbone fingerprint.
+    ``config.lora`` and carry the router's backbone fingerprint.
     """
     from safetensors import SafetensorError
 
-    from ..engine.query_adapter import parse_query_adapter
+    from ..engine.lora import parse_lora
 
     folder = Path(folder)
-    if config.query_adapter is None:
+    if config.lora is None:
         return None
     _recorded_bytes(folder, config, ADAPTER_CONFIG_NAME)
     data = _recorded_bytes(folder, config, ADAPTER_WEIGHTS_NAME)
     path = folder / ADAPTER_WEIGHTS_NAME
     try:
-        adapter = parse_query_adapter(config.query_adapter, data)
+        adapter = parse_lora(config.lora, data)
         header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # safetensors: u64 length, JSON header
         recorded = json.loads(header.get("__metadata__", {}).get("routehead_base_fingerprint", "null"))
     except (SafetensorError, OSError, ValueError) as err:

@@ -59,7 +59,7 @@ class SelectionConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _bounds(self) -> "SelectionConfig":
+    def _bounds(self) -> SelectionConfig:
         if self.min_heads > self.max_heads:
             raise ValueError(f"min_heads ({self.min_heads}) must not exceed max_heads ({self.max_heads})")
         return self

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from routehead_rag.model.backbone import Backbone, load_backbone
-from routehead_rag.model.gguf_cache import EMBEDDED_DEFAULT, MANIFEST_NAME, convert_embedded, embedded_gguf_path, gguf_sha256
+from routehead_rag.model.gguf_cache import (
+    EMBEDDED_DEFAULT,
+    MANIFEST_NAME,
+    convert_embedded,
+    embedded_gguf_path,
+    gguf_sha256,
+)
 
 pytestmark = pytest.mark.integration
 

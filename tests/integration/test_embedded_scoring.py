@@ -5,8 +5,8 @@ import torch
 from transformers import DynamicCache
 
 from routehead_rag.engine.capture import CaptureRequest, capture_scope, run_capture
-from routehead_rag.reranker import RouteHeadReranker
 from routehead_rag.engine.scorer import AttentionScorer, ScoringConfig
+from routehead_rag.reranker import RouteHeadReranker
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,8 @@ from haystack.components.builders import ChatPromptBuilder
 from haystack.components.retrievers.in_memory import InMemoryBM25Retriever
 from haystack.dataclasses import ChatMessage
 from haystack.document_stores.in_memory import InMemoryDocumentStore
-from haystack_integrations.components.generators.transformers import TransformersChatGenerator
 
+from haystack_integrations.components.generators.transformers import TransformersChatGenerator
 from haystack_integrations.components.rankers.routehead import RouteHeadRanker
 from routehead_rag.model.gguf_cache import convert_embedded
 

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llama_index.postprocessor.routehead import RouteHeadPostprocessor
 from routehead_rag import RouteHeadReranker
+from routehead_rag.data.first_stage import packaged_minilm_path
 from routehead_rag.model.gguf_cache import convert_embedded
-from routehead_rag.eval.first_stage import packaged_minilm_path
 
 pytestmark = pytest.mark.integration
 

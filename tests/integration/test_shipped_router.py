@@ -2,8 +2,8 @@
 
 import pytest
 
-from routehead_rag.router.artifact import SHIPPED_ROUTERS, load_artifact, read_artifact_config, shipped_router_for
 from routehead_rag.reranker import RouteHeadReranker
+from routehead_rag.router.artifact import SHIPPED_ROUTERS, load_artifact, read_artifact_config, shipped_router_for
 from tests.integration.test_embedded_scoring import DOCS, QUERY
 
 pytestmark = pytest.mark.integration
@@ -13,7 +13,7 @@ SHIPPED = SHIPPED_ROUTERS / "smollm2-135m"
 
 def test_the_shipped_router_is_found_by_fingerprint(embedded_backbone):
     assert shipped_router_for(embedded_backbone.fingerprint()) == SHIPPED
-    router, config = load_artifact(SHIPPED, embedded_backbone.fingerprint())
+    _router, config = load_artifact(SHIPPED, embedded_backbone.fingerprint())
     assert config.backbone_name == "smollm2-135m"
     assert {d["name"] for d in config.data} == {
         "beir-scifact", "musique-ans-train100", "hotpotqa-distractor-dev500", "trec-dl-2019"
@@ -38,7 +38,7 @@ def test_default_reranker_routes_with_the_shipped_router(embedded_backbone):
     results = raw.rank(QUERY, DOCS)
     everything = raw.scorer.head_scores(QUERY, DOCS)
     for r in results:
-        assert r.score == pytest.approx(float(everything.calibrated[[h.layer for h in heads], [h.head for h in heads], r.index].sum()), abs=1e-5)
+        assert r.score == pytest.approx(float(everything.debiased[[h.layer for h in heads], [h.head for h in heads], r.index].sum()), abs=1e-5)
 
 
 def test_the_shipped_query_adapter_reads_only_the_query(embedded_backbone):

@@ -12,7 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from routehead_rag import RouteHeadReranker
 from routehead_rag.router import artifact
-from routehead_rag.router.artifact import RouterArtifactError, RouterArtifactWarning, load_artifact, read_artifact_config
+from routehead_rag.router.artifact import (
+    RouterArtifactError,
+    RouterArtifactWarning,
+    load_artifact,
+    read_artifact_config,
+)
 from routehead_rag.strategy import AutoHeads, RoutedHeads
 from tests.unit.test_hostile_inputs import tiny_router  # noqa: F401  (the fixture)
 
@@ -72,7 +77,7 @@ def test_nan_or_zero_weights_are_refused_even_with_a_matching_checksum(copy, fil
         (lambda c: c["selection"].update(k=True), "selection.k"),
         (lambda c: c["selection"].update(k="8"), "selection.k"),
         (lambda c: c["router"].update(num_layers="2"), "router.num_layers"),
-        (lambda c: c["scoring"].update(calibrate="no"), "scoring.calibrate"),
+        (lambda c: c["scoring"].update(subtract_content_free="no"), "scoring.subtract_content_free"),
         (lambda c: c.update(format=1.0), "no integer 'format'"),
         (lambda c: c.update(format=True), "no integer 'format'"),
         (lambda c: c.pop("format"), "no integer 'format'"),

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from routehead_rag.model import gguf_cache as bb_mod
 from routehead_rag.model.architecture import UnsupportedArchitectureError, check_supported
 from routehead_rag.model.backbone import Backbone, load_backbone, tokenizer_sha256
+from routehead_rag.model.devices import cpu_has_native_bf16
 from routehead_rag.model.gguf_cache import (
     EMBEDDED_DEFAULT,
     INSTALL_EMBEDDED_HINT,
@@ -26,7 +27,6 @@ from routehead_rag.model.gguf_cache import (
     convert_embedded,
     embedded_gguf_path,
 )
-from routehead_rag.model.devices import cpu_has_native_bf16
 from routehead_rag.paths import default_cache_dir
 from tests.tiny_models import ARCHS, tiny_backbone, tiny_causal_lm, tiny_tokenizer
 
@@ -105,7 +105,7 @@ def test_model_object_without_tokenizer() -> None:
         (dict(model="x", tokenizer=3.5), "float"),
         (dict(model="x", dtype=3), "int"),
         (dict(model="x", device=0.5), "float"),
-        (dict(model="x", use_adapters="no"), "str"),
+        (dict(model="x", use_peft_adapters="no"), "str"),
     ],
 )
 def test_wrong_types(kwargs: dict[str, Any], type_name: str) -> None:
@@ -221,15 +221,15 @@ def test_peft_model_and_adapter_scope() -> None:
                 parameter.normal_(std=0.5)  # lora_B starts at zero: make the adapter matter
 
     on = load_backbone(peft_model, tokenizer=tokenizer)
-    off = load_backbone(peft_model, tokenizer=tokenizer, use_adapters=False)
+    off = load_backbone(peft_model, tokenizer=tokenizer, use_peft_adapters=False)
     assert on.model is peft_model and on.is_peft
     assert on.causal_lm is lm is peft_model.get_base_model()
     assert on.decoder is lm.model and on.num_layers == 2
 
     with torch.inference_mode():
-        with on.adapter_scope():
+        with on.peft_adapter_scope():
             logits_on = peft_model(input_ids=ids).logits
-        with off.adapter_scope():
+        with off.peft_adapter_scope():
             logits_off = peft_model(input_ids=ids).logits
         logits_after = peft_model(input_ids=ids).logits  # adapters restored on exit
     assert not torch.allclose(logits_on, logits_off)
@@ -238,8 +238,8 @@ def test_peft_model_and_adapter_scope() -> None:
 
 
 def test_adapter_scope_is_noop_without_peft() -> None:
-    backbone = load_backbone(tiny_causal_lm("llama"), tokenizer=tiny_tokenizer(), use_adapters=False)
-    with backbone.adapter_scope():
+    backbone = load_backbone(tiny_causal_lm("llama"), tokenizer=tiny_tokenizer(), use_peft_adapters=False)
+    with backbone.peft_adapter_scope():
         pass
     assert not backbone.is_peft
 

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from routehead_rag import RouteHeadReranker
-from routehead_rag.engine.batched import head_scores_batch
 from routehead_rag.engine.scorer import AttentionScorer, ScoringConfig
-from routehead_rag.fit.extraction import LocalExtractor, PendingQuery
 from routehead_rag.heads import Head
+from routehead_rag.offline.extraction import LocalExtractor, PendingQuery
 from tests.tiny_models import ARCHS, tiny_backbone
 
 ITEMS = [
@@ -34,12 +33,12 @@ def assert_same(single, batched):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("config", [ScoringConfig(), ScoringConfig(max_prompt_tokens=130),  # windows
-                                    ScoringConfig(mask_outliers=True), ScoringConfig(calibrate=False)],
+                                    ScoringConfig(mask_outliers=True), ScoringConfig(subtract_content_free=False)],
                          ids=["plain", "windows", "outlier-mask", "uncalibrated"])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_batched_head_scores_equal_one_at_a_time(arch, config, batch_size):
     scorer = AttentionScorer(tiny_backbone(arch), config)
-    for (query, passages, heads), batched in zip(ITEMS, head_scores_batch(scorer, ITEMS, batch_size=batch_size)):
+    for (query, passages, heads), batched in zip(ITEMS, scorer.head_scores_batch(ITEMS, batch_size=batch_size)):
         assert_same(scorer.head_scores(query, passages, heads), batched)
 
 

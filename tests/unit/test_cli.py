@@ -48,9 +48,10 @@ def test_rerank_with_a_local_model_folder(model_dir, tmp_path):
     passages.write_text('{"id": "a", "text": "the moon pulls the sea"}\n{"id": "b", "text": "stock prices fell"}\n')
     result = runner.invoke(app, ["rerank", "sea", "--file", str(passages), "--model", str(model_dir), "--json"])
     assert result.exit_code == 0, result.output
-    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
-    assert [line["rank"] for line in lines] == [1, 2]
-    assert {line["id"] for line in lines} == {"a", "b"}
+    (answer,) = [json.loads(line) for line in result.stdout.strip().splitlines()]  # one JSON object per query
+    assert answer["query"] == "sea"
+    assert [r["rank"] for r in answer["results"]] == [1, 2]
+    assert {r["id"] for r in answer["results"]} == {"a", "b"}
 
 
 def test_rerank_without_passages_is_a_usage_error(model_dir):
@@ -278,19 +279,22 @@ def test_fit_with_adapter_from_the_command_line(model_dir, tmp_path):
     log = write_log(tmp_path / "log.jsonl", count=10)
     router = tmp_path / "router"
     result = runner.invoke(app, ["fit", str(log), "--out", str(router), "--model", str(model_dir), "--layer", "0",
-                                 "--epochs", "10", "--cache-dir", str(tmp_path / "cache"), "--adapter",
-                                 "--adapter-rank", "2", "--adapter-lr", "0.01", "--adapter-epochs", "1", "--quiet"])
+                                 "--epochs", "10", "--cache-dir", str(tmp_path / "cache"), "--lora",
+                                 "--lora-rank", "2", "--adapter-lr", "0.01", "--lora-epochs", "1", "--quiet"])
     assert result.exit_code == 0, result.output
+    assert "--adapter-lr is deprecated: use --lora-lr" in result.stderr  # the old name still works, with a warning
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert "adapter_ndcg@10" in summary and "adapter_base_ndcg@10" in summary
+    assert "lora_ndcg@10" in summary and "lora_base_ndcg@10" in summary
     config = json.loads((router / "config.json").read_text())
-    assert config["training"]["adapter"]["ranks"] == [2] and len(config["training"]["adapter"]["runs"][0]["history"]) == 2
+    assert config["training"]["lora"]["ranks"] == [2] and len(config["training"]["lora"]["runs"][0]["history"]) == 2
+    assert config["training"]["lora"]["learning_rates"] == [0.01]
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--adapter-rank", "0"], "ranks"),
     (["--adapter-lr", "3"], "learning rates"),
-    (["--adapter-train-queries", "-1"], "--adapter-train-queries -1"),
+    (["--adapter-train-queries", "-1"], "--lora-train-queries -1"),
+    (["--lora-scope", "passages"], "scope"),
 ])
 def test_fit_refuses_bad_adapter_settings_before_loading(monkeypatch, tmp_path, flags, message):
     no_model_loads(monkeypatch)

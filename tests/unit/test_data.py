@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from routehead_rag.data.beir import CandidateSource, available_sets, load_beir, resolve_data_dir
+from routehead_rag.data.beir_files import DataFormatError, DataWarning, Document, load_qrels
+from routehead_rag.data.candidates import first_stage_lists
+from routehead_rag.data.protocol import PROTOCOL, Role, load_protocol_set, protocol_queries, select_queries
 from routehead_rag.engine.prompt import cut_words
-from routehead_rag.eval.beir import CandidateSource, available_sets, load_beir, resolve_data_dir
-from routehead_rag.eval.beir_files import DataFormatError, DataWarning, Document, load_qrels
-from routehead_rag.eval.candidates import bm25_order, build_candidates
-from routehead_rag.eval.protocol import PROTOCOL, Role, load_protocol_set, protocol_queries, select_queries
-from routehead_rag.paths import checkout_root, default_data_dir
 from routehead_rag.eval.metrics import candidate_recall, evaluate, rankings_to_run
+from routehead_rag.paths import checkout_root, default_data_dir
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("ROUTEHEAD_DATA") or REPO / ".." / "shared" / "data").resolve()
@@ -201,11 +201,17 @@ def test_candidate_source_is_read_off_the_files(tmp_path):
     ds_pool = load_beir(_write_set(tmp_path / "p", candidates=pool))
     assert ds_rank.candidate_source is CandidateSource.RANKING
     assert ds_pool.candidate_source is CandidateSource.POOL
-    assert build_candidates(ds_rank, ["q1"], top_k=1) == {"q1": ["d2"]}
-    assert build_candidates(ds_pool, ["q1"]) == {"q1": ["d2", "d1"]}  # source order
-    assert bm25_order(ds_pool, ["q1"]) == {"q1": ["d1", "d2"]}  # "cats" only matches d1's title
+    ranked = first_stage_lists(ds_rank, ["q1"], top_k=1)["q1"]
+    assert (ranked.doc_ids, ranked.scores) == (["d2"], [2.0])
+    # a pool's source order is not a ranking: its candidates are BM25 over the pool ("cats" only matches d1's title)
+    assert first_stage_lists(ds_pool, ["q1"])["q1"].doc_ids == ["d1", "d2"]
+    assert first_stage_lists(ds_pool, ["q1"], top_k=1)["q1"].doc_ids == ["d1"]  # a pool longer than k: its top k
     ds_corpus = load_beir(_write_set(tmp_path / "c"))
-    assert build_candidates(ds_corpus, ["q2"]) == {"q2": ["d2"]}  # only matching docs
+    assert first_stage_lists(ds_corpus, ["q2"])["q2"].doc_ids == ["d2"]  # only matching docs
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        first_stage_lists(ds_corpus, ["q2"], top_k=0)
+    with pytest.raises(ValueError, match="first stage must be one of"):
+        first_stage_lists(ds_corpus, ["q2"], kind="sparse")
 
 
 # ---------------------------------------------------------------- the shared sets
@@ -267,7 +273,14 @@ def test_protocol_query_counts_and_disjoint_splits():
     def total(role):
         return sum(len(selected[e.name, e.role]) for e in PROTOCOL.entries_for(role))
 
-    assert total("fit") == 809 + 100 + 400 + 43
+    assert total("fit") == 809 + 100 + 400 + 43 + 1000 + 1249 + 40  # six domains (data/README.md's protocol table)
+    assert len(PROTOCOL.domains(Role.FIT)) == 6
+    fit_sets = {e.name for e in PROTOCOL.entries_for(Role.FIT)}
+    test_sets = {e.name for role in (Role.IN_DOMAIN_TEST, Role.CROSS_DOMAIN_TEST) for e in PROTOCOL.entries_for(role)}
+    for name in fit_sets & test_sets:  # a set in both roles: its fit and test queries never overlap
+        assert not set(selected[name, Role.FIT]) & set(selected[name, Role.IN_DOMAIN_TEST])
+    nq = selected["nq-open-gold2655", Role.FIT]
+    assert nq == sorted(load("nq-open-gold2655").qrels)[:1000]  # the first 1,000 by string order
     assert total(Role.IN_DOMAIN_TEST) == 300 + 100
     assert total(Role.CROSS_DOMAIN_TEST) == 54 + 200 + 200 + 52 + 93
     hp_fit = selected["hotpotqa-distractor-dev500", Role.FIT]
@@ -305,7 +318,7 @@ def test_trec_dl_2019_bm25_reference_ndcg():
     """README reference: BM25 first 20 of candidates.jsonl, qrels/test.tsv -> 0.5456."""
     ds = load("trec-dl-2019")
     ids = protocol_queries(ds, "fit")
-    cands = build_candidates(ds, ids, top_k=20)
+    cands = {q: c.doc_ids for q, c in first_stage_lists(ds, ids, top_k=20).items()}
     assert all(len(c) == 20 for c in cands.values())
     assert all(cands[q] == ds.candidates[q][:20] for q in ids)
     ndcg = evaluate(rankings_to_run(cands), ds.qrels, qids=ids)["nDCG@10"]
@@ -320,7 +333,7 @@ def test_trec_dl_2019_bm25_reference_ndcg():
 def test_trec_dl_2020_bm25_reference_ndcg():
     ds = load("trec-dl-2020")
     ids = protocol_queries(ds, Role.CROSS_DOMAIN_TEST)
-    run = rankings_to_run(build_candidates(ds, ids))
+    run = rankings_to_run({q: c.doc_ids for q, c in first_stage_lists(ds, ids).items()})
     assert evaluate(run, ds.qrels, qids=ids)["nDCG@10"] == pytest.approx(0.5516, abs=5e-4)
 
 
@@ -329,11 +342,11 @@ def test_musique_source_order_reference_ndcg_and_pool_bm25():
     """README reference: musique-ans-migres200, first 60 q by id, source order -> 0.2814."""
     ds = load("musique-ans-migres200")
     ids = select_queries(ds, 60)
-    pools = build_candidates(ds, ids)
-    assert all(pools[q] == ds.candidates[q] and len(pools[q]) == 20 for q in ids)
+    pools = {q: ds.candidates[q] for q in ids}  # the source order (not a ranking: never a candidate list)
+    assert all(len(pools[q]) == 20 for q in ids)
     ndcg = evaluate(rankings_to_run(pools), ds.qrels, qids=ids)["nDCG@10"]
     assert ndcg == pytest.approx(0.2814, abs=5e-4)
-    ranked = bm25_order(ds, ids)
+    ranked = {q: c.doc_ids for q, c in first_stage_lists(ds, ids).items()}
     assert all(sorted(ranked[q]) == sorted(pools[q]) for q in ids)  # a permutation of the pool
     assert candidate_recall(ranked, ds.qrels, k=20, qids=ids) == 1.0  # gold is always in the pool
     assert evaluate(rankings_to_run(ranked), ds.qrels, qids=ids)["nDCG@10"] > 0.5
@@ -341,13 +354,13 @@ def test_musique_source_order_reference_ndcg_and_pool_bm25():
 
 @needs_data
 def test_arguana_drops_the_query_itself():
-    from routehead_rag.eval.first_stage import Bm25Index
+    from routehead_rag.data.first_stage import Bm25Index
 
     ds = load("beir-arguana")
     ids = protocol_queries(ds, Role.CROSS_DOMAIN_TEST)[:25]
     index = Bm25Index(ds.corpus)
-    kept = build_candidates(ds, ids, 20, index, drop_self_match=False)
-    dropped = build_candidates(ds, ids, 20, index)  # PROTOCOL: drop for beir-arguana
+    kept = {q: c.doc_ids for q, c in first_stage_lists(ds, ids, 20, bm25_index=index, drop_self_match=False).items()}
+    dropped = {q: c.doc_ids for q, c in first_stage_lists(ds, ids, 20, bm25_index=index).items()}  # PROTOCOL: drop
     self_hits = [q for q in ids if q in ds.corpus]
     assert self_hits and all(kept[q][0] == q for q in self_hits)  # the argument finds itself
     assert all(q not in dropped[q] and len(dropped[q]) == 20 for q in ids)

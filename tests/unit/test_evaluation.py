@@ -3,11 +3,8 @@
 import pytest
 import torch
 
-from routehead_rag.engine.scorer import AttentionScorer, aggregate
-from routehead_rag.eval.harness import strategy_run
-from routehead_rag.fit.extraction import extract
-from routehead_rag.heads import Head
-from routehead_rag.strategy import AllHeads, StaticHeads
+from routehead_rag.engine.scorer import AttentionScorer
+from routehead_rag.offline.extraction import extract
 from tests.tiny_models import tiny_backbone
 
 QUERIES = {"q1": "moon and sea", "q2": "stock prices", "q3": "five players"}
@@ -18,9 +15,9 @@ CANDIDATES = {q: ["d0", "d1", "d2", "d3"] for q in QUERIES}
 class CountingScorer(AttentionScorer):
     calls = 0
 
-    def head_scores(self, query, passages, heads=None, adapter=None, differentiable=False):
-        CountingScorer.calls += 1
-        return super().head_scores(query, passages, heads, adapter, differentiable)
+    def head_scores_batch(self, items, batch_size=8, lora=None, differentiable=False):
+        CountingScorer.calls += len(items)
+        return super().head_scores_batch(items, batch_size, lora, differentiable)
 
 
 @pytest.fixture
@@ -59,15 +56,3 @@ def test_corrupt_cache_file_is_recomputed(scorer, tmp_path):
     again = extract(scorer, "tiny", QUERIES, CANDIDATES, passages_of, tmp_path)
     assert scorer.calls == 6
     assert set(again) == set(QUERIES)
-
-
-def test_strategy_runs_rank_by_the_head_sums(scorer, tmp_path):
-    extractions = extract(scorer, "tiny", QUERIES, CANDIDATES, passages_of, None)
-    heads = [Head(1, 0), Head(0, 2)]
-    run = strategy_run(extractions, StaticHeads(tuple(heads)), None, QUERIES)
-    for qid, extraction in extractions.items():
-        scores = aggregate(extraction.calibrated, heads)
-        best = extraction.doc_ids[int(scores.argmax())]
-        assert max(run[qid], key=run[qid].get) == best
-    icr = strategy_run(extractions, AllHeads(), None, QUERIES)
-    assert set(icr) == set(QUERIES)

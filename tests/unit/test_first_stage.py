@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from routehead_rag.eval import first_stage
-from routehead_rag.eval.beir_files import Document
-from routehead_rag.eval.first_stage import Bm25Index, DenseRetriever, packaged_minilm_path, rank_pool
+from routehead_rag.data import first_stage
+from routehead_rag.data.beir_files import Document
+from routehead_rag.data.first_stage import Bm25Index, DenseRetriever, packaged_minilm_path, rank_pool
 
 CORPUS = {
     "d1": Document("d1", "", "apple banana apple"),

@@ -6,14 +6,14 @@ import stat
 
 import pytest
 
-from routehead_rag.router.artifact import RouterArtifactError, load_artifact, read_artifact_config
-from routehead_rag.fit.pipeline import run_fit
-from routehead_rag.fit.sources import read_query_log
 from routehead_rag.engine.embedding import QueryEmbeddingConfig, embed_query
-from routehead_rag.reranker import RouteHeadReranker
 from routehead_rag.engine.scorer import aggregate
+from routehead_rag.fit.pipeline import run_fit
 from routehead_rag.fit.search import SearchConfig
+from routehead_rag.fit.sources import read_query_log
 from routehead_rag.fit.training import TrainingConfig
+from routehead_rag.reranker import RouteHeadReranker
+from routehead_rag.router.artifact import RouterArtifactError, load_artifact, read_artifact_config
 from routehead_rag.strategy import AllHeads
 from tests.tiny_models import tiny_backbone
 
@@ -45,7 +45,7 @@ def fitted(tmp_path_factory):
 
 
 def test_artifact_files_and_config(fitted):
-    backbone, _, result, folder = fitted
+    backbone, _, result, _folder = fitted
     assert {p.name for p in result.artifact.iterdir()} == {"config.json", "router.safetensors", "README.md"}
     config = read_artifact_config(result.artifact)
     assert config.backbone_fingerprint.model_dump() == backbone.fingerprint()
@@ -84,7 +84,7 @@ def test_routed_reranker_scores_with_the_routed_heads(fitted):
     for a, b in zip(routed_results, static_results):
         assert a.score == pytest.approx(b.score, abs=1e-6)
     everything = reranker.scorer.head_scores(query, passages)
-    expected = aggregate(everything.calibrated, heads)
+    expected = aggregate(everything.debiased, heads)
     for r in routed_results:
         assert r.score == pytest.approx(float(expected[r.index]), abs=1e-5)
 
@@ -127,8 +127,8 @@ def test_refit_reuses_the_extraction_cache(fitted, monkeypatch):
     import routehead_rag.engine.scorer as scoring
 
     calls = []
-    original = scoring.AttentionScorer.head_scores
-    monkeypatch.setattr(scoring.AttentionScorer, "head_scores", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = scoring.AttentionScorer.head_scores_batch
+    monkeypatch.setattr(scoring.AttentionScorer, "head_scores_batch", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     run_fit(
         backbone, [source], folder / "router2", query_embedding=QueryEmbeddingConfig(layer=0),
         search=SearchConfig(pool_size=8, max_heads=3), training=TrainingConfig(epochs=5, ks=(1,)),
@@ -142,7 +142,7 @@ def test_interrupted_fit_resumes_where_it_stopped(tmp_path, monkeypatch):
 
     backbone = tiny_backbone("llama")
     source = read_query_log(write_log(tmp_path / "log.jsonl", count=10))
-    original = scoring.AttentionScorer.head_scores
+    original = scoring.AttentionScorer.head_scores_batch
     calls = []
 
     def interrupted_after_four(self, *args, **kwargs):
@@ -153,12 +153,12 @@ def test_interrupted_fit_resumes_where_it_stopped(tmp_path, monkeypatch):
 
     settings = dict(query_embedding=QueryEmbeddingConfig(layer=0), search=SearchConfig(pool_size=8, max_heads=3),
                     training=TrainingConfig(epochs=5, ks=(1,)), cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(scoring.AttentionScorer, "head_scores", interrupted_after_four)
+    monkeypatch.setattr(scoring.AttentionScorer, "head_scores_batch", interrupted_after_four)
     with pytest.raises(KeyboardInterrupt):
         run_fit(backbone, [source], tmp_path / "router", **settings)
     assert not (tmp_path / "router").exists()  # no partial artifact
     resumed = []
-    monkeypatch.setattr(scoring.AttentionScorer, "head_scores", lambda self, *a, **k: resumed.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(scoring.AttentionScorer, "head_scores_batch", lambda self, *a, **k: resumed.append(1) or original(self, *a, **k))
     result = run_fit(backbone, [source], tmp_path / "router", **settings)
     assert len(resumed) == 6  # only the queries the interrupted run had not finished
     assert read_artifact_config(result.artifact).data[0]["queries"] == 10

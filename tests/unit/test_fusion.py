@@ -9,26 +9,70 @@ import pytest
 import torch
 
 from routehead_rag import RouteHeadReranker
-from routehead_rag.fit.fusion import expected_calibration_error, fit_calibration, fit_fusion
+from routehead_rag.fit.fusion_fit import expected_calibration_error, fit_calibration, fit_fusion
 from routehead_rag.fit.labelled import build_labelled_set
-from routehead_rag.fusion import CalibrationConfig, calibrate, first_stage_signal, fuse, standardise
+from routehead_rag.fusion import CalibrationConfig, calibrate, first_stage_signal, standardise
+from routehead_rag.recipe import final_scores
 from routehead_rag.router.model import Router, RouterConfig
 from tests.unit.test_hostile_inputs import tiny_router  # noqa: F401  (the fixture)
 
 PASSAGES = ["the moon pulls the sea", "stock prices fell", "tides follow the moon", "five players a team"]
 
 
+def reference_z(values):
+    """Independent z-score: numpy-free, over the whole list, population std."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return [0.0 if std == 0 else (v - mean) / std for v in values]
+
+
+def test_the_formula_matches_an_independent_reference():
+    attention, signal = [0.3, -0.1, 0.7, 0.2], [5.0, 2.0, 1.5, -3.0]
+    for weight in (0.0, 0.5, 2.0):
+        expected = [a + weight * f for a, f in zip(reference_z(attention), reference_z(signal))]
+        got = final_scores(torch.tensor(attention, dtype=torch.float64), torch.tensor(signal, dtype=torch.float64), weight)
+        assert got.tolist() == pytest.approx(expected, abs=1e-12)
+    calibration = CalibrationConfig(slope=0.7, intercept=-0.3)
+    expected = [1 / (1 + 2.718281828459045 ** -(0.7 * (a + f) - 0.3)) for a, f in zip(reference_z(attention), reference_z(signal))]
+    both = final_scores(torch.tensor(attention, dtype=torch.float64), torch.tensor(signal, dtype=torch.float64), 1.0,
+                        calibration)
+    assert both.tolist() == pytest.approx(expected, abs=1e-12)
+    # no fusion: the attention mass itself (then the calibration's map of it)
+    assert final_scores(torch.tensor(attention, dtype=torch.float64)).tolist() == pytest.approx(attention, abs=1e-12)
+
+
+def test_batched_with_padding_and_a_weight_per_list_equals_one_list_at_a_time():
+    attention = torch.tensor([[0.3, -0.1, 0.7, 0.0], [0.5, 0.1, 0.2, 0.9]])
+    signal = torch.tensor([[3.0, 2.0, 1.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    weights = torch.tensor([0.5, 2.0])
+    batched = final_scores(attention, signal, weights, None, valid)
+    assert batched[0, 3] == 0.0  # padding
+    for row in range(2):
+        count = int(valid[row].sum())
+        alone = final_scores(attention[row, :count], signal[row, :count], float(weights[row]))
+        assert batched[row, :count].tolist() == pytest.approx(alone.tolist(), abs=1e-12)
+
+
 def test_weight_zero_ranks_exactly_as_attention_alone():
     attention = torch.tensor([0.3, -0.1, 0.7, 0.2])
-    fused = fuse(attention, first_stage_signal(4), 0.0)
+    fused = final_scores(attention, first_stage_signal(4), 0.0)
     assert torch.equal(torch.argsort(fused, descending=True), torch.argsort(attention, descending=True))
 
 
 def test_a_large_weight_follows_the_first_stage():
     attention = torch.tensor([0.3, -0.1, 0.7, 0.2])
-    assert torch.argsort(fuse(attention, first_stage_signal(4), 100.0), descending=True).tolist() == [0, 1, 2, 3]
+    assert torch.argsort(final_scores(attention, first_stage_signal(4), 100.0), descending=True).tolist() == [0, 1, 2, 3]
     reversed_scores = first_stage_signal(4, [1.0, 2.0, 3.0, 4.0])  # a framework's scores: the last is best
-    assert torch.argsort(fuse(attention, reversed_scores, 100.0), descending=True).tolist() == [3, 2, 1, 0]
+    assert torch.argsort(final_scores(attention, reversed_scores, 100.0), descending=True).tolist() == [3, 2, 1, 0]
+
+
+def test_huge_first_stage_scores_standardise_without_overflow():
+    attention = torch.tensor([0.3, -0.1, 0.7])
+    fused = final_scores(attention, torch.tensor([1e308, 1e307, -1e308], dtype=torch.float64), 1.0)
+    assert bool(torch.isfinite(fused).all())
+    assert fused.tolist() == pytest.approx(final_scores(attention, torch.tensor([1.0, 0.1, -1.0]), 1.0).tolist())
 
 
 def test_standardise_and_the_signal():
@@ -36,6 +80,7 @@ def test_standardise_and_the_signal():
     z = standardise(torch.tensor([1.0, 2.0, 3.0]))
     assert abs(float(z.mean())) < 1e-12 and abs(float(z.std(unbiased=False)) - 1) < 1e-12
     assert first_stage_signal(3, [float("nan"), 1.0, 2.0]).tolist() == first_stage_signal(3).tolist()  # unusable: order
+    assert first_stage_signal(3).tolist() == [0.0, -1.0, -2.0]  # raw: minus the rank
     with pytest.raises(ValueError, match="2 first-stage scores for 3 passages"):
         first_stage_signal(3, [1.0, 2.0])
 
@@ -63,7 +108,7 @@ def planted(queries=120, passages=8, seed=0):
         qid = f"q{q}"
         per_query[qid], doc_ids[qid], qrels[qid] = scores, [f"d{i}" for i in range(passages)], {f"d{relevant}": 1}
         signal = torch.zeros(passages, dtype=torch.float64)
-        signal[order] = first_stage_signal(passages)
+        signal[order] = standardise(first_stage_signal(passages))
         first.append(signal)
         embeddings.append(torch.tensor([1.0 if trust else -1.0, 0.0, 0.5]))
     data = build_labelled_set(per_query, doc_ids, qrels)

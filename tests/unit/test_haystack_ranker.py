@@ -18,13 +18,15 @@ from haystack import Document, Pipeline
 from haystack.components.retrievers.in_memory import InMemoryBM25Retriever
 from haystack.core.errors import SerializationError
 from haystack.document_stores.in_memory import InMemoryDocumentStore
-from haystack.utils import ComponentDevice
+from haystack.utils import ComponentDevice, Secret
 from haystack.utils.misc import _deduplicate_documents as haystack_deduplicate
-from haystack_integrations.components.generators.transformers import TransformersChatGenerator
 
+from haystack_integrations.components.generators.transformers import TransformersChatGenerator
 from haystack_integrations.components.rankers.routehead import RouteHeadRanker
-from routehead_rag.engine.prompt import QUESTION_INSTRUCTION
 from routehead_rag.documents import EMPTY_PASSAGE_SCORE
+from routehead_rag.engine.prompt import QUESTION_INSTRUCTION
+from routehead_rag.engine.scorer import HeadScores
+from routehead_rag.options import RerankerOptions
 from routehead_rag.reranker import RouteHeadReranker
 from routehead_rag.strategy import AllHeads
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
@@ -53,9 +55,10 @@ class FakeScorer:
         self.calls: list[tuple[str, list[str]]] = []
         self.warm_ups = 0
 
-    def passage_scores(self, query: str, passages: list[str], heads=None, adapter=None) -> torch.Tensor:
+    def head_scores(self, query, passages, heads=None, lora=None):
         self.calls.append((query, list(passages)))
-        return torch.tensor([self.scores.get(text, 0.0) for text in passages], dtype=torch.float64)  # [passage]
+        scores = torch.tensor([self.scores.get(text, 0.0) for text in passages], dtype=torch.float64)  # [passage]
+        return HeadScores(real=scores.reshape(1, 1, -1), content_free=None)  # one "head": its sum is the score
 
 
 @pytest.fixture
@@ -77,24 +80,23 @@ def docs_abc() -> list[Document]:
 # -- serialisation ------------------------------------------------------------------------------
 
 
+OPTION_DEFAULTS = RerankerOptions().model_dump(mode="json", exclude={"device"})  # device: a ComponentDevice
+TOKEN_SECRET = {"type": "env_var", "env_vars": ["HF_API_TOKEN", "HF_TOKEN"], "strict": False}
+
+
 def test_to_dict_defaults():
     assert RouteHeadRanker().to_dict() == {
         "type": RANKER_TYPE,
         "init_parameters": {
             "model": "smollm2-135m",
-            "heads": "auto",
             "top_k": 10,
             "score_threshold": None,
             "meta_fields_to_embed": [],
             "embedding_separator": "\n",
             "device": None,
-            "dtype": None,
-            "max_prompt_tokens": 4096,
-            "instruction": None,
             "tokenizer": None,
-            "fuse_first_stage": True,
-            "scale_score": True,
-            "query_adapter": True,
+            "token": TOKEN_SECRET,
+            **OPTION_DEFAULTS,  # every option of the one options model, by its names
         },
     }
 
@@ -112,29 +114,46 @@ def test_to_dict_with_every_argument_set():
         max_prompt_tokens=2048,
         instruction="question",
         tokenizer="HuggingFaceTB/SmolLM2-360M-Instruct",
+        token=Secret.from_env_var("MY_HF_TOKEN"),
         fuse_first_stage=False,
         scale_score=False,
-        query_adapter=False,
+        lora=False,
+        max_passage_tokens=200,
+        chunk_long_documents=True,
+        model_kwargs={"revision": "main"},
     )
     assert ranker.to_dict() == {
         "type": RANKER_TYPE,
         "init_parameters": {
             "model": "HuggingFaceTB/SmolLM2-360M-Instruct",
-            "heads": ["L1.H0", "L0.H3"],  # normalised, repeats dropped
             "top_k": 3,
             "score_threshold": 0.25,
             "meta_fields_to_embed": ["title"],
             "embedding_separator": " | ",
             "device": {"type": "single", "device": "cpu"},
+            "tokenizer": "HuggingFaceTB/SmolLM2-360M-Instruct",
+            "token": {"type": "env_var", "env_vars": ["MY_HF_TOKEN"], "strict": True},
+            **OPTION_DEFAULTS,
+            "heads": ["L1.H0", "L0.H3"],  # normalised, repeats dropped
             "dtype": "bfloat16",
             "max_prompt_tokens": 2048,
             "instruction": "question",
-            "tokenizer": "HuggingFaceTB/SmolLM2-360M-Instruct",
             "fuse_first_stage": False,
             "scale_score": False,
-            "query_adapter": False,
+            "lora": False,
+            "max_passage_tokens": 200,
+            "chunk_long_documents": True,
+            "model_kwargs": {"revision": "main"},
         },
     }
+
+
+def test_a_token_value_is_never_serialised():
+    with pytest.raises(TypeError, match="Secret"):
+        RouteHeadRanker(token="hf_secret_value")
+    ranker = RouteHeadRanker(token=Secret.from_token("hf_secret_value"))
+    with pytest.raises(ValueError):  # Haystack refuses to serialise a token-based Secret
+        ranker.to_dict()
 
 
 def test_from_dict_round_trip_leaves_the_data_untouched():
@@ -142,26 +161,24 @@ def test_from_dict_round_trip_leaves_the_data_untouched():
         "type": RANKER_TYPE,
         "init_parameters": {
             "model": "some/model",
-            "heads": ["L2.H1"],
             "top_k": None,
             "score_threshold": -1.5,
             "meta_fields_to_embed": ["title", "section"],
             "embedding_separator": "\n\n",
             "device": {"type": "single", "device": "cpu"},
+            "tokenizer": None,
+            "token": TOKEN_SECRET,
+            **OPTION_DEFAULTS,
             "dtype": "float16",
             "max_prompt_tokens": 512,
-            "instruction": None,
-            "tokenizer": None,
-            "fuse_first_stage": True,
-            "scale_score": True,
-            "query_adapter": False,
+            "lora": False,
         },
     }
     snapshot = {**data, "init_parameters": dict(data["init_parameters"])}
     ranker = RouteHeadRanker.from_dict(data)
     assert data == snapshot
     assert ranker.device == ComponentDevice.from_str("cpu")
-    assert ranker.top_k is None and ranker.score_threshold == -1.5 and ranker.instruction is None
+    assert ranker.top_k is None and ranker.score_threshold == -1.5 and ranker.options.instruction is None
     assert ranker.to_dict() == data
 
 
@@ -225,8 +242,9 @@ def test_a_model_object_cannot_be_serialised_and_the_error_says_what_to_do():
         ({"device": "cuda:0"}, r"ComponentDevice.from_str\('cuda:0'\)"),
         ({"dtype": "int8"}, "dtype='int8' is not supported"),
         ({"dtype": torch.int8}, "dtype=torch.int8 is not supported"),
-        ({"max_prompt_tokens": 0}, "max_prompt_tokens must be an integer of at least 64, got 0"),
-        ({"instruction": "summarise"}, r"one of \['question', 'relevance'\], got 'summarise'"),
+        ({"max_prompt_tokens": 0}, "max_prompt_tokens=0: Input should be greater than or equal to 64"),
+        ({"instruction": "summarise"}, "instruction='summarise': Input should be 'relevance' or 'question'"),
+        ({"max_passage_tokens": 0}, "max_passage_tokens=0: Input should be greater than or equal to 8"),
         ({"heads": "/no/such/router"}, "heads='/no/such/router' is neither 'auto' nor 'all'"),
         ({"heads": []}, "heads is an empty list"),
         ({"heads": ["L1"]}, "cannot parse head 'L1'"),
@@ -246,8 +264,8 @@ def test_dtype_is_parsed_by_the_engine_the_same_way_in_both_adapters():
     from llama_index.postprocessor.routehead import RouteHeadPostprocessor
 
     for spelled in ("torch.bfloat16", "BFloat16", torch.bfloat16):
-        assert RouteHeadRanker(dtype=spelled).dtype == RouteHeadPostprocessor(dtype=spelled).dtype == "bfloat16"
-        assert RouteHeadReranker(dtype=spelled).dtype == torch.bfloat16
+        assert RouteHeadRanker(dtype=spelled).options.dtype == RouteHeadPostprocessor(dtype=spelled).dtype == "bfloat16"
+        assert RouteHeadReranker(dtype=spelled).options.dtype == "bfloat16"
 
 
 def test_bad_model_arguments():
@@ -378,7 +396,7 @@ def test_init_arguments_reach_the_engine(fake):
     assert [str(h) for h in engine.heads] == ["L0.H1"]
     assert engine.config.prompt.task_instruction == QUESTION_INSTRUCTION
     assert engine.config.max_prompt_tokens == 1000
-    assert (engine.model, engine.dtype, engine.device) == ("smollm2-135m", torch.bfloat16, torch.device("cpu"))
+    assert (engine.model, engine.options.dtype, engine.options.device) == ("smollm2-135m", "bfloat16", "cpu")
 
 
 def test_concurrent_warm_ups_build_one_engine(monkeypatch):

@@ -111,7 +111,7 @@ def test_fit_checks_every_querys_budget_before_extracting(tmp_path, monkeypatch)
     lines = [{"id": "ok", "query": "sea", "candidates": [{"id": "a", "text": "the sea"}], "relevance": {"a": 1}},
              {"id": "long", "query": "a " * 5000, "candidates": [{"id": "a", "text": "x"}]}]
     log.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    monkeypatch.setattr(scorer.AttentionScorer, "head_scores", lambda *a, **k: pytest.fail("extracted"))
+    monkeypatch.setattr(scorer.AttentionScorer, "head_scores_batch", lambda *a, **k: pytest.fail("extracted"))
     with pytest.raises(ValueError, match="log: query 'long': the query alone needs"):
         run_fit(tiny_backbone("llama"), [read_query_log(log)], tmp_path / "router", cache_dir=tmp_path / "cache")
 
@@ -150,7 +150,7 @@ def test_an_integral_grade_written_as_a_float_is_read(tmp_path):
 def test_editing_a_candidate_in_place_is_re_extracted(tmp_path):
     """Same byte count, other text: the cache is keyed on content, not on the log's path and size."""
     from routehead_rag.engine.scorer import AttentionScorer
-    from routehead_rag.fit.extraction import extract
+    from routehead_rag.offline.extraction import extract
 
     backbone = tiny_backbone("llama")
     scorer = AttentionScorer(backbone)
@@ -172,8 +172,8 @@ def test_editing_a_candidate_in_place_is_re_extracted(tmp_path):
 
 
 def test_an_interrupted_artifact_write_leaves_nothing_the_next_write_does_not_clean(tiny_router, tmp_path):
-    from routehead_rag.router.artifact import load_artifact, read_artifact_config, save_artifact
     from routehead_rag.fit.report import model_card
+    from routehead_rag.router.artifact import load_artifact, read_artifact_config, save_artifact
 
     _, router_dir = tiny_router
     router, config = load_artifact(router_dir)

@@ -22,6 +22,8 @@ import routehead_rag.model.backbone
 from llama_index.postprocessor.routehead import RouteHeadPostprocessor
 from routehead_rag import RouteHeadReranker
 from routehead_rag.documents import EMPTY_PASSAGE_SCORE
+from routehead_rag.engine.scorer import HeadScores
+from routehead_rag.options import RerankerOptions
 from routehead_rag.strategy import AllHeads
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
@@ -53,7 +55,8 @@ def expected_order(query: str, texts: list[str]) -> list[int]:
 
 
 class OverlapScorer:
-    """Stand-in for ``AttentionScorer.passage_scores``; records what it was asked to score."""
+    """Stand-in for ``AttentionScorer.head_scores`` (one "head" whose score is the word overlap); records what
+    it was asked to score."""
 
     backbone = None  # the head choice below needs none
 
@@ -63,9 +66,10 @@ class OverlapScorer:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
 
-    def passage_scores(self, query, passages, heads=None, adapter=None):
+    def head_scores(self, query, passages, heads=None, lora=None):
         self.calls.append((query, list(passages)))
-        return torch.tensor([overlap(query, p) for p in passages])  # [passage]
+        scores = torch.tensor([overlap(query, p) for p in passages], dtype=torch.float64)  # [passage]
+        return HeadScores(real=scores.reshape(1, 1, -1), content_free=None)
 
 
 @pytest.fixture
@@ -235,14 +239,18 @@ def test_to_dict_from_dict_round_trip(no_loading):
         device="cpu",
         dtype="bfloat16",
         max_prompt_tokens=1024,
-        query_adapter=False,
+        lora=False,
+        max_passage_tokens=200,
+        model_kwargs={"revision": "main"},
     )
     data = rerank.to_dict()
     assert data["class_name"] == "RouteHeadPostprocessor"
     assert data["heads"] == ["L0.H1", "L1.H3"] and data["dtype"] == "bfloat16" and data["shared_model"] is False
-    assert data["query_adapter"] is False
+    assert data["lora"] is False and data["max_passage_tokens"] == 200 and data["model_kwargs"] == {"revision": "main"}
+    # every option of the one options model is serialised, by its name
+    assert set(RerankerOptions.model_fields) <= set(data)
     again = RouteHeadPostprocessor.from_dict(data)
-    assert again.reranker.query_adapter is False
+    assert again.reranker.options.lora is False and again.reranker.options == rerank.reranker.options
     assert again.to_dict() == data
     assert RouteHeadPostprocessor.from_json(rerank.to_json()).to_dict() == data
     assert [str(h) for h in again.reranker.heads] == ["L0.H1", "L1.H3"]
@@ -266,14 +274,15 @@ def test_heads_accepts_head_objects_pairs_and_paths(tmp_path, no_loading):
         (dict(top_n=-2), "got -2"),
         (dict(top_n=True), "got True"),
         (dict(top_n="3"), "got '3'"),
-        (dict(max_prompt_tokens=0), "max_prompt_tokens must be an integer of at least 64, got 0"),
+        (dict(max_prompt_tokens=0), "max_prompt_tokens=0: Input should be greater than or equal to 64"),
+        (dict(no_such_option=1), r"unknown option\(s\) \['no_such_option'\]"),
         (dict(dtype="int8"), "dtype='int8' is not supported"),
         (dict(device="gpu"), "device='gpu' is not a valid torch device"),
         (dict(heads="no/such/router"), "heads='no/such/router' is neither"),
         (dict(heads=["L0.H1", "layer zero"]), "cannot parse head 'layer zero'"),
         (dict(heads=3), "heads must be 'auto'"),
         (dict(score_threshold=float("nan")), "score_threshold must be a number or None, got nan"),
-        (dict(instruction="summarise"), "instruction must be one of"),
+        (dict(instruction="summarise"), "instruction='summarise': Input should be 'relevance' or 'question'"),
         (dict(tokenizer=object()), "tokenizer= is only used with a model object"),
         (dict(model=42), "model must be a name"),
         (dict(shared_model=True), "from_dict\\(data, llm=your_llm\\)"),
@@ -296,8 +305,10 @@ def test_engine_settings_are_frozen_and_top_n_is_validated_on_assignment(no_load
     assert rerank.top_n == 2
     with pytest.raises(ValueError, match="got 0"):
         rerank.top_n = 0
-    with pytest.raises(ValueError, match="frozen"):
+    with pytest.raises(ValueError, match="heads is a re-ranker option, fixed when the postprocessor is built"):
         rerank.heads = "all"  # the engine was built from it: changing it later would be ignored
+    with pytest.raises(ValueError, match="fixed when the postprocessor is built"):
+        rerank.lora = False
 
 
 # -- the real engine on a tiny model -------------------------------------------------------------

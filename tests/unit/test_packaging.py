@@ -140,7 +140,7 @@ def test_adapters_install_beside_other_packages_of_their_namespaces_without_clob
     code = "import importlib.util, sys; print([importlib.util.find_spec(m).origin for m in sys.argv[1:]])"
     done = subprocess.run([sys.executable, "-S", "-c", code, *modules], env={"PYTHONPATH": str(target)},
                           capture_output=True, text=True, check=True)
-    origins = eval(done.stdout)  # noqa: S307  (our own subprocess's repr of a list of paths)
+    origins = eval(done.stdout)
     assert all(origin and origin.startswith(str(target)) for origin in origins), origins
 
 

@@ -70,7 +70,7 @@ def violations(query, documents=(), top_k=None, threshold=None, *, top_k_name="t
                                   or math.isnan(threshold)):
         found.append((ValueError, "score_threshold"))
     if documents is None or isinstance(documents, (str, bytes, dict, set, int)):
-        return found + [(TypeError, "documents")]
+        return [*found, (TypeError, "documents")]
     seen, texts = set(), []
     for index, item in enumerate(documents):
         if isinstance(item, str):
@@ -80,11 +80,11 @@ def violations(query, documents=(), top_k=None, threshold=None, *, top_k_name="t
             try:
                 hash(doc_id)
             except TypeError:
-                return found + [(TypeError, f"document {index}")]
+                return [*found, (TypeError, f"document {index}")]
         else:
-            return found + [(TypeError, f"document {index}")]
+            return [*found, (TypeError, f"document {index}")]
         if doc_id in seen:
-            return found + [(ValueError, "duplicate document id")]
+            return [*found, (ValueError, "duplicate document id")]
         seen.add(doc_id)
         texts.append(text)
     if not found and any(t.strip() for t in texts) and budget_check(query):

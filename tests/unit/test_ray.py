@@ -9,13 +9,13 @@ ray = pytest.importorskip("ray")
 
 from routehead_rag.engine.embedding import QueryEmbeddingConfig  # noqa: E402
 from routehead_rag.engine.scorer import AttentionScorer  # noqa: E402
-from routehead_rag.fit.distributed import RayExtractor  # noqa: E402
-from routehead_rag.fit.extraction import extract  # noqa: E402
 from routehead_rag.fit.pipeline import run_fit  # noqa: E402
 from routehead_rag.fit.search import SearchConfig  # noqa: E402
 from routehead_rag.fit.sources import read_query_log  # noqa: E402
 from routehead_rag.fit.training import TrainingConfig  # noqa: E402
 from routehead_rag.model.backbone import load_backbone  # noqa: E402
+from routehead_rag.offline.distributed import RayExtractor  # noqa: E402
+from routehead_rag.offline.extraction import extract  # noqa: E402
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer  # noqa: E402
 from tests.unit.test_fit import write_log  # noqa: E402
 
@@ -66,8 +66,8 @@ def test_a_run_resumes_from_the_other_modes_cache(cluster, tmp_path, one_thread,
     executor = RayExtractor.for_backbone(str(cluster), backbone, address="auto", workers=2)
     first = extract(scorer, source.name, source.queries, half, source.passages, tmp_path / "cache", executor=executor)
     computed = []
-    original = AttentionScorer.head_scores
-    monkeypatch.setattr(AttentionScorer, "head_scores", lambda self, *a, **k: computed.append(1) or original(self, *a, **k))
+    original = AttentionScorer.head_scores_batch
+    monkeypatch.setattr(AttentionScorer, "head_scores_batch", lambda self, *a, **k: computed.append(1) or original(self, *a, **k))
     everything = extract(scorer, source.name, source.queries, source.candidates, source.passages, tmp_path / "cache")
     assert len(computed) == 4  # the Ray run's four came from the cache; only the others were computed here
     assert list(everything) == list(source.candidates)  # candidates order, whatever order they arrived in

@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
+from routehead_rag.engine.scorer import aggregate
 from routehead_rag.heads import Head
 from routehead_rag.reranker import EMPTY_PASSAGE_SCORE, RankedResults, RouteHeadReranker
-from routehead_rag.engine.scorer import aggregate
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 
 DOCS = ["the moon pulls the sea", "stock prices fell", "tides follow the moon", "five players a team"]
@@ -46,7 +46,7 @@ def test_static_heads_score_is_the_head_sum(shared):
     heads = ["L1.H2", "L0.H0"]
     static = RouteHeadReranker(model=model, tokenizer=tokenizer, heads=heads)
     everything = RouteHeadReranker(model=model, tokenizer=tokenizer).scorer.head_scores("sea", DOCS)
-    expected = aggregate(everything.calibrated, [Head(1, 2), Head(0, 0)])
+    expected = aggregate(everything.debiased, [Head(1, 2), Head(0, 0)])
     results = static.rank("sea", DOCS)
     for r in results:
         assert r.score == pytest.approx(float(expected[r.index]), abs=1e-5)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from routehead_rag.heads import Head
 from routehead_rag.engine.scorer import AttentionScorer, ScoringConfig, aggregate, plan_windows
 from routehead_rag.fit.labelled import build_labelled_set, rank_heads
+from routehead_rag.heads import Head
 from routehead_rag.strategy import StaticHeads
 from tests.tiny_models import tiny_backbone
 
@@ -45,7 +45,7 @@ def test_head_scores_match_two_full_eager_passes(scorer):
     free = eager_reference(scorer.backbone, layout.prefix_ids + free_part.ids, free_part.span, layout.passage_spans)
     torch.testing.assert_close(scores.real, real, atol=1e-5, rtol=0)
     torch.testing.assert_close(scores.content_free, free, atol=1e-5, rtol=0)
-    torch.testing.assert_close(scores.calibrated, real - free, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores.debiased, real - free, atol=1e-5, rtol=0)
 
 
 def test_static_heads_equal_slice_of_all_heads(scorer):
@@ -53,10 +53,10 @@ def test_static_heads_equal_slice_of_all_heads(scorer):
     everything = scorer.head_scores(QUERY, PASSAGES)
     some = scorer.head_scores(QUERY, PASSAGES, heads)
     for head in heads:
-        torch.testing.assert_close(some.calibrated[head.layer, head.head], everything.calibrated[head.layer, head.head], atol=1e-6, rtol=0)
+        torch.testing.assert_close(some.debiased[head.layer, head.head], everything.debiased[head.layer, head.head], atol=1e-6, rtol=0)
     assert torch.isnan(some.real[0, 0]).all()  # not computed
     torch.testing.assert_close(
-        scorer.passage_scores(QUERY, PASSAGES, heads), aggregate(everything.calibrated, heads), atol=1e-6, rtol=0
+        scorer.passage_scores(QUERY, PASSAGES, heads), aggregate(everything.debiased, heads), atol=1e-6, rtol=0
     )
 
 

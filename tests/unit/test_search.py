@@ -5,10 +5,11 @@ import random
 import pytest
 import torch
 
-from routehead_rag.heads import Head
 from routehead_rag.eval.metrics import per_query, ranking_to_run
-from routehead_rag.fit.labelled import batched_ndcg, build_labelled_set
+from routehead_rag.fit.labelled import build_labelled_set
 from routehead_rag.fit.search import SearchConfig, search_heads
+from routehead_rag.heads import Head
+from routehead_rag.measures import batched_ndcg
 
 
 def test_batched_ndcg_equals_ir_measures():

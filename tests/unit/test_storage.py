@@ -1,15 +1,15 @@
 """Storage precision of the extraction cache and an on-disk labelled set.
 
 The reference is the scorer itself: a float16 extraction is the scorer's float32 scores rounded
-once (the calibrated difference taken before rounding), whether fresh or from the cache."""
+once (the debiased difference taken before rounding), whether fresh or from the cache."""
 
 import pytest
 import torch
 
 from routehead_rag.engine.scorer import AttentionScorer
-from routehead_rag.fit.extraction import _query_file, extract, extraction_key
 from routehead_rag.fit.labelled import build_labelled_set, rank_heads, single_head_quality
 from routehead_rag.fit.search import SearchConfig, search_heads
+from routehead_rag.offline.extraction import _query_file, extract, extraction_key
 from tests.tiny_models import tiny_backbone
 from tests.unit.test_evaluation import CANDIDATES, QUERIES, CountingScorer, passages_of
 
@@ -31,11 +31,11 @@ def test_float16_cache_holds_the_scorers_scores_rounded_once(scorer, tmp_path):
     for qid in QUERIES:
         reference = AttentionScorer(scorer.backbone).head_scores(QUERIES[qid], passages_of(qid, CANDIDATES[qid]))
         assert torch.equal(fresh[qid].real, reference.real.half().float())
-        assert torch.equal(fresh[qid].calibrated, (reference.real - reference.content_free).half().float())
-        assert torch.equal(cached[qid].real, fresh[qid].real) and torch.equal(cached[qid].calibrated, fresh[qid].calibrated)
+        assert torch.equal(fresh[qid].debiased, (reference.real - reference.content_free).half().float())
+        assert torch.equal(cached[qid].real, fresh[qid].real) and torch.equal(cached[qid].debiased, fresh[qid].debiased)
         assert fresh[qid].real.dtype == torch.float32
         on_disk = stored_file(scorer, tmp_path, qid)
-        assert on_disk["real"].dtype == on_disk["calibrated"].dtype == torch.float16
+        assert on_disk["real"].dtype == on_disk["debiased"].dtype == torch.float16
 
 
 def test_a_coarser_file_is_recomputed_and_a_finer_one_rounded(scorer, tmp_path):
@@ -44,25 +44,25 @@ def test_a_coarser_file_is_recomputed_and_a_finer_one_rounded(scorer, tmp_path):
     assert CountingScorer.calls == 2 * len(QUERIES)  # float16 files cannot serve a float32 request
     reference = AttentionScorer(scorer.backbone).head_scores(QUERIES["q1"], passages_of("q1", CANDIDATES["q1"]))
     assert torch.equal(full["q1"].real, reference.real)
-    assert torch.equal(full["q1"].calibrated, reference.real - reference.content_free)
+    assert torch.equal(full["q1"].debiased, reference.real - reference.content_free)
     assert stored_file(scorer, tmp_path, "q1")["real"].dtype == torch.float32
     half = extract(scorer, "tiny", QUERIES, CANDIDATES, passages_of, tmp_path, storage_dtype="float16")
     assert CountingScorer.calls == 2 * len(QUERIES)  # a float32 file serves a float16 request, rounded
-    assert torch.equal(half["q1"].calibrated, full["q1"].calibrated.half().float())
+    assert torch.equal(half["q1"].debiased, full["q1"].debiased.half().float())
 
 
 def test_files_of_the_earlier_layout_still_load(scorer, tmp_path):
-    """Files written before the calibrated scores were stored hold raw and content-free float32 scores."""
+    """Files written before the debiased scores were stored hold raw and content-free float32 scores."""
     full = extract(scorer, "tiny", QUERIES, CANDIDATES, passages_of, tmp_path, storage_dtype="float32")
     path = _query_file(tmp_path / "extractions" / extraction_key(scorer, "tiny"), "q1")
     data = torch.load(path, weights_only=True)
-    data["content_free"] = data["real"] - data.pop("calibrated")
+    data["content_free"] = data["real"] - data.pop("debiased")
     torch.save(data, path)
     again = extract(scorer, "tiny", QUERIES, CANDIDATES, passages_of, tmp_path, storage_dtype="float32")
     half = extract(scorer, "tiny", QUERIES, CANDIDATES, passages_of, tmp_path, storage_dtype="float16")
     assert CountingScorer.calls == len(QUERIES)
-    torch.testing.assert_close(again["q1"].calibrated, full["q1"].calibrated, atol=1e-7, rtol=0)
-    assert torch.equal(half["q1"].calibrated, again["q1"].calibrated.half().float())
+    torch.testing.assert_close(again["q1"].debiased, full["q1"].debiased, atol=1e-7, rtol=0)
+    assert torch.equal(half["q1"].debiased, again["q1"].debiased.half().float())
 
 
 def test_an_unknown_storage_precision_is_refused(scorer, tmp_path):

@@ -1,12 +1,11 @@
 """Router training on synthetic data with a planted query -> head rule."""
 
+import pytest
 import torch
+from pydantic import ValidationError
 
 from routehead_rag.fit.labelled import build_labelled_set
 from routehead_rag.fit.search import SearchConfig, search_heads
-import pytest
-from pydantic import ValidationError
-
 from routehead_rag.fit.training import TrainingConfig, choose_depth_cost, routed_ndcg, split_train_dev, train_router
 from routehead_rag.heads import Head
 from routehead_rag.router.model import Router, RouterConfig, SelectionConfig
@@ -34,10 +33,27 @@ def planted(num_queries=200, seed=0):
 
 
 def test_split_is_seeded_and_disjoint():
-    a_train, a_dev = split_train_dev(50, 0.2, seed=3)
-    b_train, b_dev = split_train_dev(50, 0.2, seed=3)
+    groups = [f"q{i}" for i in range(50)]
+    a_train, a_dev = split_train_dev(groups, 0.2, seed=3)
+    b_train, b_dev = split_train_dev(groups, 0.2, seed=3)
     assert torch.equal(a_train, b_train) and torch.equal(a_dev, b_dev)
-    assert len(a_dev) == 10 and not set(a_train.tolist()) & set(a_dev.tolist())
+    assert 4 <= len(a_dev) <= 16 and not set(a_train.tolist()) & set(a_dev.tolist())
+    assert sorted(a_train.tolist() + a_dev.tolist()) == list(range(50))
+    # a query's side does not depend on the other queries: a subset splits the same way
+    dev_names = {groups[i] for i in a_dev.tolist()}
+    _sub_train, sub_dev = split_train_dev(groups[:30], 0.2, seed=3)
+    assert {groups[i] for i in sub_dev.tolist()} == {g for g in dev_names if int(g[1:]) < 30}
+    assert not torch.equal(split_train_dev(groups, 0.2, seed=4)[1], a_dev)
+
+
+def test_a_group_stays_on_one_side():
+    groups = [f"thread{i // 10}" for i in range(200)]  # 20 groups of 10 paraphrases
+    train, dev = split_train_dev(groups, 0.2, seed=0)
+    assert {groups[i] for i in train.tolist()}.isdisjoint({groups[i] for i in dev.tolist()})
+    assert len(train) and len(dev)
+    one_group = ["only"] * 5
+    with pytest.raises(ValueError, match="need at least 2 groups"):
+        split_train_dev(one_group, 0.2, seed=0)
 
 
 def test_router_learns_the_planted_rule_and_beats_static():

@@ -1,6 +1,8 @@
 """``RouteHeadPostprocessor``: a LlamaIndex node postprocessor that re-ranks with an LLM's attention.
 
-Settings are pydantic fields (serialised by ``to_dict``); the engine, a
+Settings are pydantic fields (serialised by ``to_dict``): this postprocessor's own, and the re-ranker's
+options, inherited from :class:`routehead_rag.options.OptionFields` so that every option has one
+name in the core, Haystack and LlamaIndex. The engine, a
 :class:`routehead_rag.RouteHeadReranker`, lives in a private attribute and loads its model on the
 first query (or :meth:`RouteHeadPostprocessor.warm_up`), never in ``__init__``.
 
@@ -13,7 +15,7 @@ One LLM for both jobs: pass the generator (``llm=HuggingFaceLLM(...)``) or its t
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional
 
 import torch
 from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, field_validator
@@ -23,42 +25,44 @@ from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRan
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
-from routehead_rag import RouteHeadReranker
-from routehead_rag.documents import check_query, check_score_threshold, check_top_k, retrieval_scores
-from routehead_rag.model.backbone import SHARED_MODEL_NAME
-from routehead_rag.model.devices import DTYPE_NAMES, dtype_name, parse_dtype
-from routehead_rag.model.gguf_cache import EMBEDDED_DEFAULT
-from routehead_rag.strategy import heads_argument
+from routehead_rag.integration import (
+    EMBEDDED_DEFAULT,
+    SHARED_MODEL_NAME,
+    RouteHeadReranker,
+    check_query,
+    check_score_threshold,
+    check_top_k,
+    retrieval_scores,
+)
+from routehead_rag.options import OptionFields
 
 dispatcher = get_dispatcher(__name__)
 
 
-class RouteHeadPostprocessor(BaseNodePostprocessor):
+class RouteHeadPostprocessor(BaseNodePostprocessor, OptionFields):
     """Re-rank retrieved nodes with the query-to-passage attention of a causal LM.
 
     Args:
         model: ``"smollm2-135m"`` (embedded default, offline), a Hugging Face id or local folder,
             or a loaded transformers model object to share (then pass ``tokenizer`` too).
-        heads: ``"auto"`` (the router shipped for the backbone, else every head), ``"all"``
-            (every head, ICR), a router directory from ``routehead-rag fit``, a heads file, or a
-            list of heads like ``["L12.H5"]`` (the same argument as the Haystack ranker's).
         top_n: how many nodes to return, best first.
-        score_threshold: drop nodes scoring below it (``None``: keep all ``top_n``).
+        score_threshold: drop nodes scoring below it (``None``: keep all ``top_n``). With the shipped router
+            (and any router fitted with a calibration) scores are probabilities of relevance.
         keep_retrieval_score: keep the retriever's score in ``node.metadata["retrieval_score"]``
             (on a copy of the node; the caller's node is untouched).
         metadata_mode: which metadata goes into the passage text the LLM reads.
-        instruction: the wording after the passages, ``"relevance"`` (search queries) or
-            ``"question"`` (questions the passages answer); ``None``: the router's, else relevance.
-        device, dtype: for a model loaded by name (``None``: CUDA when available else CPU;
-            ``"auto"``: bfloat16 where it is native, else float32). With a shared model: ``None``
-            or where it already is.
-        max_prompt_tokens: token budget of one prompt; more candidates are scored in windows.
         tokenizer: the tokenizer of a ``model`` object (not serialised).
+        token: a Hugging Face token for a gated or private model (never serialised).
         llm: a ``llama_index.llms.huggingface.HuggingFaceLLM`` (or any LLM object holding
             ``_model`` and ``_tokenizer``) whose model is shared (not serialised); the ``model``
             field then records that model's ``name_or_path``.
         shared_model: set for you; ``True`` in ``to_dict`` output means the model was a shared
             object that must be passed again to ``from_dict``.
+        **options: the re-ranker's options, the same names as ``routehead_rag.RouteHeadReranker`` and the
+            Haystack ranker take (``routehead_rag.options.RerankerOptions``): ``heads``, ``instruction``,
+            ``max_passage_tokens`` (passage budget), ``chunk_long_documents``, ``fuse_first_stage``,
+            ``scale_score``, ``lora``, ``dtype``, ``device``, ``model_kwargs``, ``tokenizer_kwargs``, ...
+            They are this postprocessor's pydantic fields, serialised by ``to_dict``.
     """
 
     model_config = ConfigDict(validate_assignment=True)
@@ -67,11 +71,6 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
         default=EMBEDDED_DEFAULT,
         frozen=True,
         description="Backbone name, Hugging Face id or folder; for a shared model object, its name_or_path.",
-    )
-    heads: Union[str, List[str]] = Field(
-        default="auto",
-        frozen=True,
-        description="'auto', 'all', a router directory, a heads file, or a list of heads like 'L12.H5'.",
     )
     top_n: int = Field(default=5, description="Number of nodes to return, best first.")
     score_threshold: Optional[float] = Field(
@@ -82,23 +81,6 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
     )
     metadata_mode: MetadataMode = Field(
         default=MetadataMode.EMBED, description="Metadata mode of node.get_content() for the passage text."
-    )
-    instruction: Optional[str] = Field(
-        default=None, frozen=True, description="'relevance' or 'question' wording after the passages (None: keep)."
-    )
-    device: Optional[str] = Field(default=None, frozen=True, description="Device for a model loaded by name.")
-    dtype: Optional[str] = Field(
-        default=None, frozen=True, description=f"One of {DTYPE_NAMES} for a model loaded by name (None: auto)."
-    )
-    max_prompt_tokens: int = Field(default=4096, frozen=True, description="Token budget of one scoring prompt.")
-    fuse_first_stage: bool = Field(
-        default=True, frozen=True, description="Fuse with the retrieval scores when the router was fitted with fusion."
-    )
-    scale_score: bool = Field(
-        default=True, frozen=True, description="Probabilities of relevance when the router has a calibration."
-    )
-    query_adapter: bool = Field(
-        default=True, frozen=True, description="Use the router's query-side LoRA adapter when it was fitted with one."
     )
     shared_model: bool = Field(
         default=False,
@@ -111,23 +93,17 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
     def __init__(
         self,
         model: Any = EMBEDDED_DEFAULT,
-        heads: Union[str, os.PathLike, List[Any]] = "auto",
         top_n: int = 5,
         score_threshold: Optional[float] = None,
         keep_retrieval_score: bool = False,
         metadata_mode: MetadataMode = MetadataMode.EMBED,
-        instruction: Optional[str] = None,
-        device: Any = None,
-        dtype: Any = None,
-        max_prompt_tokens: int = 4096,
-        fuse_first_stage: bool = True,
-        scale_score: bool = True,
         shared_model: bool = False,
-        query_adapter: bool = True,
         *,
         tokenizer: Any = None,
+        token: Optional[str] = None,
         llm: Any = None,
         callback_manager: Optional[CallbackManager] = None,
+        **options: Any,
     ) -> None:
         model_object, tokenizer = _shared_objects(model, tokenizer, llm)
         if model_object is not None:
@@ -141,39 +117,30 @@ class RouteHeadPostprocessor(BaseNodePostprocessor):
             )
         elif isinstance(model, os.PathLike):
             model = os.fspath(model)
-        # The engine checks its own arguments, once, now (nothing loads until the first query).
+        options.pop("class_name", None)  # written by to_dict
+        # The engine checks its own options, once, now (nothing loads until the first query).
         engine = RouteHeadReranker(
-            model=model_object if model_object is not None else model,
-            heads=os.fspath(heads) if isinstance(heads, os.PathLike) else heads,
-            tokenizer=tokenizer,
-            instruction=instruction,
-            max_prompt_tokens=max_prompt_tokens,
-            dtype=dtype,
-            device=device,
-            fuse_first_stage=fuse_first_stage,
-            scale_score=scale_score,
-            query_adapter=query_adapter,
+            model=model_object if model_object is not None else model, tokenizer=tokenizer, token=token, **options
         )
         fields: dict[str, Any] = dict(
             model=model,
-            heads=heads_argument(heads),
             top_n=top_n,
             score_threshold=score_threshold,
             keep_retrieval_score=keep_retrieval_score,
             metadata_mode=metadata_mode,
-            instruction=instruction,
-            device=None if engine.device is None else str(engine.device),
-            dtype=None if dtype is None else dtype_name(parse_dtype(dtype)),
-            max_prompt_tokens=max_prompt_tokens,
-            fuse_first_stage=fuse_first_stage,
-            scale_score=scale_score,
-            query_adapter=query_adapter,
             shared_model=model_object is not None,
+            **engine.options.model_dump(),
         )
         if callback_manager is not None:
             fields["callback_manager"] = callback_manager
         super().__init__(**fields)
         self._reranker = engine
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in OptionFields.model_fields:
+            raise ValueError(f"{name} is a re-ranker option, fixed when the postprocessor is built (its engine was "
+                             f"checked and set up with it): build a new RouteHeadPostprocessor({name}=...)")
+        super().__setattr__(name, value)
 
     @classmethod
     def class_name(cls) -> str:

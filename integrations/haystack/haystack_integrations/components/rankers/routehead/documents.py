@@ -38,5 +38,5 @@ def text_to_rank(document: Document, meta_fields_to_embed: Sequence[str], separa
     field is used when it is present and truthy, as ``str(value)``; ``content=None`` counts as ``""``.
     """
     meta = document.meta
-    meta_values = [str(meta[key]) for key in meta_fields_to_embed if key in meta and meta[key]]
+    meta_values = [str(meta[key]) for key in meta_fields_to_embed if meta.get(key)]
     return separator.join([*meta_values, document.content or ""])

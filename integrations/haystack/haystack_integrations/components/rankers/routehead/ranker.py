@@ -18,13 +18,11 @@ import torch
 from haystack import Document, component, default_from_dict, default_to_dict
 from haystack.core.errors import SerializationError
 from haystack.core.serialization import component_to_dict
-from haystack.utils import ComponentDevice
+from haystack.utils import ComponentDevice, Secret, deserialize_secrets_inplace
 from haystack.utils.deserialization import deserialize_component_inplace  # exported in haystack.utils from 3.0
 
 from routehead_rag import RouteHeadReranker
-from routehead_rag.documents import check_query, check_score_threshold, check_top_k, retrieval_scores
-from routehead_rag.model.devices import dtype_name, parse_dtype
-from routehead_rag.strategy import heads_argument
+from routehead_rag.integration import check_query, check_score_threshold, check_top_k, retrieval_scores
 
 from .documents import deduplicate, text_to_rank
 
@@ -57,51 +55,37 @@ class RouteHeadRanker:
     def __init__(
         self,
         model: Any = "smollm2-135m",
-        heads: str | os.PathLike[str] | list[str] = "auto",
         top_k: int | None = 10,
         score_threshold: float | None = None,
         meta_fields_to_embed: list[str] | None = None,
         embedding_separator: str = "\n",
         device: ComponentDevice | None = None,
-        dtype: str | torch.dtype | None = None,
-        max_prompt_tokens: int = 4096,
-        instruction: str | None = None,
         tokenizer: Any = None,
-        fuse_first_stage: bool = True,
-        scale_score: bool = True,
-        query_adapter: bool = True,
+        token: Secret | None = Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False),
+        **options: Any,
     ) -> None:
         """
         :param model: ``"smollm2-135m"`` (the embedded default, offline), a Hugging Face id or local folder;
             or, to share one LLM with generation, a ``TransformersChatGenerator`` (its pipeline's model and
             tokenizer are used) or a loaded transformers model (then pass ``tokenizer``; such a ranker cannot
             be serialised).
-        :param heads: ``"auto"`` (the router shipped for this backbone, else every head), ``"all"`` (ICR),
-            a list of heads like ``["L12.H5", "L3.H1"]``, a heads file, or a router folder from
-            ``routehead-rag fit``.
         :param top_k: how many documents to return at most (``None``: all).
-        :param score_threshold: return only documents whose score is ``>=`` this (``None``: no filter).
-            Scores are attention mass, not probabilities: compare them within one ranking.
+        :param score_threshold: return only documents whose score is ``>=`` this (``None``: no filter). With the
+            shipped router (and any router fitted with a calibration) scores are probabilities of relevance.
         :param meta_fields_to_embed: meta fields whose values are put before the content in the text ranked.
         :param embedding_separator: joins the meta values and the content.
-        :param device: where to load a model by name (``None``: CUDA when available, else CPU). With a shared
-            model: ``None`` or the device it is on.
-        :param dtype: ``None`` or ``"auto"`` (bfloat16 on CUDA and on CPUs with native bfloat16, float32
-            otherwise), ``"float32"``, ``"bfloat16"``, ``"float16"``, or a ``torch.dtype``. With a shared model:
-            ``None`` or its dtype.
-        :param max_prompt_tokens: token budget of one prompt; more candidates are scored in windows.
-        :param instruction: the wording after the passages: ``"relevance"`` (search queries) or ``"question"``
-            (questions the passages answer). ``None`` (default): the prompt the router was fitted with when
-            routing (``heads`` ``"auto"`` or a router folder), else ``"relevance"``. A name given here replaces a router's own wording.
+        :param device: where to load a model by name (``None``: cuda, then mps, then cpu). With a shared model:
+            ``None`` or the device it is on.
         :param tokenizer: the tokenizer of a model object passed as ``model``; with a model name, an optional
             tokenizer id or folder.
-        :param fuse_first_stage: with a router fitted with first-stage fusion, combine attention with the
-            documents' retrieval scores (``Document.score``; the input order where any is missing).
-        :param scale_score: with a router fitted with a calibration, scores are probabilities of relevance.
-        :param query_adapter: with a router fitted with ``--adapter``, its query-side LoRA adapter reads the query
-            (default); it never changes the documents' pass nor a shared generator's outputs.
+        :param token: a Hugging Face token for gated or private models, as a Haystack ``Secret`` (serialised as
+            the environment variables it reads, never its value).
+        :param options: the re-ranker's options, the same names as ``routehead_rag.RouteHeadReranker`` and the
+            LlamaIndex postprocessor take (``routehead_rag.options.RerankerOptions``): ``heads``, ``instruction``,
+            ``max_passage_tokens`` (passage budget), ``chunk_long_documents``, ``fuse_first_stage``,
+            ``scale_score``, ``lora``, ``dtype``, ``model_kwargs``, ``tokenizer_kwargs``, ... Serialised as given.
         :raises ValueError: an argument has a wrong value (the message names it and how to fix it).
-        :raises TypeError: ``model`` or ``tokenizer`` is of a type the ranker cannot use.
+        :raises TypeError: ``model`` or ``tokenizer`` is of a type the ranker cannot use, or an option is unknown.
         """
         self._model_kind = _model_kind(model)
         self.model = os.fspath(model) if self._model_kind == "name" else model
@@ -113,26 +97,21 @@ class RouteHeadRanker:
             raise ValueError(f"embedding_separator must be a string, got {embedding_separator!r}")
         self.embedding_separator = embedding_separator
         self.device = _check_device(device)
-        # Everything else is the engine's to check, once, now (nothing loads until warm_up).
+        if token is not None and not isinstance(token, Secret):
+            raise TypeError(f"token must be a haystack Secret (e.g. Secret.from_env_var('HF_TOKEN')) or None, got "
+                            f"{type(token).__name__}: a plain string would end up in to_dict()")
+        self.token = token
+        if "device" in options:
+            raise TypeError("device is this component's own argument: pass a ComponentDevice as device=...")
+        # The engine checks the options, once, now (nothing loads until warm_up).
         self._engine = RouteHeadReranker(
             model=self._generator_model if self._model_kind == "generator" else self.model,
-            heads=os.fspath(heads) if isinstance(heads, os.PathLike) else heads,
             tokenizer=self.tokenizer,
-            instruction=instruction,
-            max_prompt_tokens=max_prompt_tokens,
-            fuse_first_stage=fuse_first_stage,
-            scale_score=scale_score,
-            query_adapter=query_adapter,
-            dtype=dtype,
+            token=None if token is None else token.resolve_value,  # read when the model loads, never stored
             device=self.device.to_torch_str() if self.device is not None else None,
+            **options,
         )
-        self.heads = heads_argument(heads)
-        self.dtype = None if dtype is None else dtype_name(parse_dtype(dtype))
-        self.max_prompt_tokens = max_prompt_tokens
-        self.instruction = instruction
-        self.fuse_first_stage = fuse_first_stage
-        self.scale_score = scale_score
-        self.query_adapter = query_adapter
+        self.options = self._engine.options  # serialised as its dump: every option, by the one model's names
         self._reranker: RouteHeadReranker | None = None
         self._lock = threading.Lock()
 
@@ -179,6 +158,7 @@ class RouteHeadRanker:
         documents: list[Document],
         top_k: int | None = None,
         score_threshold: float | None = None,
+        scale_score: bool | None = None,
     ) -> dict[str, list[Document]]:
         """
         Rank ``documents`` for ``query``, best first.
@@ -187,6 +167,8 @@ class RouteHeadRanker:
         :param documents: candidates (e.g. from a retriever); de-duplicated by id before ranking.
         :param top_k: overrides the init value when not ``None`` (``0`` is an error, not "use the default").
         :param score_threshold: overrides the init value when not ``None`` (``0.0`` filters).
+        :param scale_score: overrides the init option for this call when not ``None`` (``True``: probabilities of
+            relevance where the router has a calibration; ``False``: the unscaled scores).
         :returns: ``{"documents": [...]}``: copies of the documents with ``score`` set, best first, at most
             ``top_k``, those below ``score_threshold`` left out.
         :raises ValueError: empty query or a bad ``top_k`` / ``score_threshold``.
@@ -194,6 +176,8 @@ class RouteHeadRanker:
         """
         top_k = self.top_k if top_k is None else check_top_k(top_k)
         score_threshold = self.score_threshold if score_threshold is None else check_score_threshold(score_threshold)
+        if scale_score is not None and not isinstance(scale_score, bool):
+            raise ValueError(f"scale_score must be True, False or None, got {scale_score!r}")
         check_query(query)
         _check_documents(documents)
         if not documents:
@@ -204,7 +188,7 @@ class RouteHeadRanker:
         texts = [text_to_rank(doc, self.meta_fields_to_embed, self.embedding_separator) for doc in candidates]
         ranked = self._reranker.rank(
             query, texts, top_k=top_k, score_threshold=score_threshold,
-            first_stage_scores=retrieval_scores(doc.score for doc in candidates),
+            first_stage_scores=retrieval_scores(doc.score for doc in candidates), scale_score=scale_score,
         )
         return {"documents": [dataclasses.replace(candidates[r.index], score=r.score) for r in ranked]}
 
@@ -215,9 +199,10 @@ class RouteHeadRanker:
         documents: list[Document],
         top_k: int | None = None,
         score_threshold: float | None = None,
+        scale_score: bool | None = None,
     ) -> dict[str, list[Document]]:
         """``run`` in a worker thread (loading and scoring block), with the same arguments and result."""
-        return await asyncio.to_thread(self.run, query, documents, top_k, score_threshold)
+        return await asyncio.to_thread(self.run, query, documents, top_k, score_threshold, scale_score)
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -237,22 +222,18 @@ class RouteHeadRanker:
                 "cannot be serialised: pass the tokenizer's id or folder, or leave tokenizer=None."
             )
         model = component_to_dict(obj=self.model, name="model") if self._model_kind == "generator" else self.model
+        options = self.options.model_dump(mode="json", exclude={"device"})  # this component's own ComponentDevice
         return default_to_dict(
             self,
             model=model,
-            heads=self.heads,
             top_k=self.top_k,
             score_threshold=self.score_threshold,
             meta_fields_to_embed=self.meta_fields_to_embed,
             embedding_separator=self.embedding_separator,
             device=self.device.to_dict() if self.device is not None else None,
-            dtype=self.dtype,
-            max_prompt_tokens=self.max_prompt_tokens,
-            instruction=self.instruction,
-            fuse_first_stage=self.fuse_first_stage,
-            scale_score=self.scale_score,
-            query_adapter=self.query_adapter,
             tokenizer=self.tokenizer,
+            token=self.token.to_dict() if self.token is not None else None,
+            **options,
         )
 
     @classmethod
@@ -264,6 +245,7 @@ class RouteHeadRanker:
             deserialize_component_inplace(init_parameters, key="model")
         if isinstance(init_parameters.get("device"), dict):
             init_parameters["device"] = ComponentDevice.from_dict(init_parameters["device"])
+        deserialize_secrets_inplace(init_parameters, keys=["token"])
         return default_from_dict(cls, {**data, "init_parameters": init_parameters})
 
 
@@ -320,3 +302,4 @@ def _check_documents(documents: Any) -> None:
     for index, document in enumerate(documents):
         if not isinstance(document, Document):
             raise TypeError(f"documents[{index}] is a {type(document).__name__}, not a haystack Document")
+

@@ -15,20 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..fusion import CalibrationConfig, FusionConfig, standardise
+from ..fusion import CalibrationConfig, FusionConfig
+from ..measures import batched_ndcg
+from ..recipe import final_scores
 from ..router.model import Router, RouterConfig
-from .labelled import LabelledSet, batched_ndcg
+from .labelled import LabelledSet
 
 WEIGHT_GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-
-
-def standardise_rows(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``standardise`` each row ``[query, passage]`` over its valid passages; padding stays 0."""
-    out = torch.zeros(scores.shape, dtype=torch.float64)
-    for row in range(scores.shape[0]):
-        count = int(valid[row].sum())
-        out[row, :count] = standardise(scores[row, :count])
-    return out
 
 
 def _ndcg(scores: torch.Tensor, data: LabelledSet, rows: torch.Tensor) -> float:
@@ -47,7 +40,7 @@ def fit_fusion(
     router: Router,
     embeddings: torch.Tensor,  # [query, input_dim]
     attention: torch.Tensor,  # [query, passage] routed attention scores
-    signal: torch.Tensor,  # [query, passage] standardised first-stage signal
+    signal: torch.Tensor,  # [query, passage] first-stage signal (raw: scores, or minus the rank)
     data: LabelledSet,
     train: torch.Tensor,
     dev: torch.Tensor,
@@ -58,10 +51,14 @@ def fit_fusion(
     learning_rate: float = 3e-3,
 ) -> FusionFit:
     """Choose off / global / per-query fusion on dev nDCG@10 (see the module notes)."""
-    z = standardise_rows(attention, data.valid)  # [query, passage]
-    by_weight = {w: _ndcg(z + w * signal, data, dev) for w in WEIGHT_GRID}
+    valid = data.valid
+
+    def fused(weight) -> torch.Tensor:  # [query, passage]: the recipe's formula, a float or one weight per query
+        return final_scores(attention, signal, weight, None, valid)
+
+    by_weight = {w: _ndcg(fused(w), data, dev) for w in WEIGHT_GRID}
     best_weight = max(WEIGHT_GRID, key=lambda w: (by_weight[w], -w))
-    scores = {"off": _ndcg(attention.double(), data, dev), "global": by_weight[best_weight]}
+    scores = {"off": _ndcg(final_scores(attention, valid=valid), data, dev), "global": by_weight[best_weight]}
 
     torch.manual_seed(seed)
     config = RouterConfig(**{**router.config.model_dump(), "fusion_head": True})
@@ -79,14 +76,14 @@ def fit_fusion(
         if epoch:
             optimizer.zero_grad()
             weights = with_head.fusion_weights(embeddings[train]).double()  # [train]
-            fused = (z[train] + weights[:, None] * signal[train]).masked_fill(~data.valid[train], -1e9)
-            loss = -(target[train] * torch.log_softmax(fused, dim=1)).sum(dim=1).mean()
+            scored = final_scores(attention[train], signal[train], weights, None, valid[train])
+            loss = -(target[train] * torch.log_softmax(scored.masked_fill(~valid[train], -1e9), dim=1)).sum(dim=1).mean()
             loss.backward()
             optimizer.step()
         if epoch % eval_every == 0 or epoch == epochs:
             with torch.no_grad():
                 weights = with_head.fusion_weights(embeddings).double()
-            value = _ndcg(z + weights[:, None] * signal, data, dev)
+            value = _ndcg(fused(weights), data, dev)
             if value > best[0] + 1e-12:
                 best = (value, copy.deepcopy(with_head.state_dict()))
     with_head.load_state_dict(best[1])
@@ -95,12 +92,12 @@ def fit_fusion(
 
     mode = max(("off", "global", "per_query"), key=lambda m: (scores[m], -("off", "global", "per_query").index(m)))
     if mode == "off":
-        return FusionFit(FusionConfig(), router, scores, attention.double())
+        return FusionFit(FusionConfig(), router, scores, final_scores(attention, valid=valid))
     if mode == "global":
-        return FusionFit(FusionConfig(mode="global", weight=best_weight), router, scores, z + best_weight * signal)
+        return FusionFit(FusionConfig(mode="global", weight=best_weight), router, scores, fused(best_weight))
     with torch.no_grad():
         weights = with_head.fusion_weights(embeddings).double()
-    return FusionFit(FusionConfig(mode="per_query"), with_head, scores, z + weights[:, None] * signal)
+    return FusionFit(FusionConfig(mode="per_query"), with_head, scores, fused(weights))
 
 
 def fit_calibration(final: torch.Tensor, data: LabelledSet, rows: torch.Tensor, relevant_grade: int = 1,

@@ -58,7 +58,7 @@ def check_ray_arguments(workers: int | None) -> None:
 
 
 class RayExtractor:
-    """Computes pending extractions on Ray actors; pass it to :func:`routehead_rag.fit.extraction.extract`.
+    """Computes pending extractions on Ray actors; pass it to :func:`routehead_rag.offline.extraction.extract`.
 
     Args:
         model: what each worker loads: a model name or folder every node can reach (not an object).
@@ -82,7 +82,7 @@ class RayExtractor:
         self._actors: list | None = None
 
     @classmethod
-    def for_backbone(cls, model, backbone, *, address: str = "local", workers: int | None = None) -> "RayExtractor":
+    def for_backbone(cls, model, backbone, *, address: str = "local", workers: int | None = None) -> RayExtractor:
         """Workers that load ``model`` as the driver's ``backbone`` (dtype and fingerprint checked);
         ``address`` ``"local"`` starts a cluster here, ``"auto"`` joins the running one."""
         return cls(model, str(backbone.dtype).removeprefix("torch."), address=None if address == "local" else address,

@@ -1,4 +1,4 @@
-"""The query-side adapter: PEFT's LoRA as the reference, the prefix untouched, the owner's model left alone,
+"""The scoring LoRA (query scope): PEFT's LoRA as the reference, the prefix untouched, the owner's model left alone,
 the artifact's files trusted only when their checksums hold, and training that learns and resumes."""
 
 import threading
@@ -7,17 +7,22 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from routehead_rag.engine.query_adapter import (
-    ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, QueryAdapter, QueryAdapterConfig, adapter_targets, decoder_path,
-    query_adapter_bytes,
+from routehead_rag.engine.embedding import QueryEmbeddingConfig
+from routehead_rag.engine.lora import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    Lora,
+    LoraConfig,
+    decoder_path,
+    lora_bytes,
+    lora_targets,
 )
 from routehead_rag.engine.scorer import AttentionScorer
-from routehead_rag.fit.adapter import AdapterTrainingConfig, train_query_adapter
-from routehead_rag.fit.pipeline import adapter_queries, run_fit
+from routehead_rag.fit.lora import LoraTrainingConfig, train_lora
+from routehead_rag.fit.pipeline import lora_queries, run_fit
 from routehead_rag.fit.search import SearchConfig
 from routehead_rag.fit.sources import read_query_log
 from routehead_rag.fit.training import TrainingConfig
-from routehead_rag.engine.embedding import QueryEmbeddingConfig
 from routehead_rag.heads import Head
 from routehead_rag.reranker import RouteHeadReranker
 from routehead_rag.router.artifact import RouterArtifactError, load_artifact, read_artifact_config, save_artifact
@@ -33,13 +38,13 @@ def every_head(backbone):
     return [Head(layer, head) for layer in range(backbone.num_layers) for head in range(backbone.num_heads)]
 
 
-def random_adapter(backbone, rank=4, seed=3, mlp=True, scale=0.5) -> QueryAdapter:
-    """An adapter with non-zero B (a trained one's stand-in), on every layer."""
-    layers, targets = adapter_targets(backbone.decoder, backbone.num_layers - 1, mlp=mlp)
-    config = QueryAdapterConfig(rank=rank, alpha=2.0 * rank, layers=layers, targets=targets,
+def random_lora(backbone, rank=4, seed=3, mlp=True, scale=0.5) -> Lora:
+    """A LoRA with non-zero B (a trained one's stand-in), on every layer."""
+    layers, targets = lora_targets(backbone.decoder, backbone.num_layers - 1, mlp=mlp)
+    config = LoraConfig(rank=rank, alpha=2.0 * rank, layers=layers, targets=targets,
                                 decoder_path=decoder_path(backbone.model, backbone.decoder))
     torch.manual_seed(seed)
-    adapter = QueryAdapter.for_decoder(backbone.decoder, config)
+    adapter = Lora.for_decoder(backbone.decoder, config)
     with torch.no_grad():
         for b in adapter.lora_B.values():
             b.normal_(0.0, scale)
@@ -48,16 +53,16 @@ def random_adapter(backbone, rank=4, seed=3, mlp=True, scale=0.5) -> QueryAdapte
 
 def test_targets_are_found_in_the_model():
     backbone = tiny_backbone("llama")
-    layers, targets = adapter_targets(backbone.decoder, 1)
+    layers, targets = lora_targets(backbone.decoder, 1)
     assert layers == (0, 1)
     assert set(targets) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
-    assert set(adapter_targets(backbone.decoder, 0, mlp=False)[1]) == {t for t in targets if t.startswith("self_attn")}
+    assert set(lora_targets(backbone.decoder, 0, mlp=False)[1]) == {t for t in targets if t.startswith("self_attn")}
     with pytest.raises(ValueError, match="deepest layer 5"):
-        adapter_targets(backbone.decoder, 5)
-    config = QueryAdapterConfig(rank=2, alpha=4.0, layers=(0,), targets=("self_attn.nope",))
+        lora_targets(backbone.decoder, 5)
+    config = LoraConfig(rank=2, alpha=4.0, layers=(0,), targets=("self_attn.nope",))
     with pytest.raises(ValueError, match="self_attn.nope"):
-        QueryAdapter.for_decoder(backbone.decoder, config)
+        Lora.for_decoder(backbone.decoder, config)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -67,8 +72,8 @@ def test_query_part_equals_peft_lora_on_a_base_prefix_cache(tmp_path, arch):
     same per-head passage scores."""
     peft = pytest.importorskip("peft")
     backbone = tiny_backbone(arch)
-    adapter = random_adapter(backbone)
-    weights, config_text = query_adapter_bytes(adapter, backbone.fingerprint(), "tiny")
+    adapter = random_lora(backbone)
+    weights, config_text = lora_bytes(adapter, backbone.fingerprint(), "tiny")
     (tmp_path / ADAPTER_WEIGHTS_NAME).write_bytes(weights)
     (tmp_path / ADAPTER_CONFIG_NAME).write_text(config_text)
     scorer = AttentionScorer(backbone)
@@ -79,7 +84,7 @@ def test_query_part_equals_peft_lora_on_a_base_prefix_cache(tmp_path, arch):
     peft_model = peft.PeftModel.from_pretrained(reference_model, tmp_path)
     layout = scorer.prompts.layout(DOCS)
     expected = []
-    for text in ("where is the moon", scorer.config.prompt.calibration_query):
+    for text in ("where is the moon", scorer.config.prompt.content_free_query):
         part = scorer.prompts.query_part(text, layout.prefix_length)
         cache = DynamicCache()
         with torch.no_grad():
@@ -100,7 +105,7 @@ def test_query_part_equals_peft_lora_on_a_base_prefix_cache(tmp_path, arch):
 def test_prefix_pass_is_the_base_models_bitwise_and_only_the_query_part_changes():
     """Every projection output of the prefix pass (what fills the KV cache) equals the base model's exactly."""
     backbone = tiny_backbone("llama")
-    adapter = random_adapter(backbone)
+    adapter = random_lora(backbone)
     scorer = AttentionScorer(backbone)
     probe = backbone.decoder.layers[1].self_attn.k_proj
     calls = {}
@@ -112,16 +117,17 @@ def test_prefix_pass_is_the_base_models_bitwise_and_only_the_query_part_changes(
         finally:
             handle.remove()
         calls[name] = outputs
-    assert len(calls["base"]) == len(calls["adapted"]) == 3  # prefix, real query, "N/A"
+    assert len(calls["base"]) == len(calls["adapted"]) == 2  # the prefix, then the real query and "N/A" side by side
     assert torch.equal(calls["base"][0], calls["adapted"][0])  # the prefix: bitwise
-    assert not torch.allclose(calls["base"][1], calls["adapted"][1])  # the query part: adapted
-    assert not torch.allclose(calls["base"][2], calls["adapted"][2])
+    assert calls["base"][1].shape[0] == 2  # [real, N/A] query parts
+    assert not torch.allclose(calls["base"][1][0], calls["adapted"][1][0])  # the real query part: adapted
+    assert not torch.allclose(calls["base"][1][1], calls["adapted"][1][1])  # the N/A part too
 
 
 def test_zero_adapter_is_exactly_the_base_model():
     backbone = tiny_backbone("qwen2")
-    layers, targets = adapter_targets(backbone.decoder, 1)
-    fresh = QueryAdapter.for_decoder(backbone.decoder, QueryAdapterConfig(rank=2, alpha=4.0, layers=layers, targets=targets))
+    layers, targets = lora_targets(backbone.decoder, 1)
+    fresh = Lora.for_decoder(backbone.decoder, LoraConfig(rank=2, alpha=4.0, layers=layers, targets=targets))
     scorer = AttentionScorer(backbone)
     base = scorer.head_scores("moon", DOCS, ALL)
     same = scorer.head_scores("moon", DOCS, ALL, fresh)
@@ -130,7 +136,7 @@ def test_zero_adapter_is_exactly_the_base_model():
 
 def test_owner_model_tree_and_parameters_are_the_same_objects_and_hooks_are_gone():
     backbone = tiny_backbone("llama")
-    adapter = random_adapter(backbone)
+    adapter = random_lora(backbone)
     model = backbone.model
     modules = [(n, id(m)) for n, m in model.named_modules()]
     parameters = [(n, id(p)) for n, p in model.named_parameters()]
@@ -152,8 +158,8 @@ def adapted_router(tmp_path, backbone):
                      search=SearchConfig(pool_size=8, max_heads=3), training=TrainingConfig(epochs=20, ks=(1, 2)),
                      cache_dir=tmp_path / "cache")
     router, config = load_artifact(result.artifact, backbone.fingerprint())
-    adapter = random_adapter(backbone)
-    config = config.model_copy(update={"query_adapter": adapter.config})
+    adapter = random_lora(backbone)
+    config = config.model_copy(update={"lora": adapter.config})
     save_artifact(tmp_path / "adapted", router, config, "card", adapter)
     return result.artifact, tmp_path / "adapted", source
 
@@ -170,8 +176,8 @@ def test_artifact_holds_peft_files_with_checksums(routers):
     config = read_artifact_config(adapted)
     assert {ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME} <= set(config.files)
     strategy = RoutedHeads.from_folder(adapted).resolve(backbone)
-    assert strategy.adapter is not None and strategy.adapter.config == config.query_adapter
-    assert "query adapter" in strategy.describe()
+    assert strategy.lora is not None and strategy.lora.config == config.lora
+    assert "query LoRA" in strategy.describe()
 
 
 @pytest.mark.parametrize("damage", ["flip", "missing", "other_backbone"])
@@ -193,8 +199,8 @@ def test_damaged_adapter_files_are_refused(routers, tmp_path, damage):
         import hashlib
         import json
 
-        router, config = load_artifact(folder, backbone.fingerprint())
-        weights, _ = query_adapter_bytes(random_adapter(backbone), {"other": 1}, "x")
+        _router, _config = load_artifact(folder, backbone.fingerprint())
+        weights, _ = lora_bytes(random_lora(backbone), {"other": 1}, "x")
         (folder / ADAPTER_WEIGHTS_NAME).write_bytes(weights)
         raw = json.loads((folder / "config.json").read_text())
         raw["files"][ADAPTER_WEIGHTS_NAME] = {"sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights)}
@@ -210,13 +216,13 @@ def test_reranker_uses_the_adapter_and_can_leave_it_off(routers):
     query, passages = source.queries["q0"], source.passages("q0", source.candidates["q0"])
     kwargs = dict(model=model, tokenizer=tokenizer, fuse_first_stage=False, scale_score=False)
     with_adapter = RouteHeadReranker(heads=adapted, **kwargs).rank(query, passages)
-    without = RouteHeadReranker(heads=adapted, query_adapter=False, **kwargs).rank(query, passages)
+    without = RouteHeadReranker(heads=adapted, lora=False, **kwargs).rank(query, passages)
     router_alone = RouteHeadReranker(heads=plain, **kwargs).rank(query, passages)
     assert [r.score for r in without] == [r.score for r in router_alone]
     assert [r.score for r in with_adapter] != [r.score for r in without]
     reranker = RouteHeadReranker(heads=adapted, **kwargs)
     heads = reranker.heads_for(query)
-    adapter = reranker.resolved_strategy.adapter
+    adapter = reranker.resolved_strategy.lora
     expected = reranker.scorer.passage_scores(query, passages, heads, adapter)  # the engine's own path
     assert sorted(r.score for r in with_adapter) == pytest.approx(sorted(expected.tolist()), abs=1e-6)
     batch = reranker.rank_batch([query, query], [passages, passages[::-1]], batch_size=2)
@@ -260,7 +266,7 @@ def test_shared_generator_logits_unchanged_while_another_thread_ranks_with_the_a
 
 def test_two_rankers_with_their_own_adapters_in_two_threads_each_see_their_own():
     backbone = tiny_backbone("llama")
-    adapters = {"a": random_adapter(backbone, seed=1), "b": random_adapter(backbone, seed=2)}
+    adapters = {"a": random_lora(backbone, seed=1), "b": random_lora(backbone, seed=2)}
     scorer = AttentionScorer(backbone)
     alone = {name: scorer.head_scores("moon", DOCS, ALL, a).real for name, a in adapters.items()}
     barrier, results, errors = threading.Barrier(2), {}, []
@@ -297,25 +303,25 @@ def adapter_setup(tmp_path):
     routed = torch.tensor([[4, 1]] * len(data.qids))  # flat indices in the 2 x 4 grid: L1.H0 and L0.H1
     router = Router(RouterConfig(num_layers=data.num_layers, num_heads=data.num_heads, input_dim=backbone.hidden_size))
     rows = torch.arange(len(data.qids))
-    config = AdapterTrainingConfig(ranks=(4,), learning_rates=(2e-2,), epochs=3, train_queries=None, dev_queries=None)
-    queries, train, dev = adapter_queries(backbone, [source], ScoringConfig(), pooled, data, routed, router,
+    config = LoraTrainingConfig(ranks=(4,), learning_rates=(2e-2,), epochs=3, train_queries=None, dev_queries=None)
+    queries, train, dev = lora_queries(backbone, [source], ScoringConfig(), pooled, data, routed, router,
                                           FusionConfig(), None, rows, rows, config)
     return backbone, queries, train, dev, config
 
 
 def test_training_learns_the_train_queries(tmp_path):
     backbone, queries, train, dev, config = adapter_setup(tmp_path)
-    fit = train_query_adapter(backbone, queries, train, dev, config)
+    fit = train_lora(backbone, queries, train, dev, config)
     history = fit.runs[0]["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
     assert fit.dev_ndcg > fit.base_dev_ndcg + 0.02, history  # it learns what it is shown
-    assert fit.adapter is not None and fit.epoch >= 1
+    assert fit.lora is not None and fit.epoch >= 1
     assert all(p.grad is None for p in backbone.model.parameters())  # the base model is never trained
 
 
 def test_killed_training_resumes_to_the_same_adapter(tmp_path):
     backbone, queries, train, dev, config = adapter_setup(tmp_path)
-    uninterrupted = train_query_adapter(backbone, queries, train, dev, config, tmp_path / "a")
+    uninterrupted = train_lora(backbone, queries, train, dev, config, tmp_path / "a")
 
     class Killed(Exception):
         pass
@@ -325,12 +331,12 @@ def test_killed_training_resumes_to_the_same_adapter(tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        train_query_adapter(backbone, queries, train, dev, config, tmp_path / "b", progress=kill_in_epoch_3)
-    resumed = train_query_adapter(backbone, queries, train, dev, config, tmp_path / "b")
+        train_lora(backbone, queries, train, dev, config, tmp_path / "b", progress=kill_in_epoch_3)
+    resumed = train_lora(backbone, queries, train, dev, config, tmp_path / "b")
     assert resumed.runs[0]["history"] == uninterrupted.runs[0]["history"]
     assert resumed.epoch == uninterrupted.epoch
-    for name, value in uninterrupted.adapter.state_dict().items():
-        assert torch.equal(resumed.adapter.state_dict()[name], value), name
+    for name, value in uninterrupted.lora.state_dict().items():
+        assert torch.equal(resumed.lora.state_dict()[name], value), name
 
 
 def test_fit_with_adapter_records_it_and_writes_it_only_when_it_wins_on_dev(tmp_path):
@@ -339,9 +345,9 @@ def test_fit_with_adapter_records_it_and_writes_it_only_when_it_wins_on_dev(tmp_
     result = run_fit(backbone, [source], tmp_path / "router", query_embedding=QueryEmbeddingConfig(layer=0),
                      search=SearchConfig(pool_size=8, max_heads=3), training=TrainingConfig(epochs=20, ks=(1, 2)),
                      cache_dir=tmp_path / "cache", storage_dtype="float32",
-                     adapter=AdapterTrainingConfig(ranks=(2,), learning_rates=(1e-2,), epochs=2))
+                     lora=LoraTrainingConfig(ranks=(2,), learning_rates=(1e-2,), epochs=2))
     config = result.config
-    record = config.training["adapter"]
+    record = config.training["lora"]
     assert record["train_queries"] == 16 and record["dev_queries"] == 4  # every train / dev query (caps not reached)
     assert len(record["runs"][0]["history"]) == 3
     # epoch 0 is the router without an adapter, scored live: the fit's own dev figure from the cache
@@ -349,75 +355,71 @@ def test_fit_with_adapter_records_it_and_writes_it_only_when_it_wins_on_dev(tmp_
     assert record["base_dev_ndcg@10"] == pytest.approx(config.dev_metrics[f"fusion_{mode}_ndcg@10"], abs=1e-6)
     files = {p.name for p in result.artifact.iterdir()}
     if record["dev_ndcg@10"] > record["base_dev_ndcg@10"]:
-        assert config.query_adapter is not None and {ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME} <= files
+        assert config.lora is not None and {ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME} <= files
     else:
-        assert config.query_adapter is None and ADAPTER_WEIGHTS_NAME not in files
-    assert "Query-side adapter" in (result.artifact / "README.md").read_text()
+        assert config.lora is None and ADAPTER_WEIGHTS_NAME not in files
+    assert "LoRA" in (result.artifact / "README.md").read_text()
 
 
 def test_bad_adapter_settings_are_named():
     with pytest.raises(ValueError, match="ranks"):
-        AdapterTrainingConfig(ranks=(0,))
+        LoraTrainingConfig(ranks=(0,))
     with pytest.raises(ValueError, match="learning rates"):
-        AdapterTrainingConfig(learning_rates=(2.0,))
+        LoraTrainingConfig(learning_rates=(2.0,))
     with pytest.raises(ValueError, match="layers"):
-        QueryAdapterConfig(rank=2, alpha=4.0, layers=(1, 1), targets=("self_attn.q_proj",))
-    with pytest.raises(TypeError, match="query_adapter"):
-        RouteHeadReranker(model=tiny_causal_lm("llama"), tokenizer=tiny_tokenizer(), query_adapter="yes")
+        LoraConfig(rank=2, alpha=4.0, layers=(1, 1), targets=("self_attn.q_proj",))
+    with pytest.raises(TypeError, match="lora"):
+        RouteHeadReranker(model=tiny_causal_lm("llama"), tokenizer=tiny_tokenizer(), lora="yes")
 
 
 def test_both_framework_adapters_rank_with_the_adapter(routers):
     from haystack import Document
-    from haystack_integrations.components.rankers.routehead import RouteHeadRanker
     from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+
+    from haystack_integrations.components.rankers.routehead import RouteHeadRanker
     from llama_index.postprocessor.routehead import RouteHeadPostprocessor
 
     backbone, _, adapted, source = routers
     model, tokenizer = backbone.model, backbone.tokenizer
     query, passages = source.queries["q1"], source.passages("q1", source.candidates["q1"])
-    engine = {flag: RouteHeadReranker(model=model, tokenizer=tokenizer, heads=adapted, query_adapter=flag)
+    engine = {flag: RouteHeadReranker(model=model, tokenizer=tokenizer, heads=adapted, lora=flag)
               for flag in (True, False)}
     expected = {flag: [(r.index, r.score) for r in engine[flag].rank(query, passages)] for flag in engine}
     assert expected[True] != expected[False]
     for flag in (True, False):
-        ranker = RouteHeadRanker(model=model, tokenizer=tokenizer, heads=adapted, top_k=None, query_adapter=flag)
+        ranker = RouteHeadRanker(model=model, tokenizer=tokenizer, heads=adapted, top_k=None, lora=flag)
         documents = [Document(id=str(i), content=text) for i, text in enumerate(passages)]
         ranked = ranker.run(query=query, documents=documents)["documents"]
         assert [int(d.id) for d in ranked] == [i for i, _ in expected[flag]]
         assert [d.score for d in ranked] == pytest.approx([v for _, v in expected[flag]], abs=1e-6)
         post = RouteHeadPostprocessor(model=model, tokenizer=tokenizer, heads=adapted, top_n=len(passages),
-                                      query_adapter=flag)
+                                      lora=flag)
         nodes = [NodeWithScore(node=TextNode(id_=str(i), text=text)) for i, text in enumerate(passages)]
         out = post.postprocess_nodes(nodes, query_bundle=QueryBundle(query))
         assert [int(n.node.node_id) for n in out] == [i for i, _ in expected[flag]]
         assert [n.score for n in out] == pytest.approx([v for _, v in expected[flag]], abs=1e-6)
 
 
-def test_eval_scores_a_router_with_an_adapter_live_and_reports_it_without(routers, tmp_path):
-    """The cached extraction is the base model's: eval must not sum it for an adapted router."""
-    from routehead_rag.eval.harness import evaluate_on_set, prepare_set
-    from routehead_rag.eval.metrics import evaluate
+def test_eval_ranks_a_router_with_a_lora_live_exactly_as_rank_does(routers, tmp_path):
+    """The cached extraction is the base model's: eval must not sum it for a router with a LoRA."""
+    from routehead_rag.eval.harness import can_use_extraction, evaluate_on_set, prepare_set, read_trec_run
     from tests.unit.test_cli import write_tiny_beir
 
     backbone, _, adapted, _ = routers
     (tmp_path / "beir").mkdir()
     folder = write_tiny_beir(tmp_path / "beir")
     eval_set = prepare_set(str(folder), top_k=5)
-    strategy = RoutedHeads.from_folder(adapted)
-    result = evaluate_on_set(eval_set, strategy, backbone, cache_dir=tmp_path / "cache")
-    resolved = strategy.resolve(backbone)
-    scorer = AttentionScorer(backbone, resolved.config.scoring.with_instruction("relevance"))
-    run = {}
+    reranker = RouteHeadReranker(model=backbone, heads=adapted)
+    assert not can_use_extraction(reranker)
+    evaluate_on_set(eval_set, reranker, cache_dir=tmp_path / "cache", run_output=tmp_path / "run.txt")
+    run = read_trec_run(tmp_path / "run.txt")
     for qid in eval_set.qids:
-        route = resolved.route(backbone, eval_set.dataset.queries[qid])
-        ids = eval_set.candidates[qid]
-        scores = scorer.passage_scores(eval_set.dataset.queries[qid], eval_set.passages(qid, ids), route.heads,
-                                       resolved.adapter)
-        run[qid] = {d: float(s) for d, s in zip(ids, scores)}
-    expected = evaluate(run, eval_set.dataset.qrels, ["nDCG@10"], qids=eval_set.qids)["nDCG@10"]
-    key = "ndcg@10 (unfused)" if "ndcg@10 (unfused)" in result else "ndcg@10"
-    assert result[key] == pytest.approx(expected, abs=1e-9)
-    assert "ndcg@10 (no query adapter)" in result
+        ranked = reranker.rank(eval_set.dataset.queries[qid], eval_set.documents(qid),
+                               first_stage_scores=eval_set.candidates[qid].scores)
+        assert [d for d, _, _ in run[qid]] == ranked.ids()
+        assert [score for _, _, score in run[qid]] == pytest.approx([r.score for r in ranked], abs=1e-9)
+    without = RouteHeadReranker(model=backbone, heads=adapted, lora=False)
+    assert can_use_extraction(without)
 
 
 def test_fit_on_extractions_made_with_a_given_adapter_caches_them_apart_and_ships_it(tmp_path):
@@ -426,26 +428,26 @@ def test_fit_on_extractions_made_with_a_given_adapter_caches_them_apart_and_ship
 
     backbone = tiny_backbone("llama")
     source = read_query_log(write_log(tmp_path / "log.jsonl", count=12))
-    adapter = random_adapter(backbone)
+    adapter = random_lora(backbone)
     cache = tmp_path / "cache"
     base = extract_sources(backbone, [source], ScoringConfig(), cache, storage_dtype="float32")
     result = run_fit(backbone, [source], tmp_path / "router", query_embedding=QueryEmbeddingConfig(layer=0),
                      search=SearchConfig(pool_size=8, max_heads=3), training=TrainingConfig(epochs=10, ks=(1, 2)),
-                     cache_dir=cache, storage_dtype="float32", extraction_adapter=adapter)
+                     cache_dir=cache, storage_dtype="float32", extraction_lora=adapter)
     assert len(list((cache / "extractions").iterdir())) == 2  # the adapted scores are cached apart from the base ones
-    adapted = extract_sources(backbone, [source], ScoringConfig(), cache, storage_dtype="float32", query_adapter=adapter)
+    adapted = extract_sources(backbone, [source], ScoringConfig(), cache, storage_dtype="float32", lora=adapter)
     key = next(iter(adapted.scores))
     qid = key.split("/", 1)[1]
     live = AttentionScorer(backbone).head_scores(source.queries[qid], source.passages(qid, adapted.doc_ids[key]),
                                                 None, adapter)
-    torch.testing.assert_close(adapted.scores[key], live.calibrated.float(), atol=1e-6, rtol=0)  # the adapter's, live
+    torch.testing.assert_close(adapted.scores[key], live.debiased.float(), atol=1e-6, rtol=0)  # the adapter's, live
     assert not torch.allclose(adapted.scores[key], base.scores[key])  # not the base model's
-    shipped = RoutedHeads.from_folder(result.artifact).resolve(backbone).adapter
+    shipped = RoutedHeads.from_folder(result.artifact).resolve(backbone).lora
     for name, value in adapter.peft_state_dict().items():
         assert torch.equal(shipped.peft_state_dict()[name], value), name
     assert "given, not trained here" in (result.artifact / "README.md").read_text()
     with pytest.raises(ValueError, match="not both"):
-        run_fit(backbone, [source], tmp_path / "other", extraction_adapter=adapter,
-                adapter=AdapterTrainingConfig(ranks=(2,)))
+        run_fit(backbone, [source], tmp_path / "other", extraction_lora=adapter,
+                lora=LoraTrainingConfig(ranks=(2,)))
     with pytest.raises(ValueError, match="in this process"):
-        extract_sources(backbone, [source], ScoringConfig(), None, executor=object(), query_adapter=adapter)
+        extract_sources(backbone, [source], ScoringConfig(), None, executor=object(), lora=adapter)

@@ -5,6 +5,7 @@ candidates come from) is :mod:`.beir`.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -256,7 +257,7 @@ def read_candidates(
                 s = [float(x) for x in s]
             except (TypeError, ValueError):
                 raise DataFormatError(path, lineno, "'scores' must hold numbers") from None
-            if any(a < b for a, b in zip(s, s[1:])):
+            if any(a < b for a, b in itertools.pairwise(s)):
                 raise DataFormatError(
                     path, lineno, "'scores' increase: the list is not in first-stage order"
                 )

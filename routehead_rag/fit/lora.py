@@ -1,13 +1,13 @@
 """``routehead-rag fit --adapter``: train a query-side LoRA adapter for a fitted router (training side).
 
-What the adapter is and how it is applied: :mod:`routehead_rag.engine.query_adapter`. Here, per
+What the adapter is and how it is applied: :mod:`routehead_rag.engine.lora`. Here, per
 fit query of a (sampled) train split:
 
 1. the prefix (header and passages) runs on the base model without gradients, adapter off;
 2. the real query part and the content-free "N/A" part run on that cache with the adapter on and
    gradients through it (:meth:`AttentionScorer.head_scores` with ``differentiable=True``: the
    same scoring code as inference);
-3. the loss is listwise: softmax cross-entropy of the standardised calibrated score of the query's
+3. the loss is listwise: softmax cross-entropy of the fused score of the query's
    routed heads against its relevance grades; one AdamW step per query.
 
 After every epoch the adapter is scored on dev queries (the router's own dev split, sampled) with
@@ -30,24 +30,26 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-from ..engine.query_adapter import QueryAdapter, QueryAdapterConfig, adapter_targets, decoder_path
+from ..atomic import atomic_write
+from ..engine.lora import Lora, LoraConfig, decoder_path, lora_targets
 from ..engine.scorer import AttentionScorer
-from ..fusion import standardise
 from ..heads import Head
+from ..measures import batched_ndcg, candidate_ideal_dcg
+from ..recipe import final_scores as recipe_final_scores
 
 
-class AdapterTrainingConfig(BaseModel):
+class LoraTrainingConfig(BaseModel):
     """How the query-side adapter is trained and chosen (every choice on dev)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -56,6 +58,9 @@ class AdapterTrainingConfig(BaseModel):
     learning_rates: tuple[float, ...] = Field((1e-3,), min_length=1, description="AdamW learning rates to try")
     epochs: StrictInt = Field(3, ge=1, le=100, description="epochs per (rank, learning rate); best epoch on dev")
     mlp: bool = Field(True, description="adapt the MLP projections too (else the attention projections only)")
+    scope: Literal["query", "prompt"] = Field(
+        "query", description="what reads with the LoRA: the query part only, or the whole prompt (passages too)"
+    )
     train_queries: StrictInt | None = Field(
         240, ge=1, description="train queries sampled from the router's train split (None: all of them)"
     )
@@ -65,7 +70,7 @@ class AdapterTrainingConfig(BaseModel):
     seed: StrictInt = 0
 
     @model_validator(mode="after")
-    def _in_range(self) -> AdapterTrainingConfig:
+    def _in_range(self) -> LoraTrainingConfig:
         if any(r < 1 or r > 256 for r in self.ranks):
             raise ValueError(f"adapter ranks must be in 1..256, got {list(self.ranks)}")
         if any(not 0 < lr < 1 for lr in self.learning_rates):
@@ -74,7 +79,7 @@ class AdapterTrainingConfig(BaseModel):
 
 
 @dataclass
-class AdapterQuery:
+class LoraQuery:
     """One fit query as the adapter sees it: its text, passages (candidates order), grades and route."""
 
     key: str
@@ -83,15 +88,15 @@ class AdapterQuery:
     gains: torch.Tensor  # [passage] relevance grades (0 for unjudged)
     heads: list[Head]  # the router's heads for it
     scorer: AttentionScorer  # in its source's prompt wording
-    first_stage: torch.Tensor  # [passage] standardised first-stage signal
+    first_stage: torch.Tensor  # [passage] first-stage signal (raw: scores, or minus the rank)
     fusion_weight: float | None  # the router's first-stage weight for it (None: no fusion)
 
 
 @dataclass
-class AdapterFit:
-    """The result of :func:`train_query_adapter`."""
+class LoraFit:
+    """The result of :func:`train_lora`."""
 
-    adapter: QueryAdapter | None  # the best over every run and epoch; None when epoch 0 (no adapter) won
+    lora: Lora | None  # the best over every run and epoch; None when epoch 0 (no LoRA) won
     rank: int | None
     learning_rate: float | None
     epoch: int
@@ -103,40 +108,30 @@ class AdapterFit:
     seconds_per_dev_query: dict[str, float] = field(default_factory=dict)  # "base", "adapted"
 
 
-def routed_attention(query: AdapterQuery, adapter: QueryAdapter | None, differentiable: bool = False) -> torch.Tensor:
-    """The calibrated score of ``query``'s routed heads ``[passage]``, the adapter on its query parts."""
+def routed_attention(query: LoraQuery, adapter: Lora | None, differentiable: bool = False) -> torch.Tensor:
+    """The debiased attention of ``query``'s routed heads ``[passage]``, the LoRA on where its scope says."""
     scores = query.scorer.head_scores(query.text, query.passages, query.heads, adapter, differentiable=differentiable)
     return query.scorer.aggregate(scores, query.heads)
 
 
-def final_scores(query: AdapterQuery, attention: torch.Tensor) -> torch.Tensor:
-    """What a user ranks by ``[passage]``: the attention, fused with the first stage as the router says."""
-    if query.fusion_weight is None:
-        return attention.double()
-    return standardise(attention) + query.fusion_weight * query.first_stage
+def final_scores(query: LoraQuery, attention: torch.Tensor) -> torch.Tensor:
+    """What a user ranks by ``[passage]``: the recipe's formula with the router's first-stage weight for the query."""
+    return recipe_final_scores(attention, query.first_stage, query.fusion_weight)
 
 
 def ndcg_at_10(scores: torch.Tensor, gains: torch.Tensor) -> float:
-    """nDCG@10 of one ranking by ``scores`` ``[passage]`` (ties in passage order) against ``gains``.
-
-    The ideal ranking is over the candidates' own grades (judged documents the first stage missed
-    do not count), so it is the nDCG a re-ranker can reach; the labelled set's, which the router's
-    dev figures use, divides by the ideal over every judged document and is lower."""
-    from .labelled import batched_ndcg, discounts
-
-    gains = gains.double()
-    ideal = (gains.sort(descending=True).values[:10] * discounts(10, gains.numel())[:10]).sum()
-    if float(ideal) <= 0:
-        return 0.0
+    """nDCG@10 of one ranking by ``scores`` ``[passage]`` against ``gains``, over the candidate-only ideal
+    (:func:`routehead_rag.measures.candidate_ideal_dcg`: what a re-ranker can reach)."""
     valid = torch.ones_like(gains, dtype=torch.bool)
-    return float(batched_ndcg(scores.double(), gains, valid, ideal))
+    return float(batched_ndcg(scores.double(), gains.double(), valid, candidate_ideal_dcg(gains)))
 
 
-def listwise_loss(attention: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-entropy of the standardised scores ``[passage]`` against the grades (as a distribution)."""
-    z = (attention - attention.mean()) / attention.std().clamp_min(1e-6)
-    target = gains.float() / gains.float().sum()
-    return -(target * torch.log_softmax(z.float(), dim=0)).sum()
+def listwise_loss(query: LoraQuery, attention: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy of the recipe's fused scores ``[passage]`` (standardised attention where the router
+    does not fuse) against the grades (as a distribution)."""
+    scores = recipe_final_scores(attention, query.first_stage, query.fusion_weight or 0.0)
+    target = query.gains.double() / query.gains.double().sum()
+    return -(target * torch.log_softmax(scores, dim=0)).sum()
 
 
 def _digest(value) -> str:
@@ -144,20 +139,18 @@ def _digest(value) -> str:
 
 
 def _save_atomic(state: dict, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    atomic_write(path, lambda temporary: torch.save(state, temporary))
 
 
-def train_query_adapter(
+def train_lora(
     backbone,
-    queries: dict[str, AdapterQuery],
+    queries: dict[str, LoraQuery],
     train_keys: Sequence[str],
     dev_keys: Sequence[str],
-    config: AdapterTrainingConfig,
+    config: LoraTrainingConfig,
     checkpoint_dir: str | Path | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-) -> AdapterFit:
+) -> LoraFit:
     """Train, choose on dev, return the best adapter (see the module notes). ``queries`` holds every key."""
     report = progress or (lambda stage, done, total: None)
     train_keys = [k for k in train_keys if float(queries[k].gains.sum()) > 0]  # nothing to learn from the rest
@@ -166,7 +159,7 @@ def train_query_adapter(
     if not dev_keys:
         raise ValueError("no dev queries to choose the adapter on")
     deepest = max(h.layer for k in [*train_keys, *dev_keys] for h in queries[k].heads)
-    layers, targets = adapter_targets(backbone.decoder, deepest, mlp=config.mlp)
+    layers, targets = lora_targets(backbone.decoder, deepest, mlp=config.mlp)
     path = decoder_path(backbone.model, backbone.decoder)
     checkpoints = None
     if checkpoint_dir is not None:  # keyed by everything that changes the result
@@ -178,7 +171,7 @@ def train_query_adapter(
         checkpoints = Path(checkpoint_dir) / f"adapter-{key}"
         checkpoints.mkdir(parents=True, exist_ok=True)
 
-    def evaluate(adapter: QueryAdapter | None) -> tuple[float, dict[str, torch.Tensor], float]:
+    def evaluate(adapter: Lora | None) -> tuple[float, dict[str, torch.Tensor], float]:
         values, attention, seconds = [], {}, []
         for index, key in enumerate(dev_keys):
             begun = time.perf_counter()
@@ -194,10 +187,10 @@ def train_query_adapter(
     runs, train_seconds, adapted_seconds = [], [], []
     for rank in config.ranks:
         for lr in config.learning_rates:
-            adapter_config = QueryAdapterConfig(rank=rank, alpha=2.0 * rank, layers=layers, targets=targets,
-                                                decoder_path=path)
+            adapter_config = LoraConfig(rank=rank, alpha=2.0 * rank, layers=layers, targets=targets,
+                                        decoder_path=path, scope=config.scope)
             torch.manual_seed(config.seed)
-            adapter = QueryAdapter.for_decoder(backbone.decoder, adapter_config).to(backbone.device)
+            adapter = Lora.for_decoder(backbone.decoder, adapter_config).to(backbone.device)
             parameters = list(adapter.parameters())
             optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
             run = {"rank": rank, "lr": lr, "history": [{"epoch": 0, "dev_ndcg@10": base_dev}]}
@@ -216,7 +209,7 @@ def train_query_adapter(
                 for index, key in enumerate(order):
                     begun = time.perf_counter()
                     query = queries[key]
-                    loss = listwise_loss(routed_attention(query, adapter, differentiable=True), query.gains)
+                    loss = listwise_loss(query, routed_attention(query, adapter, differentiable=True))
                     # gradients of the adapter only (the base model's parameters get no .grad: not ours); None for
                     # factors past what the routed heads read (e.g. the MLP of the deepest layer): AdamW skips those
                     for parameter, grad in zip(parameters, torch.autograd.grad(loss, parameters, allow_unused=True)):
@@ -240,11 +233,11 @@ def train_query_adapter(
                 best = {**run_best, "rank": rank, "lr": lr, "config": adapter_config}
     chosen = None
     if best["state"] is not None:
-        chosen = QueryAdapter.for_decoder(backbone.decoder, best["config"])
+        chosen = Lora.for_decoder(backbone.decoder, best["config"])
         chosen.load_state_dict(best["state"])
         chosen = chosen.to(backbone.device).eval().requires_grad_(False)
-    return AdapterFit(
-        adapter=chosen, rank=best["rank"], learning_rate=best["lr"], epoch=best["epoch"], base_dev_ndcg=base_dev,
+    return LoraFit(
+        lora=chosen, rank=best["rank"], learning_rate=best["lr"], epoch=best["epoch"], base_dev_ndcg=base_dev,
         dev_ndcg=best["dev"], runs=runs, dev_attention=best["attention"],
         seconds_per_train_query=statistics.median(train_seconds) if train_seconds else None,
         seconds_per_dev_query={"base": base_seconds, **({"adapted": statistics.median(adapted_seconds)}

@@ -1,26 +1,33 @@
-"""Query-side LoRA: low-rank deltas that change how the query part reads the passages, and nothing else.
+"""The scoring LoRA: low-rank deltas on the decoder's projections, switched on only where its scope says.
 
-A :class:`QueryAdapter` holds LoRA factors ``A [rank, in]`` and ``B [out, rank]`` for linear
+A :class:`Lora` holds LoRA factors ``A [rank, in]`` and ``B [out, rank]`` for linear
 projections of the decoder layers ``0..deepest``; with it on, a projection's output becomes
-``W x + (alpha / rank) * B A x`` (PEFT's LoRA, exactly). It acts only where the scorer switches it
-on: the query part (the real query and the content-free "N/A") of a prompt. The prefix (header and
-passages) runs with it off, so the KV cache the query parts attend to is the base model's.
+``W x + (alpha / rank) * B A x`` (PEFT's LoRA, exactly). Its :attr:`LoraConfig.scope` says where the
+scorer switches it on:
+
+* ``"query"``: the query part (the real query and the content-free "N/A") of a prompt only. The
+  prefix (header and passages) runs with it off, so the KV cache the query parts attend to is the
+  base model's (a generator's cached passages stay valid);
+* ``"prompt"``: the whole prompt, passages included, so the passages' keys and values become
+  relevance-aware. For a model we load ourselves it is merged into the weights once at load
+  (:func:`merge_into`: no cost per query); for a shared model it is applied by the hooks below for the
+  span of our call only.
 
 How it is applied, so that a model we are handed (a shared generator) is left as it was:
 
 * the deltas are added by forward hooks registered on the target projections for the span of our
-  own call (:meth:`QueryAdapter.attached`) and removed in ``finally``; no module is replaced, no
+  own call (:meth:`Lora.attached`) and removed in ``finally``; no module is replaced, no
   parameter added, so the model's module tree and parameters are the same objects before, during
   and after;
 * a hook adds its delta only while *its own* attachment is switched on in the calling thread (a
-  ``ContextVar``, set by :meth:`AttachedAdapter.on`): a generator running the same model in another
+  ``ContextVar``, set by :meth:`AttachedLora.on`): a generator running the same model in another
   thread, or another ranker with another attachment, passes through it unchanged.
 
-On disk the adapter is in PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors``
+On disk the LoRA is in PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors``
 with ``base_model.model.<module>.lora_A.weight`` keys), so ``peft.PeftModel.from_pretrained`` reads
 the same files; a test checks that PEFT's own LoRA gives the same query-part activations.
 
-Training (``routehead-rag fit --adapter``) lives in :mod:`routehead_rag.fit.adapter`.
+Training (``routehead-rag fit --lora``) lives in :mod:`routehead_rag.fit.lora`.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
@@ -42,13 +50,16 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 
-class QueryAdapterConfig(BaseModel):
-    """Which projections carry LoRA factors, and their rank and scale (recorded with a router)."""
+class LoraConfig(BaseModel):
+    """Which projections carry LoRA factors, their rank and scale, and where they act (recorded with a router)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     rank: StrictInt = Field(..., ge=1, le=256, description="LoRA rank r")
-    alpha: float = Field(..., gt=0, description="LoRA alpha; the delta is scaled by alpha / rank")
+    alpha: float = Field(..., gt=0, allow_inf_nan=False, description="LoRA alpha; the delta is scaled by alpha / rank")
+    scope: Literal["query", "prompt"] = Field(
+        "query", description="query: the query part only (the passages' pass is the base model's); prompt: everything"
+    )
     layers: tuple[StrictInt, ...] = Field(..., min_length=1, description="decoder layers that carry deltas")
     targets: tuple[str, ...] = Field(
         ..., min_length=1, description="linear projections inside each of those layers, as paths from the layer "
@@ -59,7 +70,7 @@ class QueryAdapterConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _distinct(self) -> QueryAdapterConfig:
+    def _distinct(self) -> LoraConfig:
         if len(set(self.layers)) != len(self.layers) or any(layer < 0 for layer in self.layers):
             raise ValueError(f"layers must be distinct non-negative layer indices, got {list(self.layers)}")
         if len(set(self.targets)) != len(self.targets):
@@ -92,7 +103,7 @@ class QueryAdapterConfig(BaseModel):
         }
 
 
-def adapter_targets(decoder: nn.Module, deepest: int, mlp: bool = True) -> tuple[tuple[int, ...], tuple[str, ...]]:
+def lora_targets(decoder: nn.Module, deepest: int, mlp: bool = True) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """Layers ``0..deepest`` and the linear projections to adapt in them, found in the model (no name lists).
 
     The attention projections are the ``nn.Linear`` modules inside each layer's attention module;
@@ -123,10 +134,10 @@ def decoder_path(causal_lm: nn.Module, decoder: nn.Module) -> str:
     raise ValueError("the decoder is not a submodule of the causal LM")
 
 
-class QueryAdapter(nn.Module):
+class Lora(nn.Module):
     """LoRA factors for the query part (see the module notes). ``B`` starts at zero: the base model exactly."""
 
-    def __init__(self, config: QueryAdapterConfig, in_features: dict[str, int], out_features: dict[str, int]):
+    def __init__(self, config: LoraConfig, in_features: dict[str, int], out_features: dict[str, int]):
         super().__init__()
         self.config = config
         self.lora_A = nn.ParameterDict()
@@ -144,8 +155,8 @@ class QueryAdapter(nn.Module):
         return f"{layer}:{target}".replace(".", "/")  # ParameterDict keys cannot hold dots
 
     @classmethod
-    def for_decoder(cls, decoder: nn.Module, config: QueryAdapterConfig) -> QueryAdapter:
-        """A fresh adapter (``B = 0``) shaped for ``decoder``'s projections; errors name a missing target."""
+    def for_decoder(cls, decoder: nn.Module, config: LoraConfig) -> Lora:
+        """A fresh LoRA (``B = 0``) shaped for ``decoder``'s projections; errors name a missing target."""
         check_fits(decoder, config)
         layer = decoder.layers[config.layers[0]]
         shapes = {t: layer.get_submodule(t) for t in config.targets}
@@ -163,8 +174,8 @@ class QueryAdapter(nn.Module):
         return state
 
     @classmethod
-    def from_peft_state_dict(cls, config: QueryAdapterConfig, state: dict[str, torch.Tensor]) -> QueryAdapter:
-        """The adapter from PEFT-layout tensors; ``ValueError`` naming what is missing, extra or misshapen."""
+    def from_peft_state_dict(cls, config: LoraConfig, state: dict[str, torch.Tensor]) -> Lora:
+        """The LoRA from PEFT-layout tensors; ``ValueError`` naming what is missing, extra or misshapen."""
         expected = {}
         for layer in config.layers:
             for target in config.targets:
@@ -172,28 +183,28 @@ class QueryAdapter(nn.Module):
                     expected[f"base_model.model.{config.module_name(layer, target)}.lora_{factor}.weight"] = (layer, target)
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or extra:
-            raise ValueError(f"adapter weights do not match adapter_config.json: missing {missing[:3]}, extra {extra[:3]}")
+            raise ValueError(f"LoRA weights do not match adapter_config.json: missing {missing[:3]}, extra {extra[:3]}")
         in_features, out_features = {}, {}
         for name, tensor in state.items():
             target = expected[name][1]
             if tensor.dim() != 2 or not tensor.is_floating_point() or not bool(tensor.isfinite().all()):
-                raise ValueError(f"adapter tensor {name!r} is not a finite 2-D floating-point matrix")
+                raise ValueError(f"LoRA tensor {name!r} is not a finite 2-D floating-point matrix")
             if _KEY.match(name)["factor"] == "A":
                 if tensor.shape[0] != config.rank or in_features.setdefault(target, tensor.shape[1]) != tensor.shape[1]:
-                    raise ValueError(f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, not [rank {config.rank}, in]")
+                    raise ValueError(f"LoRA tensor {name!r} has shape {tuple(tensor.shape)}, not [rank {config.rank}, in]")
             elif tensor.shape[1] != config.rank or out_features.setdefault(target, tensor.shape[0]) != tensor.shape[0]:
-                raise ValueError(f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, not [out, rank {config.rank}]")
-        adapter = cls(config, in_features, out_features)
+                raise ValueError(f"LoRA tensor {name!r} has shape {tuple(tensor.shape)}, not [out, rank {config.rank}]")
+        lora = cls(config, in_features, out_features)
         with torch.no_grad():
             for name, (layer, target) in expected.items():
-                factor = adapter.lora_A if _KEY.match(name)["factor"] == "A" else adapter.lora_B
+                factor = lora.lora_A if _KEY.match(name)["factor"] == "A" else lora.lora_B
                 factor[cls.key(layer, target)].copy_(state[name].float())
-        return adapter
+        return lora
 
     # -- applying it -----------------------------------------------------------------------------
-    def attached(self, decoder: nn.Module) -> AttachedAdapter:
+    def attached(self, decoder: nn.Module) -> AttachedLora:
         """Context manager: hooks on ``decoder``'s target projections for the block, removed on exit."""
-        return AttachedAdapter(self, decoder)
+        return AttachedLora(self, decoder)
 
     def delta(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """``(alpha / rank) * B A x`` for ``x`` ``[..., in]`` -> ``[..., out]``, in the factors' dtype."""
@@ -201,12 +212,12 @@ class QueryAdapter(nn.Module):
         return (x.to(a.dtype) @ a.t()) @ b.t() * self.config.scale
 
 
-def check_fits(decoder: nn.Module, config: QueryAdapterConfig) -> None:
+def check_fits(decoder: nn.Module, config: LoraConfig) -> None:
     """``ValueError`` if a configured layer or projection does not exist (or is not linear) in ``decoder``."""
     count = len(decoder.layers)
     bad_layers = [layer for layer in config.layers if layer >= count]
     if bad_layers:
-        raise ValueError(f"the adapter targets layers {bad_layers}, but the decoder has layers 0..{count - 1}")
+        raise ValueError(f"the LoRA targets layers {bad_layers}, but the decoder has layers 0..{count - 1}")
     for target in config.targets:
         try:
             module = decoder.layers[config.layers[0]].get_submodule(target)
@@ -214,27 +225,27 @@ def check_fits(decoder: nn.Module, config: QueryAdapterConfig) -> None:
             module = None
         if not isinstance(module, nn.Linear):
             linear = [n for n, m in decoder.layers[0].named_modules() if isinstance(m, nn.Linear)]
-            raise ValueError(f"the adapter targets {target!r}, which is not a linear projection of this model's "
-                             f"decoder layers (they have {linear}); fit the adapter for this backbone")
+            raise ValueError(f"the LoRA targets {target!r}, which is not a linear projection of this model's "
+                             f"decoder layers (they have {linear}); fit the LoRA for this backbone")
 
 
-_SWITCHED_ON: ContextVar[AttachedAdapter | None] = ContextVar("routehead_query_adapter", default=None)
+_SWITCHED_ON: ContextVar[AttachedLora | None] = ContextVar("routehead_lora", default=None)
 
 
-class AttachedAdapter:
-    """An adapter's hooks on one decoder, for one ``with`` block; deltas only inside :meth:`on`, only in that thread."""
+class AttachedLora:
+    """A LoRA's hooks on one decoder, for one ``with`` block; deltas only inside :meth:`on`, only in that thread."""
 
-    def __init__(self, adapter: QueryAdapter, decoder: nn.Module):
-        self.adapter, self.decoder = adapter, decoder
+    def __init__(self, lora: Lora, decoder: nn.Module):
+        self.lora, self.decoder = lora, decoder
         self._handles: list = []
 
-    def __enter__(self) -> AttachedAdapter:
-        check_fits(self.decoder, self.adapter.config)
+    def __enter__(self) -> AttachedLora:
+        check_fits(self.decoder, self.lora.config)
         try:
-            for layer in self.adapter.config.layers:
-                for target in self.adapter.config.targets:
+            for layer in self.lora.config.layers:
+                for target in self.lora.config.targets:
                     module = self.decoder.layers[layer].get_submodule(target)
-                    self._handles.append(module.register_forward_hook(self._hook(QueryAdapter.key(layer, target))))
+                    self._handles.append(module.register_forward_hook(self._hook(Lora.key(layer, target))))
         except BaseException:
             self._remove()
             raise
@@ -252,7 +263,7 @@ class AttachedAdapter:
         def add_delta(module, args, output):
             if _SWITCHED_ON.get() is not self:
                 return None  # another thread, another attachment, or the prefix: the base projection
-            return output + self.adapter.delta(key, args[0]).to(output.dtype)
+            return output + self.lora.delta(key, args[0]).to(output.dtype)
 
         return add_delta
 
@@ -267,52 +278,71 @@ class AttachedAdapter:
 
 
 @contextlib.contextmanager
-def query_part_switch(adapter: QueryAdapter | None, decoder: nn.Module) -> Iterator:
-    """``with query_part_switch(adapter, decoder) as on: ... with on(): <query-part pass>``.
+def lora_switch(lora: Lora | None, decoder: nn.Module) -> Iterator:
+    """``with lora_switch(lora, decoder) as on: ... with on(): <query-part pass>``.
 
-    ``on()`` switches the adapter on for the block; without an adapter it does nothing.
+    ``on()`` switches the LoRA on for the block; without a LoRA it does nothing.
     """
-    if adapter is None:
+    if lora is None:
         yield contextlib.nullcontext
         return
-    with adapter.attached(decoder) as attachment:
+    with lora.attached(decoder) as attachment:
         yield attachment.on
 
 
-def query_adapter_bytes(adapter: QueryAdapter, base_fingerprint: dict, base_model: str | None) -> tuple[bytes, str]:
-    """The adapter's ``adapter_model.safetensors`` bytes (PEFT keys, base fingerprint in the metadata)
+def lora_bytes(lora: Lora, base_fingerprint: dict, base_model: str | None) -> tuple[bytes, str]:
+    """The LoRA's ``adapter_model.safetensors`` bytes (PEFT keys, base fingerprint in the metadata)
     and its ``adapter_config.json`` text."""
     import json
 
     from safetensors.torch import save
 
-    weights = save(adapter.peft_state_dict(), metadata={
+    weights = save(lora.peft_state_dict(), metadata={
         "format": "pt", "routehead_base_fingerprint": json.dumps(base_fingerprint, sort_keys=True)})
-    return weights, json.dumps(adapter.config.peft_config(base_model), indent=2) + "\n"
+    return weights, json.dumps(lora.config.peft_config(base_model), indent=2) + "\n"
 
 
-def parse_query_adapter(config: QueryAdapterConfig, weights: bytes) -> QueryAdapter:
-    """The adapter from ``adapter_model.safetensors`` bytes; ``ValueError`` if they do not fit ``config``."""
+def parse_lora(config: LoraConfig, weights: bytes) -> Lora:
+    """The LoRA from ``adapter_model.safetensors`` bytes; ``ValueError`` if they do not fit ``config``."""
     from safetensors.torch import load
 
-    return QueryAdapter.from_peft_state_dict(config, load(weights))
+    return Lora.from_peft_state_dict(config, load(weights))
 
 
-def adapter_digest(adapter: QueryAdapter) -> str:
-    """sha256 of the adapter's weights (its PEFT state dict as safetensors, no metadata): what a cache
+def lora_digest(lora: Lora) -> str:
+    """sha256 of the LoRA's weights (its PEFT state dict as safetensors, no metadata): what a cache
     of scores made with it is keyed on."""
     import hashlib
 
     from safetensors.torch import save
 
-    return hashlib.sha256(save(adapter.peft_state_dict())).hexdigest()
+    return hashlib.sha256(save(lora.peft_state_dict())).hexdigest()
 
 
-def all_zero(adapter: QueryAdapter) -> bool:
-    return all(not bool(p.any()) for p in adapter.lora_B.values())
+def merge_into(decoder: nn.Module, lora: Lora) -> None:
+    """Add ``lora``'s deltas to ``decoder``'s projection weights in place (``W += (alpha / rank) B A``).
+
+    Only for a model we loaded ourselves (never a caller's): then a prompt-scope LoRA costs nothing
+    per query. The merged model scores as the hooks would, to float rounding."""
+    check_fits(decoder, lora.config)
+    with torch.no_grad():
+        for layer in lora.config.layers:
+            for target in lora.config.targets:
+                module = decoder.layers[layer].get_submodule(target)
+                key = Lora.key(layer, target)
+                delta = (lora.lora_B[key].float() @ lora.lora_A[key].float()) * lora.config.scale  # [out, in]
+                module.weight.add_(delta.to(device=module.weight.device, dtype=module.weight.dtype))
 
 
 __all__: Sequence[str] = (
-    "QueryAdapter", "QueryAdapterConfig", "AttachedAdapter", "adapter_targets", "decoder_path", "query_part_switch",
-    "adapter_digest", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME",
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "AttachedLora",
+    "Lora",
+    "LoraConfig",
+    "decoder_path",
+    "lora_digest",
+    "lora_switch",
+    "lora_targets",
+    "merge_into",
 )

@@ -34,7 +34,6 @@ from .beir_files import (
     read_candidates,
 )
 
-
 # --------------------------------------------------------------------------
 # the dataset
 

@@ -7,12 +7,14 @@ self-match rule, the prompt wording per set, which queries each role uses) is fi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from .beir import BeirDataset, load_beir
+
 
 class Role(StrEnum):
     FIT = "fit"  # router training and head search
@@ -28,6 +30,17 @@ class SetSpec:
     binary_rel: int = 1  # lowest grade that counts as relevant in binary measures (recall)
     drop_self_match: bool = False  # drop a retrieved doc whose id equals the query id
     instruction: str = "relevance"  # prompt wording: "question" for QA sets, as ICR's code does
+    group_pattern: str | None = None  # regex whose first group names a query's group (paraphrases kept together)
+    domain: str = ""  # the kind of search it stands for; leave-one-domain-out leaves every fit set of one out
+
+    def group(self, qid: str) -> str:
+        """The group a query belongs to (its own id unless the set groups queries): train/dev splits keep a
+        group on one side."""
+        if self.group_pattern is not None:
+            match = re.match(self.group_pattern, qid)
+            if match:
+                return match.group(1)
+        return qid
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,13 @@ class Protocol:
         """The set's spec; a set outside the protocol gets the defaults."""
         return self.sets.get(name, SetSpec(name))
 
+    def domains(self, role: Role | str = Role.FIT) -> dict[str, list[str]]:
+        """``{domain: [set names]}`` of the sets with ``role``, in protocol order."""
+        out: dict[str, list[str]] = {}
+        for entry in self.entries_for(role):
+            out.setdefault(self.spec(entry.name).domain or entry.name, []).append(entry.name)
+        return out
+
     def entries_for(self, role: Role | str) -> list[ProtocolEntry]:
         role = Role(role)
         return [e for e in self.entries if e.role is role]
@@ -92,6 +112,9 @@ PROTOCOL = Protocol(
         ProtocolEntry("musique-ans-train100", Role.FIT, 100),
         ProtocolEntry("hotpotqa-distractor-dev500", Role.FIT, 400, first=400),
         ProtocolEntry("trec-dl-2019", Role.FIT, 43),
+        ProtocolEntry("nq-open-gold2655", Role.FIT, 1000, first=1000),
+        ProtocolEntry("stackfaq", Role.FIT, 1249),
+        ProtocolEntry("dbpedia-entity-test40", Role.FIT, 40),
         ProtocolEntry("beir-scifact", Role.IN_DOMAIN_TEST, 300),
         ProtocolEntry("hotpotqa-distractor-dev500", Role.IN_DOMAIN_TEST, 100, last=100),
         ProtocolEntry("trec-dl-2020", Role.CROSS_DOMAIN_TEST, 54),
@@ -103,15 +126,18 @@ PROTOCOL = Protocol(
     sets={
         s.name: s
         for s in (
-            SetSpec("trec-dl-2019", binary_rel=2),  # TREC DL: grade >= 2 is relevant
-            SetSpec("trec-dl-2020", binary_rel=2),
-            SetSpec("beir-arguana", drop_self_match=True),  # as MTEB does
-            SetSpec("beir-scifact"),
-            SetSpec("hotpotqa-distractor-dev500", instruction="question"),  # multi-hop QA
-            SetSpec("musique-ans-migres200", instruction="question"),
-            SetSpec("musique-ans-train100", instruction="question"),
-            SetSpec("cacm"),
-            SetSpec("npl"),
+            SetSpec("trec-dl-2019", binary_rel=2, domain="web search"),  # TREC DL: grade >= 2 is relevant
+            SetSpec("trec-dl-2020", binary_rel=2, domain="web search"),
+            SetSpec("beir-arguana", drop_self_match=True, domain="argument retrieval"),  # as MTEB does
+            SetSpec("beir-scifact", domain="science claims"),
+            SetSpec("hotpotqa-distractor-dev500", instruction="question", domain="multi-hop Wikipedia QA"),
+            SetSpec("musique-ans-migres200", instruction="question", domain="multi-hop Wikipedia QA"),
+            SetSpec("musique-ans-train100", instruction="question", domain="multi-hop Wikipedia QA"),
+            SetSpec("cacm", domain="computer science abstracts"),
+            SetSpec("npl", domain="physics titles"),
+            SetSpec("nq-open-gold2655", instruction="question", domain="single-hop Wikipedia QA"),
+            SetSpec("stackfaq", group_pattern=r"^(t\d+)r", domain="StackExchange FAQ"),  # ~10 paraphrases per thread
+            SetSpec("dbpedia-entity-test40", domain="entity search"),
         )
     },
 )

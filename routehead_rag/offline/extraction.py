@@ -8,7 +8,7 @@ candidate ids and the sha256 of the exact texts scored (query and passages) matc
 edited log or corpus is re-extracted even when its size is unchanged, and a data folder
 can move without invalidating anything.
 
-Storage precision (``storage_dtype``): each file holds the raw scores and the calibrated ones
+Storage precision (``storage_dtype``): each file holds the raw scores and the debiased ones
 (raw minus content-free, taken in the scorer's precision first), rounded to ``float16`` (half
 the disk, and what ``fit`` keeps in memory; ``benchmarks/storage_precision.py`` measures that
 fit results do not move beyond noise) or ``float32``. Every extraction, fresh or cached, is
@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
 from ..engine.scorer import AttentionScorer
 
 EXTRACTION_FORMAT = 2  # 2: passages keep their line breaks (one word cut); files keyed on content
@@ -44,11 +43,11 @@ class QueryExtraction:
     qid: str
     doc_ids: list[str]
     real: torch.Tensor  # [layer, head, passage] float32 (values at the storage precision)
-    calibrated: torch.Tensor  # [layer, head, passage] real minus content-free, float32 (same)
+    debiased: torch.Tensor  # [layer, head, passage] real minus content-free, float32 (same)
 
     @property
     def content_free(self) -> torch.Tensor:
-        return self.real - self.calibrated
+        return self.real - self.debiased
 
 
 def storage_dtype_of(name: str | torch.dtype) -> torch.dtype:
@@ -61,9 +60,9 @@ def storage_dtype_of(name: str | torch.dtype) -> torch.dtype:
 
 
 def _rounded(real: torch.Tensor, content_free: torch.Tensor, storage: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(real, calibrated)`` at the storage precision: the difference is taken before rounding."""
-    calibrated = real.float() - content_free.float()
-    return real.to(storage), calibrated.to(storage)
+    """``(real, debiased)`` at the storage precision: the difference is taken before rounding."""
+    debiased = real.float() - content_free.float()
+    return real.to(storage), debiased.to(storage)
 
 
 def extraction_key(scorer: AttentionScorer, dataset_name: str, extra: dict | None = None) -> str:
@@ -100,18 +99,6 @@ def _query_file(folder: Path, qid: str) -> Path:
     return folder / f"{hashlib.sha1(qid.encode()).hexdigest()[:20]}.pt"
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_query_file(path: Path, qid: str, doc_ids: list[str], content: str,
                      storage: torch.dtype) -> QueryExtraction | None:
     if not path.is_file():
@@ -123,11 +110,12 @@ def _load_query_file(path: Path, qid: str, doc_ids: list[str], content: str,
         real = data["real"]
         if torch.finfo(real.dtype).eps > torch.finfo(storage).eps:
             return None  # stored coarser than asked for
-        if "calibrated" in data:
-            real, calibrated = real.to(storage), data["calibrated"].to(storage)
-        else:  # files written before the calibrated scores were stored (float32, raw and content-free)
-            real, calibrated = _rounded(real, data["content_free"], storage)
-        return QueryExtraction(qid, doc_ids, real.float(), calibrated.float())
+        stored = data.get("debiased", data.get("calibrated"))  # "calibrated": the name before format 3
+        if stored is not None:
+            real, debiased = real.to(storage), stored.to(storage)
+        else:  # files written before the debiased scores were stored (float32, raw and content-free)
+            real, debiased = _rounded(real, data["content_free"], storage)
+        return QueryExtraction(qid, doc_ids, real.float(), debiased.float())
     except Exception:  # a corrupt or foreign file is recomputed, never trusted
         return None
 
@@ -143,24 +131,18 @@ class PendingQuery:
 
 class LocalExtractor:
     """Computes pending extractions with the scorer in this process, ``batch_size`` prompts per forward
-    pass (1: one query at a time; more: :mod:`routehead_rag.engine.batched`); ``adapter``: a query-side
-    adapter switched on for every query part (the cache key must then name it: :func:`extraction_key`'s
-    ``extra``, as :func:`routehead_rag.fit.pipeline.extract_sources` does)."""
+    pass (:meth:`AttentionScorer.head_scores_batch`); ``lora``: a LoRA switched on where its scope says
+    (the cache key must then name it: :func:`extraction_key`'s ``extra``, as
+    :func:`routehead_rag.fit.pipeline.extract_sources` does)."""
 
-    def __init__(self, batch_size: int = 1, adapter=None):
+    def __init__(self, batch_size: int = 1, lora=None):
         self.batch_size = batch_size
-        self.adapter = adapter
+        self.lora = lora
 
     def run(self, scorer: AttentionScorer, pending: Iterable[PendingQuery]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        from ..engine.batched import head_scores_batch
-
         items = iter(pending)
         while chunk := list(itertools.islice(items, self.batch_size)):
-            if self.batch_size == 1:
-                scored = [scorer.head_scores(chunk[0].query, chunk[0].passages, None, self.adapter)]
-            else:
-                scored = head_scores_batch(scorer, [(i.query, i.passages, None) for i in chunk], self.batch_size,
-                                           self.adapter)
+            scored = scorer.head_scores_batch([(i.query, i.passages, None) for i in chunk], self.batch_size, self.lora)
             for item, scores in zip(chunk, scored):
                 content_free = scores.content_free if scores.content_free is not None else torch.zeros_like(scores.real)
                 yield item.qid, scores.real, content_free
@@ -213,16 +195,14 @@ def iter_extractions(
 
     for qid, real, content_free in (executor or LocalExtractor()).run(scorer, pending()):
         doc_ids = list(candidates[qid])
-        real, calibrated = _rounded(real, content_free, storage)
+        real, debiased = _rounded(real, content_free, storage)
         if folder is not None:
-            _atomic_torch_save(
-                {"qid": qid, "doc_ids": doc_ids, "content_sha256": contents[qid], "real": real,
-                 "calibrated": calibrated},
-                _query_file(folder, qid),
-            )
+            atomic_write(_query_file(folder, qid), lambda path: torch.save(
+                {"qid": qid, "doc_ids": doc_ids, "content_sha256": contents[qid], "real": real, "debiased": debiased},
+                path))
         if progress is not None:
             progress(1)
-        yield QueryExtraction(qid, doc_ids, real.float(), calibrated.float())
+        yield QueryExtraction(qid, doc_ids, real.float(), debiased.float())
     if folder is not None:
         _remove_stale_temporaries(folder, before=started)
 
@@ -244,7 +224,7 @@ def extract(
     ``passages_of(qid, doc_ids)`` returns the passage texts (for a BEIR set already cut as the
     protocol says; the scorer applies the same word cut, which then changes nothing).
     ``progress(n)`` is called after each query. What is not cached is computed by ``executor``
-    (default: :class:`LocalExtractor` on ``scorer``; :class:`routehead_rag.fit.distributed.RayExtractor`
+    (default: :class:`LocalExtractor` on ``scorer``; :class:`routehead_rag.offline.distributed.RayExtractor`
     spreads it over a Ray cluster) and written to the cache as each query arrives, so an
     interrupted run resumes, with or without Ray. The result is in ``candidates`` order whatever
     order the queries were computed in (:func:`iter_extractions` streams them instead).
@@ -260,7 +240,7 @@ def extract(
 
 def _remove_stale_temporaries(folder: Path, before: float) -> None:
     """Temporary files a killed writer left behind (older than this run: never a live writer's)."""
-    for path in folder.glob(".tmp-*.pt"):
+    for path in [*folder.glob(".tmp-*.pt"), *folder.glob(".*.pt.tmp-*")]:
         try:
             if path.stat().st_mtime < before:
                 path.unlink()

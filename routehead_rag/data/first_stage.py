@@ -189,6 +189,7 @@ class DenseRetriever:
         self.device = device
         self.batch_size = batch_size
         self._model: SentenceTransformer | None = None
+        self._corpora: dict[tuple[int, int], tuple[Mapping, list[str], np.ndarray]] = {}  # encoded corpora
 
     def warm_up(self) -> None:
         if self._model is not None:
@@ -218,3 +219,32 @@ class DenseRetriever:
         q = self.encode([query])  # [1, dim]
         p = self.encode(passages)  # [passage, dim]
         return [float(x) for x in (p @ q[0])]
+
+    def rank(self, query: str, doc_ids: Sequence[str], corpus: Mapping[str, Document | str]) -> list[tuple[str, float]]:
+        """``doc_ids`` (a query's own pool) as ``(doc_id, cosine)`` pairs, best first; ties keep pool order."""
+        scores = self.rerank(query, [_text_of(corpus[d]) for d in doc_ids])
+        order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+        return [(doc_ids[i], scores[i]) for i in order]
+
+    def retrieve_many(
+        self, queries: Sequence[str], corpus: Mapping[str, Document | str], k: int
+    ) -> list[list[tuple[str, float]]]:
+        """The ``k`` best ``(doc_id, cosine)`` pairs of ``corpus`` for each query, best first (ties: corpus order).
+
+        The corpus is encoded once per retriever and corpus (kept in memory: 384 floats per document)."""
+        ids, matrix = self._corpus_matrix(corpus)  # [doc, dim]
+        encoded = self.encode(list(queries))  # [query, dim]
+        out = []
+        for row in encoded @ matrix.T:  # [doc]
+            order = np.argsort(-row.astype(np.float64), kind="stable")[:k]
+            out.append([(ids[i], float(row[i])) for i in order])
+        return out
+
+    def _corpus_matrix(self, corpus: Mapping[str, Document | str]) -> tuple[list[str], np.ndarray]:
+        key = id(corpus), len(corpus)
+        cached = self._corpora.get(key)
+        if cached is None or cached[0] is not corpus:
+            ids = list(corpus)
+            cached = (corpus, ids, self.encode([_text_of(corpus[d]) for d in ids]))
+            self._corpora[key] = cached
+        return cached[1], cached[2]
