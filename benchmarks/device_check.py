@@ -2,13 +2,14 @@
 
 1. **Correctness on the device**: on tiny random llama / qwen2 / gemma3 models, the captured
    attention rows equal eager ``output_attentions`` (float32 and bfloat16), the model's
-   attention implementation is restored, and the scorer's calibrated scores on the device
+   attention implementation is restored, and the scorer's debiased scores on the device
    match the same model's scores on CPU in float32.
 2. **Speed and memory on the device** with SmolLM2-135M's exact architecture and tokenizer
    (random weights: the real weights cannot be fetched there, and latency and memory do not
    depend on the values): our scorer with all heads, with the shipped router's routed heads
    and with its static heads, against a naive reference (two full eager passes with
-   ``output_attentions=True``), 20 passages x 100 words, float32 and bfloat16.
+   ``output_attentions=True``), 20 passages x 100 words, float32 and bfloat16. Every case scores the
+   passages whole (the prompt's budget is 100 words, not the default 128 tokens), as the naive pass does.
 
     python benchmarks/device_check.py --arch-dir DIR --out OUT   # DIR: config.json + tokenizer files
 
@@ -29,8 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from routehead_rag.engine.capture import CaptureRequest, capture_scope, run_capture
+from routehead_rag.engine.prompt import PromptConfig
 from routehead_rag.engine.scorer import AttentionScorer, ScoringConfig
 from routehead_rag.model.backbone import load_backbone
+
+WHOLE = {"max_passage_words": 100, "max_passage_tokens": None}  # the speed inputs are 100-word passages, scored whole
 
 WORDS = ("tide moon ocean gravity water coast wave sun orbit planet energy river city market price "
          "bread recipe player court team science cell protein gene study result method data").split()
@@ -107,6 +111,7 @@ def speed(arch_dir: Path, router_dir: Path | None, device: str, repeats: int, co
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from routehead_rag.reranker import RouteHeadReranker
+    from routehead_rag.router.artifact import read_artifact_config
 
     rows = []
     query = "What causes the ocean tides?"
@@ -117,11 +122,13 @@ def speed(arch_dir: Path, router_dir: Path | None, device: str, repeats: int, co
         model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(arch_dir)
         backbone = load_backbone(model, tokenizer=tokenizer)
-        scorer = AttentionScorer(backbone, ScoringConfig())
+        scorer = AttentionScorer(backbone, ScoringConfig(prompt=PromptConfig(**WHOLE)))
         cases = {"ours, all heads": lambda: scorer.passage_scores(query, texts, None)}
         if router_dir is not None:
-            routed = RouteHeadReranker(model=model, tokenizer=tokenizer, heads=router_dir)
-            static = RouteHeadReranker(model=model, tokenizer=tokenizer, heads=routed.router_config.static_heads)
+            config = read_artifact_config(router_dir)
+            prompt = config.scoring.prompt.model_copy(update=WHOLE)  # the router's prompt, the same budget
+            routed = RouteHeadReranker(model=model, tokenizer=tokenizer, heads=router_dir, prompt=prompt)
+            static = RouteHeadReranker(model=model, tokenizer=tokenizer, heads=list(config.static_heads), prompt=prompt)
             cases["ours, routed (router + its heads)"] = lambda: routed.rank(query, texts)
             cases["ours, static (the router's baseline heads)"] = lambda: static.rank(query, texts)
         full = tokenizer(" ".join(texts) + " " + query, return_tensors="pt")["input_ids"].to(device)

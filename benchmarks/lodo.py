@@ -44,31 +44,25 @@ from routehead_rag.fit.training import TrainingConfig
 from routehead_rag.model.backbone import load_backbone
 from routehead_rag.paths import default_cache_dir
 
-ROWS = ("BM25", "dense MiniLM", "ICR (all heads)", "static top-k", "RouteHead (paper)", "RouteHead + fusion")
+COMMON = ("BM25", "dense MiniLM", "ICR (all heads)")
+FITTED = ("static top-k", "RouteHead (paper)", "RouteHead + fusion")
 SEARCHES = [SearchConfig(pool_size=p, max_heads=h) for p in (32, 64) for h in (4, 8)]
+VARIANTS = {
+    # name: (what it changes, queries per domain at most: None = all)
+    "all queries": ("every fit query of the other five domains (stackfaq 1,249 and nq 1,000 weigh most)", None),
+    "balanced": ("at most 400 fit queries per domain (the first by hash), so no domain outweighs the others", 400),
+}
 
 
 def ndcg_per_query(eval_set, rankings: dict[str, list[str]]) -> dict[str, float]:
     return per_query(rankings_to_run(rankings), eval_set.dataset.qrels, "nDCG@10", qids=eval_set.qids)
 
 
-def score_domain(backbone, router: Path, names: list[str], dense: DenseRetriever, cache: Path) -> dict[str, dict]:
-    """Per row, ``{"<set>/<qid>": nDCG@10}`` over the left-out domain's queries."""
-    from routehead_rag.router.artifact import read_artifact_config
-
-    static = read_artifact_config(router).static_heads
-    scores: dict[str, dict] = {row: {} for row in ROWS}
+def common_rows(backbone, names: list[str], dense: DenseRetriever, cache: Path, prompt) -> dict[str, dict]:
+    """BM25, the dense baseline and ICR: ``{row: {"<set>/<qid>": nDCG@10}}`` over the left-out domain's queries."""
+    scores: dict[str, dict] = {row: {} for row in COMMON}
     for name in names:
         eval_set = prepare_set(name, role=Role.FIT)
-        instruction = instruction_for("auto", name)
-        prompt = read_artifact_config(router).scoring.prompt
-        configurations = {
-            "ICR (all heads)": RouteHeadReranker(model=backbone, heads="all", prompt=prompt, instruction=instruction),
-            "static top-k": RouteHeadReranker(model=backbone, heads=static, prompt=prompt, instruction=instruction),
-            "RouteHead (paper)": RouteHeadReranker(model=backbone, heads=router, instruction=instruction,
-                                                   fuse_first_stage=False, scale_score=False),
-            "RouteHead + fusion": RouteHeadReranker(model=backbone, heads=router, instruction=instruction),
-        }
         key = {q: f"{name}/{q}" for q in eval_set.qids}
         for q, value in ndcg_per_query(eval_set, {q: eval_set.candidates[q].doc_ids for q in eval_set.qids}).items():
             scores["BM25"][key[q]] = value
@@ -79,20 +73,57 @@ def score_domain(backbone, router: Path, names: list[str], dense: DenseRetriever
             dense_order[q] = [d for _, d in sorted(zip(cosine, ids), key=lambda pair: -pair[0])]
         for q, value in ndcg_per_query(eval_set, dense_order).items():
             scores["dense MiniLM"][key[q]] = value
-        for row, reranker in configurations.items():
-            ranked = rerank_set(eval_set, reranker, cache)
-            for q, value in ndcg_per_query(eval_set, {q: r.ids() for q, r in ranked.rankings.items()}).items():
-                scores[row][key[q]] = value
+        icr = RouteHeadReranker(model=backbone, heads="all", prompt=prompt, instruction=instruction_for("auto", name))
+        ranked = rerank_set(eval_set, icr, cache)
+        for q, value in ndcg_per_query(eval_set, {q: r.ids() for q, r in ranked.rankings.items()}).items():
+            scores["ICR (all heads)"][key[q]] = value
     return scores
 
 
-def summarise(scores: dict[str, dict], keys: list[str]) -> dict:
-    out = {row: statistics.mean(scores[row][k] for k in keys) for row in ROWS}
-    shipped = [scores["RouteHead + fusion"][k] for k in keys]
-    out["p shipped vs BM25"] = paired_randomization_test(shipped, [scores["BM25"][k] for k in keys])
-    out["p shipped vs dense"] = paired_randomization_test(shipped, [scores["dense MiniLM"][k] for k in keys])
+def fitted_rows(backbone, router: Path, names: list[str], cache: Path) -> dict[str, dict]:
+    """The fold router's rows: its static baseline, its routed heads alone, and fused as fitted."""
+    from routehead_rag.router.artifact import read_artifact_config
+
+    config = read_artifact_config(router)
+    scores: dict[str, dict] = {row: {} for row in FITTED}
+    for name in names:
+        eval_set = prepare_set(name, role=Role.FIT)
+        instruction = instruction_for("auto", name)
+        configurations = {
+            "static top-k": RouteHeadReranker(model=backbone, heads=list(config.static_heads), prompt=config.scoring.prompt,
+                                              instruction=instruction),
+            "RouteHead (paper)": RouteHeadReranker(model=backbone, heads=router, instruction=instruction,
+                                                   fuse_first_stage=False, scale_score=False),
+            "RouteHead + fusion": RouteHeadReranker(model=backbone, heads=router, instruction=instruction),
+        }
+        for row, reranker in configurations.items():
+            ranked = rerank_set(eval_set, reranker, cache)
+            for q, value in ndcg_per_query(eval_set, {q: r.ids() for q, r in ranked.rankings.items()}).items():
+                scores[row][f"{name}/{q}"] = value
+    return scores
+
+
+def summarise(scores: dict[str, dict], keys: list[str], shipped: str) -> dict:
+    out = {row: statistics.mean(scores[row][k] for k in keys) for row in scores}
+    ours = [scores[shipped][k] for k in keys]
+    out["p vs BM25"] = paired_randomization_test(ours, [scores["BM25"][k] for k in keys])
+    out["p vs dense"] = paired_randomization_test(ours, [scores["dense MiniLM"][k] for k in keys])
     out["queries"] = len(keys)
     return out
+
+
+def capped(source, limit: int | None):
+    """``source`` restricted to its first ``limit`` queries by hash of their id (all when ``limit`` is None)."""
+    if limit is None or len(source.candidates) <= limit:
+        return source
+    import dataclasses
+    import hashlib
+
+    keep = set(sorted(source.candidates, key=lambda q: hashlib.sha256(f"cap:{q}".encode()).hexdigest())[:limit])
+    pick = lambda mapping: {q: v for q, v in (mapping or {}).items() if q in keep}  # noqa: E731
+    return dataclasses.replace(source, queries=pick(source.queries), candidates=pick(source.candidates),
+                               qrels=pick(source.qrels), first_stage_scores=pick(source.first_stage_scores),
+                               groups=pick(source.groups))
 
 
 def main() -> int:
@@ -100,6 +131,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--name", default="lodo")
     parser.add_argument("--domains", nargs="*", default=None, help="only these left-out domains (default: all six)")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--keep-routers", type=Path, default=None, help="write each fold's router here")
     args = parser.parse_args()
     seeded()
@@ -110,33 +142,54 @@ def main() -> int:
     sources = {name: beir_source(name) for names in domains.values() for name in names}
     dense = DenseRetriever()
     folds = {}
-    all_scores: dict[str, dict] = {row: {} for row in ROWS}
+    pooled: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for domain, names in domains.items():
             if args.domains and domain not in args.domains:
                 continue
             fold_start = time.time()
-            out = (args.keep_routers or Path(scratch)) / f"without-{domain.replace(' ', '-')}"
-            training_sources = [source for name, source in sources.items() if name not in names]
-            fitted = run_fit(backbone, training_sources, out, search=SEARCHES, training=TrainingConfig(),
-                             query_embedding=QueryEmbeddingConfig(layer=backbone.num_layers // 2), cache_dir=cache,
-                             storage_dtype="float32", report_dir=Path(scratch) / "reports")
-            scores = score_domain(backbone, fitted.artifact, names, dense, cache)
-            for row in ROWS:
-                all_scores[row].update(scores[row])
+            scores = None
+            fits = {}
+            for variant in args.variants:
+                limit = VARIANTS[variant][1]
+                training_sources = []
+                for other, other_names in domains.items():
+                    if other == domain:
+                        continue
+                    share = None if limit is None else max(1, limit // len(other_names))
+                    training_sources += [capped(sources[n], share) for n in other_names]
+                out = (args.keep_routers or Path(scratch)) / f"{variant.replace(' ', '-')}-without-{domain.replace(' ', '-')}"
+                fitted = run_fit(backbone, training_sources, out, search=SEARCHES, training=TrainingConfig(),
+                                 query_embedding=QueryEmbeddingConfig(layer=backbone.num_layers // 2), cache_dir=cache,
+                                 storage_dtype="float32", report_dir=Path(scratch) / "reports")
+                if scores is None:
+                    scores = common_rows(backbone, names, dense, cache, fitted.config.scoring.prompt)
+                for row, values in fitted_rows(backbone, fitted.artifact, names, cache).items():
+                    scores[f"{row} [{variant}]"] = values
+                fits[variant] = {"fit_queries": sum(len(s.candidates) for s in training_sources),
+                                 "k": fitted.config.selection.k, "fusion": fitted.config.fusion.model_dump(),
+                                 "dev_metrics": fitted.config.dev_metrics}
             keys = list(scores["BM25"])
-            folds[domain] = {"left_out_sets": names, "fit_sets": [s.name for s in training_sources],
-                             "k": fitted.config.selection.k, "fusion": fitted.config.fusion.model_dump(),
-                             "dev_metrics": fitted.config.dev_metrics, "seconds": round(time.time() - fold_start),
-                             **summarise(scores, keys), "per_query": scores}
-            console.print(domain, {row: round(folds[domain][row], 4) for row in ROWS})
-    keys = list(all_scores["BM25"])
+            shipped = f"RouteHead + fusion [{args.variants[0]}]"
+            folds[domain] = {"left_out_sets": names, "fits": fits, "seconds": round(time.time() - fold_start),
+                             **summarise(scores, keys, shipped), "per_query": scores}
+            for row, values in scores.items():
+                pooled.setdefault(row, {}).update(values)
+            console.print(domain, {row: round(folds[domain][row], 4) for row in scores})
+    rows = list(pooled)
+    keys = list(pooled["BM25"])
+    shipped = f"RouteHead + fusion [{args.variants[0]}]"
     result = {
-        "command": f"python benchmarks/lodo.py --dtype {args.dtype}" + (f" --name {args.name}" if args.name != "lodo" else ""),
-        "machine": machine(), "seconds": round(time.time() - started), "rows": list(ROWS),
-        "searches": [s.model_dump() for s in SEARCHES], "folds": folds,
-        "pooled": summarise(all_scores, keys),
-        "macro": {row: statistics.mean(folds[d][row] for d in folds) for row in ROWS},
+        "command": "python benchmarks/lodo.py --dtype " + args.dtype
+        + (f" --variants {' '.join(repr(v) for v in args.variants)}" if args.variants != list(VARIANTS) else "")
+        + (f" --name {args.name}" if args.name != "lodo" else ""),
+        "machine": machine(), "seconds": round(time.time() - started), "rows": rows, "shipped_row": shipped,
+        "variants": {v: VARIANTS[v][0] for v in args.variants}, "searches": [s.model_dump() for s in SEARCHES],
+        "folds": folds, "pooled": summarise(pooled, keys, shipped),
+        "macro": {row: statistics.mean(folds[d][row] for d in folds) for row in rows},
+        "variant_tests": {v: {f"p vs {args.variants[0]}": paired_randomization_test(
+            [pooled[f"RouteHead + fusion [{v}]"][k] for k in keys], [pooled[shipped][k] for k in keys])}
+            for v in args.variants[1:]},
     }
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     write_markdown(result, RESULTS / f"{args.name}.md")
@@ -145,28 +198,32 @@ def main() -> int:
 
 
 def write_markdown(result: dict, path: Path) -> None:
+    rows = result["rows"]
     lines = [
         "# Leave one domain out",
         "",
-        f"`{result['command']}` ({result['seconds']} s). For each fit domain, a router fitted on the other five "
-        "(search grid K x P = 32/64 x 4/8, the fit's own dev choices), then every query of the left-out domain "
-        "ranked by `RouteHeadReranker` (BM25 top-20 candidates). nDCG@10; p: paired randomization tests of "
-        "RouteHead + fusion (the shipped configuration without a LoRA).",
+        f"`{result['command']}` ({result['seconds']} s). For each fit domain, routers fitted on the other five (search "
+        "grid K x P = 32/64 x 4/8, the fit's own dev choices of k, depth cost, fusion and calibration), then every "
+        "query of the left-out domain ranked by `RouteHeadReranker` (BM25 top-20 candidates). nDCG@10; p: paired "
+        f"randomization tests of {result['shipped_row']}. Variants (the choice each figure supports):",
+        "",
+        *[f"* **{name}**: {what}" for name, what in result["variants"].items()],
         "",
         machine_line(result),
         "",
-        "| left-out domain | queries | " + " | ".join(result["rows"]) + " | p vs BM25 | p vs dense |",
-        "|---|---|" + "---|" * len(result["rows"]) + "---|---|",
+        "| left-out domain | queries | " + " | ".join(rows) + " | p vs BM25 | p vs dense |",
+        "|---|---|" + "---|" * len(rows) + "---|---|",
     ]
     for domain, fold in result["folds"].items():
-        cells = [f"{fold[row]:.3f}" for row in result["rows"]]
-        lines.append(f"| {domain} | {fold['queries']} | " + " | ".join(cells)
-                     + f" | {fold['p shipped vs BM25']:.3f} | {fold['p shipped vs dense']:.3f} |")
-    macro = result["macro"]
-    lines.append("| **mean over domains** | | " + " | ".join(f"**{macro[row]:.3f}**" for row in result["rows"]) + " | | |")
-    pooled = result["pooled"]
-    lines.append(f"| all left-out queries | {pooled['queries']} | " + " | ".join(f"{pooled[row]:.3f}" for row in result["rows"])
-                 + f" | {pooled['p shipped vs BM25']:.3f} | {pooled['p shipped vs dense']:.3f} |")
+        lines.append(f"| {domain} | {fold['queries']} | " + " | ".join(f"{fold[row]:.3f}" for row in rows)
+                     + f" | {fold['p vs BM25']:.3f} | {fold['p vs dense']:.3f} |")
+    macro, pooled = result["macro"], result["pooled"]
+    lines.append("| **mean over domains** | | " + " | ".join(f"**{macro[row]:.3f}**" for row in rows) + " | | |")
+    lines.append(f"| all left-out queries | {pooled['queries']} | " + " | ".join(f"{pooled[row]:.3f}" for row in rows)
+                 + f" | {pooled['p vs BM25']:.3f} | {pooled['p vs dense']:.3f} |")
+    for variant, tests in result["variant_tests"].items():
+        for name, p in tests.items():
+            lines.append(f"\nRouteHead + fusion [{variant}] {name} (pooled queries): p = {p:.3f}.")
     lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
 
@@ -178,7 +235,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     domains = list(result["folds"])
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if "[" not in r or r.endswith(f"[{next(iter(result['variants']))}]")]
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):

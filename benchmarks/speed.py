@@ -8,6 +8,12 @@ scorer plans (one full prompt of 100 x 100 words exceeds SmolLM2's context).
 Every (method, case) runs in a fresh subprocess so that peak-RSS growth over the loaded
 model is measured cleanly (a sampler thread reads RSS every 2 ms).
 
+The inputs are the ones the authors' timing used: passages cut to 100 words, not to the library's
+default budget of 128 tokens (the prompt is passed explicitly), so the 100-word cases are scored whole
+and the ICR row compares with the authors' 3.6 s. The static row sums 4 heads: the shipped router's
+static baseline (its first 4) when one ships for the backbone, else 4 heads of the middle layer (only
+the depth matters for speed).
+
     python benchmarks/speed.py                 # CPU: float32 and bfloat16
     python benchmarks/speed.py --device cuda   # GPU: also bf16 and fp32, card named in the JSON
 
@@ -29,8 +35,11 @@ from pathlib import Path
 
 from common import machine, machine_line
 
+from routehead_rag.engine.prompt import PromptConfig
+
 HERE = Path(__file__).resolve().parent
 AUTHORS_ICR_MEDIAN_S = 3.6  # data/README.md: authors' ICR code, trec-dl-2019, this kind of machine
+PROMPT = PromptConfig(max_passage_words=100, max_passage_tokens=None)  # the authors' (and data/README.md's) cut
 
 
 def exact_word_passages(corpus_texts, count, words=100):
@@ -119,26 +128,28 @@ def naive_scores(backbone, scorer, query, passages):
 
 
 def static_heads(backbone):
-    """The 4 static heads chosen by the quality benchmark on the fit splits, when it has run."""
+    """4 static heads: the first 4 of the static baseline of the router shipped for the backbone (found by
+    fingerprint), else 4 heads of the middle layer (only the depth matters for speed)."""
     from routehead_rag.heads import as_heads
+    from routehead_rag.router.artifact import read_artifact_config, shipped_router_for
 
-    quality = HERE / "results" / "quality.json"
-    if quality.is_file():
-        return as_heads(json.loads(quality.read_text())["fit"]["head_ranking_top16"][i][0] for i in range(4))
-    middle = backbone.num_layers // 2  # only the depth matters for speed: a mid-depth set
+    shipped = shipped_router_for(backbone.fingerprint())
+    if shipped is not None:
+        return as_heads(read_artifact_config(shipped).static_heads[:4])
+    middle = backbone.num_layers // 2
     return as_heads([(middle, h) for h in range(min(4, backbone.num_heads))])
 
 
 def worker(args):
     import torch
 
-    from routehead_rag.engine.scorer import AttentionScorer
+    from routehead_rag.engine.scorer import AttentionScorer, ScoringConfig
     from routehead_rag.model.backbone import load_backbone
 
     torch.manual_seed(0)
     cases = make_cases(args.data_dir)[args.case]
     backbone = load_backbone(args.model, dtype=args.dtype, device=args.device)
-    scorer = AttentionScorer(backbone)
+    scorer = AttentionScorer(backbone, ScoringConfig(prompt=PROMPT))
     heads = None if args.method != "ours-static4" else static_heads(backbone)
     sync = torch.cuda.synchronize if backbone.device.type == "cuda" else (lambda: None)
 
@@ -188,29 +199,30 @@ def worker(args):
 
 
 def icr_trec_latency(args):
-    """Median seconds per trec-dl-2019 query for our ICR strategy (first N queries, protocol inputs)."""
+    """Median seconds per trec-dl-2019 query of ``rank`` with every head (ICR; first N queries, their BM25 top 20
+    cut to 100 words)."""
     import torch
 
-    from routehead_rag.engine.scorer import AttentionScorer
+    from routehead_rag import RouteHeadReranker
     from routehead_rag.eval.harness import prepare_set
+    from routehead_rag.eval.metrics import evaluate, ranking_to_run
     from routehead_rag.model.backbone import load_backbone
 
     eval_set = prepare_set("trec-dl-2019", max_queries=args.icr_queries, data_dir=args.data_dir)
-    dataset, qids, candidates = eval_set.dataset, eval_set.qids, eval_set.candidates
+    dataset, qids = eval_set.dataset, eval_set.qids
     backbone = load_backbone(args.model, dtype=args.dtype, device=args.device)
-    scorer = AttentionScorer(backbone)
-    scorer.passage_scores("warm up", ["a short passage"])
-    from routehead_rag.eval.metrics import evaluate, ranking_to_run
+    reranker = RouteHeadReranker(model=backbone, heads="all", prompt=PROMPT)
+    reranker.rank("warm up", ["a short passage"])
 
     times, run = [], {}
     for qid in qids:
-        passages = eval_set.passages(qid)
+        documents = eval_set.documents(qid)
         start = time.perf_counter()
-        scores = scorer.passage_scores(dataset.queries[qid], passages)
+        ranked = reranker.rank(dataset.queries[qid], documents)
         if backbone.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        run.update(ranking_to_run(qid, candidates[qid], scores.float().tolist()))
+        run.update(ranking_to_run(qid, ranked.ids()))
     ndcg = evaluate(run, dataset.qrels, ["nDCG@10"], qids=qids)["nDCG@10"]
     print("RESULT " + json.dumps({"method": "icr-trec-dl-2019", "dtype": args.dtype, "device": str(backbone.device),
                                   "queries": len(qids), "median_s": statistics.median(times), "times_s": times,
@@ -315,7 +327,7 @@ def write_markdown(result, path):
             f"| {r['case']} | {r['dtype']} | {r['method']} | {r['prompt_tokens']:.0f} | {r['median_s']:.2f} | "
             f"{r['s_per_1k_tokens']:.2f} | {r['latency_vs_naive']:.3f} | {r['rss_growth_mb']:.0f} | {mem_ratio} |"
         )
-    lines += ["", "ICR (all heads) per trec-dl-2019 query, protocol inputs (20 candidates, 100 words):", "",
+    lines += ["", "ICR (`rank` with every head) per trec-dl-2019 query, BM25 top 20, passages cut to 100 words:", "",
               "| dtype | queries | median s | x authors' 3.6 s | nDCG@10 (same run) |", "|---|---|---|---|---|"]
     for entry in result["icr_trec_dl_2019"]:
         lines.append(f"| {entry['dtype']} | {entry['queries']} | {entry['median_s']:.2f} | "

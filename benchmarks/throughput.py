@@ -1,8 +1,9 @@
 """Throughput of batched scoring (``rank_batch``) at batch 1, 4 and 16, and routed scoring against its floor.
 
-* queries per second ranking trec-dl-2020's protocol inputs (20 candidates, 100 words) with every
-  head and with the shipped router, ``rank_batch(batch_size=B)`` for B in 1, 4, 16, against the naive
-  two-pass reference (two full eager passes with ``output_attentions=True``) at batch 1;
+* queries per second ranking trec-dl-2020's candidates (BM25 top 20, whole passages handed in, cut to the
+  default passage budget of 128 tokens in every row) with every head and with the shipped router,
+  ``rank_batch(batch_size=B)`` for B in 1, 4, 16, against the naive two-pass reference (two full eager
+  passes with ``output_attentions=True``) at batch 1;
 * the floor, as the scale issue defines it: one plain forward pass of the prompt (the passages)
   through the decoder filling a KV cache, stopped after the deepest routed layer, plus the two short
   suffixes (the real query and the content-free one) on that cache, no capture; against routed
@@ -31,10 +32,12 @@ import torch
 from common import RESULTS, console, machine, machine_line
 
 from routehead_rag import RouteHeadReranker
+from routehead_rag.engine.prompt import PromptConfig
 from routehead_rag.eval.harness import prepare_set
 from routehead_rag.model.backbone import load_backbone
 
 BATCHES = (1, 4, 16)
+BUDGET = PromptConfig().max_passage_tokens  # the default passage budget, the same in every row (a router's too)
 
 
 def plot(result, path: Path) -> None:
@@ -156,11 +159,11 @@ def main() -> int:
     backbone = load_backbone("smollm2-135m", dtype=args.dtype, device=args.device)
     eval_set = prepare_set("trec-dl-2020", max_queries=args.queries, data_dir=args.data_dir)
     queries = [eval_set.dataset.queries[q] for q in eval_set.qids]
-    documents = [eval_set.passages(q) for q in eval_set.qids]
+    documents = [eval_set.passages(eval_set.candidates[q].doc_ids) for q in eval_set.qids]
     result = {"benchmark": "throughput", "device": str(backbone.device), "dtype": str(backbone.dtype).removeprefix("torch."),
-              "queries": len(queries), "rows": [], "machine": machine()}
+              "queries": len(queries), "passage_budget_tokens": BUDGET, "rows": [], "machine": machine()}
     for heads in ("all", "auto"):
-        reranker = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=heads)
+        reranker = RouteHeadReranker(model=backbone, heads=heads, max_passage_tokens=BUDGET)
         reranker.rank(queries[0], documents[0])  # warm-up
         for batch in BATCHES:
             seconds = timed(lambda: reranker.rank_batch(queries, documents, batch_size=batch))
@@ -168,10 +171,10 @@ def main() -> int:
                    "queries_per_second": len(queries) / seconds, "seconds": seconds}
             result["rows"].append(row)
             console.print(row)
-    reranker = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads="all")
+    reranker = RouteHeadReranker(model=backbone, heads="all", max_passage_tokens=BUDGET)
     naive = [naive_seconds(backbone, reranker, q, d) for q, d in zip(queries[: args.naive_queries], documents)]
     result["naive_queries_per_second"] = 1 / statistics.median(naive)
-    routed = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer)
+    routed = RouteHeadReranker(model=backbone, max_passage_tokens=BUDGET)
     floors = []
     for query, passages in zip(queries, documents):
         deepest = max(h.layer for h in routed.heads_for(query))
@@ -196,7 +199,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"throughput{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Throughput: batched scoring, {result['device']}, {result['dtype']}", "",
-             f"trec-dl-2020, {len(queries)} queries x 20 candidates x 100 words; `rank_batch(batch_size=B)`. "
+             f"trec-dl-2020, {len(queries)} queries x 20 candidates, each cut to {BUDGET} tokens; "
+             "`rank_batch(batch_size=B)`. "
              f"Naive reference (two full eager passes with output_attentions, batch 1): "
              f"{result['naive_queries_per_second']:.3f} queries/s.", "",
              "| heads | batch | queries / s | vs batch 1 | vs naive |", "|---|---|---|---|---|"]

@@ -31,16 +31,30 @@ class FusionConfig(BaseModel):
     mode: Literal["off", "global", "per_query"] = Field(
         "off", description="off: attention alone; global: one weight; per_query: the router predicts the weight"
     )
-    weight: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="the global first-stage weight (mode 'global')")
+    weight: float = Field(
+        0.0, ge=0.0, le=1000.0, allow_inf_nan=False,
+        description="the global first-stage weight (mode 'global'); past 1000 the first stage alone decides any list",
+    )
+    level_weight: float = Field(
+        0.0, ge=0.0, le=1000.0, allow_inf_nan=False,
+        description="weight of the attention level: the heads' debiased mass times the list size (its share against "
+        "an even split), which carries across lists where the within-list z-score cannot (a single candidate)",
+    )
+    first_stages: tuple[str, ...] = Field(
+        ("bm25",), description="the first stages the weight was fitted with; the signal is the rank, so any other "
+        "first stage's ranks are used the same way",
+    )
 
 
 class CalibrationConfig(BaseModel):
-    """``p = sigmoid(slope * score + intercept)``: a monotone map to a probability of relevance."""
+    """``p = sigmoid(slope * score + count_slope * log(list size) + intercept)``: within a list a monotone map of
+    the score (the ranking is unchanged) to a probability of relevance."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     slope: float = Field(..., gt=0.0, allow_inf_nan=False, description="positive: the ranking is unchanged")
     intercept: float = Field(..., allow_inf_nan=False)
+    count_slope: float = Field(0.0, allow_inf_nan=False, description="coefficient of log(number of passages in the list)")
     target: str = Field("grade >= 1", description="what 'relevant' meant in the dev labels")
 
 
@@ -88,6 +102,12 @@ def first_stage_signal(count: int, scores: list[float] | None = None) -> torch.T
     return signal
 
 
-def calibrate(scores: torch.Tensor, calibration: CalibrationConfig) -> torch.Tensor:
-    """Probabilities of relevance ``[...]`` for final scores ``[...]``."""
-    return torch.sigmoid(calibration.slope * scores.double() + calibration.intercept)
+def calibrate(scores: torch.Tensor, calibration: CalibrationConfig, count: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Probabilities of relevance ``[..., passage]`` for final scores ``[..., passage]`` of lists of ``count``
+    passages (a number, or ``[...]`` one per list; default: the last dimension's size)."""
+    scores = scores.double()
+    count = torch.as_tensor(scores.shape[-1] if count is None else count, dtype=torch.float64)
+    if count.dim():
+        count = count.unsqueeze(-1)  # [..., 1]
+    offset = calibration.count_slope * torch.log(count.clamp_min(1.0)) + calibration.intercept
+    return torch.sigmoid(calibration.slope * scores + offset)

@@ -12,8 +12,12 @@ formula; everything that turns attention into a score a user sees calls it, batc
 
 The formula, over the passages of one list (``z`` standardises over the list's valid passages)::
 
-    fused = z(attention) + w * z(first stage)     # w: the router's first-stage weight (no fusion: attention)
-    p     = sigmoid(slope * fused + intercept)    # the calibration (none: the fused score itself)
+    fused = z(attention) + w * z(first stage) + u * attention * n   # w: the first-stage weight; u: the level's
+    p     = sigmoid(a * fused + d * log(n) + b)                    # the calibration (none: the fused score)
+
+``z(first stage)`` standardises minus the first-stage rank; ``n`` is the list's size; ``attention * n`` is the
+heads' mass against an even split, which means the same in a list of one and a list of twenty. A router fitted
+without fusion and without a level term ranks by the attention mass itself.
 """
 
 from __future__ import annotations
@@ -34,24 +38,32 @@ if TYPE_CHECKING:
 
 def final_scores(
     attention: torch.Tensor,  # [..., passage] debiased attention mass of the chosen heads
-    first_stage: torch.Tensor | None = None,  # [..., passage] first-stage signal (raw: standardised here)
+    first_stage: torch.Tensor | None = None,  # [..., passage] first-stage signal (minus the rank; standardised here)
     weight: float | torch.Tensor | None = None,  # first-stage weight: a float, or [...] one per list
     calibration: CalibrationConfig | None = None,
     valid: torch.Tensor | None = None,  # [..., passage] bool; None: every passage is real
+    level_weight: float = 0.0,  # weight of the attention level (mass x list size)
 ) -> torch.Tensor:
     """The final score of every passage ``[..., passage]`` (float64; padding, where ``valid`` is False, is 0).
 
-    ``weight`` ``None`` (or no ``first_stage``): no fusion, the attention mass itself is the score
-    before calibration. ``calibration`` ``None``: no probabilities."""
+    With neither a first-stage ``weight`` nor a ``level_weight`` the score is the attention mass itself (ICR,
+    static heads, a router fitted without fusion); else ``z(attention) + weight * z(first stage) +
+    level_weight * attention * n`` with ``n`` the list's size. ``calibration`` maps it to probabilities."""
     scores = attention.double()
-    if weight is not None and first_stage is not None:
-        weight = torch.as_tensor(weight, dtype=torch.float64)
-        if weight.dim():
-            weight = weight.unsqueeze(-1)  # [..., 1]: one weight per list
-        scores = standardise(scores, valid) + weight * standardise(first_stage.double(), valid)
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
+    count = valid.sum(dim=-1).double()  # [...] passages per list
+    fuses = weight is not None and first_stage is not None
+    if fuses or level_weight:
+        base = standardise(scores, valid)
+        if fuses:
+            weight = torch.as_tensor(weight, dtype=torch.float64)
+            base = base + (weight.unsqueeze(-1) if weight.dim() else weight) * standardise(first_stage.double(), valid)
+        if level_weight:
+            base = base + level_weight * scores * count.unsqueeze(-1)
+        scores = base
     if calibration is not None:
-        scores = calibrate(scores, calibration)
-    return scores if valid is None else scores.masked_fill(~valid, 0.0)
+        scores = calibrate(scores, calibration, count)
+    return scores.masked_fill(~valid, 0.0)
 
 
 @dataclass(frozen=True)
@@ -62,8 +74,10 @@ class ScoringRecipe:
 
     heads: tuple[Head, ...] | None
     fusion_weight: float | None = None
-    calibration: CalibrationConfig | None = None
+    calibration: CalibrationConfig | None = None  # for the fused score
     lora: Lora | None = None
+    level_weight: float = 0.0
+    calibration_unfused: CalibrationConfig | None = None  # for the score without the first stage
 
     @property
     def head_list(self) -> list[Head] | None:
@@ -80,11 +94,18 @@ class ScoringRecipe:
         self, attention: torch.Tensor, first_stage: torch.Tensor | Sequence[float] | None = None, *,
         fuse: bool = True, scale: bool = True,
     ) -> torch.Tensor:
-        """:func:`final_scores` with this recipe's weight and calibration; ``fuse``/``scale`` ``False`` leave
-        fusion or calibration out (a user's ``fuse_first_stage`` / ``scale_score``)."""
+        """:func:`final_scores` with this recipe's weights and calibration; ``fuse``/``scale`` ``False`` leave
+        fusion or calibration out (a user's ``fuse_first_stage`` / ``scale_score``). Each configuration has its
+        own calibration, fitted on its own scores; a router without fusion has one, used either way."""
         if first_stage is not None and not isinstance(first_stage, torch.Tensor):
             first_stage = torch.tensor(list(first_stage), dtype=torch.float64)
-        return final_scores(
-            attention, first_stage if fuse else None, self.fusion_weight if fuse else None,
-            self.calibration if scale else None,
-        )
+        fused = fuse and self.fusion_weight is not None
+        calibration = self.calibration if fused or self.fusion_weight is None else self.calibration_unfused
+        return final_scores(attention, first_stage if fused else None, self.fusion_weight if fused else None,
+                            calibration if scale else None, level_weight=self.level_weight)
+
+    def can_scale(self, fuse: bool) -> bool:
+        """Whether probabilities exist for this configuration (``scale_score=True`` is refused otherwise)."""
+        if self.fusion_weight is None or fuse:
+            return self.calibration is not None
+        return self.calibration_unfused is not None

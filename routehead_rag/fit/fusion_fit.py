@@ -1,11 +1,9 @@
-"""Fitting first-stage fusion and score calibration on top of a trained router (training side).
+"""Fitting first-stage fusion on top of a trained router (training side).
 
-* **Fusion weight**, chosen on dev nDCG@10: off, one global ``w`` from a grid, or a ``w`` the router
-  predicts per query (its fusion head, trained listwise on the train queries, epoch on dev);
-  whichever scores best on dev wins (``w = 0`` is the same ranking as no fusion, so "off" is kept
-  when nothing beats it).
-* **Calibration**: a logistic map of the final score to the probability that a passage is relevant,
-  fitted on the dev passages (slope kept positive: the ranking never changes).
+The fusion weight is chosen on dev nDCG@10: off, one global ``w`` from a grid, or a ``w`` the router
+predicts per query (its fusion head, trained listwise on the train queries, epoch on dev); whichever
+scores best on dev wins (``w = 0`` is the same ranking as no fusion, so "off" is kept when nothing
+beats it). The calibration to probabilities is :mod:`.calibration`.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..fusion import CalibrationConfig, FusionConfig
+from ..fusion import FusionConfig
 from ..measures import batched_ndcg
 from ..recipe import final_scores
 from ..router.model import Router, RouterConfig
@@ -100,52 +98,11 @@ def fit_fusion(
     return FusionFit(FusionConfig(mode="per_query"), with_head, scores, fused(weights))
 
 
-def fit_calibration(final: torch.Tensor, data: LabelledSet, rows: torch.Tensor, relevant_grade: int = 1,
-                    steps: int = 500) -> tuple[CalibrationConfig, dict[str, float]]:
-    """Logistic ``p = sigmoid(a * score + b)``, ``a > 0``, on the passages of ``rows``; with its ECE there."""
-    x = final[rows][data.valid[rows]].double()  # [pairs]
-    y = (data.gains[rows][data.valid[rows]] >= relevant_grade).double()  # [pairs]
-    mean, std = float(x.mean()), float(x.std().clamp_min(1e-12))
-    raw_slope = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # slope = softplus(raw) / std
-    intercept = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([raw_slope, intercept], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        logits = torch.nn.functional.softplus(raw_slope) * (x - mean) / std + intercept
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    slope = float(torch.nn.functional.softplus(raw_slope.detach())) / std
-    config = CalibrationConfig(slope=max(slope, 1e-9), intercept=float(intercept.detach()) - slope * mean,
-                               target=f"grade >= {relevant_grade}")
-    probabilities = torch.sigmoid(config.slope * x + config.intercept)
-    return config, {"ece": expected_calibration_error(probabilities, y), "pairs": float(len(y)),
-                    "positive_rate": float(y.mean())}
-
-
-def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> float:
-    """Mean |accuracy - confidence| over equal-width probability bins, weighted by their share of pairs."""
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    index = torch.clamp(torch.bucketize(probabilities, edges[1:-1]), 0, bins - 1)
-    error = 0.0
-    for b in range(bins):
-        members = index == b
-        if members.any():
-            error += float(members.double().mean()) * abs(float(labels[members].mean()) - float(probabilities[members].mean()))
-    return error
-
-
-def reliability(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 10) -> list[dict[str, float]]:
-    """Per probability bin: mean predicted probability, observed rate of relevant passages, share of pairs."""
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    index = torch.clamp(torch.bucketize(probabilities, edges[1:-1]), 0, bins - 1)
-    rows = []
-    for b in range(bins):
-        members = index == b
-        if members.any():
-            rows.append({"bin": b, "predicted": float(probabilities[members].mean()),
-                         "observed": float(labels[members].mean()), "share": float(members.double().mean())})
-    return rows
+def query_weights(router: Router, fusion: FusionConfig, embeddings: torch.Tensor) -> torch.Tensor | None:
+    """The first-stage weight of every query ``[query]`` as the router gives it (``None``: no fusion)."""
+    if fusion.mode == "off":
+        return None
+    if fusion.mode == "global":
+        return torch.full((embeddings.shape[0],), fusion.weight, dtype=torch.float64)
+    with torch.no_grad():
+        return router.fusion_weights(embeddings).double()

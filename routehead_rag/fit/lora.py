@@ -1,28 +1,29 @@
-"""``routehead-rag fit --adapter``: train a query-side LoRA adapter for a fitted router (training side).
+"""``routehead-rag fit --lora``: train a LoRA for a fitted router, listwise on its routed heads (training side).
 
-What the adapter is and how it is applied: :mod:`routehead_rag.engine.lora`. Here, per
-fit query of a (sampled) train split:
+What the LoRA is and how it is applied: :mod:`routehead_rag.engine.lora`. Two scopes:
 
-1. the prefix (header and passages) runs on the base model without gradients, adapter off;
-2. the real query part and the content-free "N/A" part run on that cache with the adapter on and
-   gradients through it (:meth:`AttentionScorer.head_scores` with ``differentiable=True``: the
-   same scoring code as inference);
-3. the loss is listwise: softmax cross-entropy of the fused score of the query's
-   routed heads against its relevance grades; one AdamW step per query.
+* ``query``: only the query part (the real query and the content-free "N/A") reads with it; the prefix
+  (header and passages) runs on the base model without gradients, so its KV cache is the base model's;
+* ``prompt``: the whole prompt reads with it and gradients flow through the passages' pass too, so the
+  passages' keys and values become relevance-aware (QRRanker-style training of the scoring heads).
 
-After every epoch the adapter is scored on dev queries (the router's own dev split, sampled) with
-the scores a user gets (the router's first-stage fusion applied), and the best epoch over every
-(rank, learning rate) tried is kept; epoch 0 is the adapter untrained, exactly the base model, so
-an adapter that never beats the router on dev is not kept.
+Per fit query of a (sampled) train split, mixed over every source: the routed heads' debiased attention
+is computed with the LoRA on (:meth:`AttentionScorer.head_scores` with ``differentiable=True``: the same
+scoring code as inference) and the loss is listwise: softmax cross-entropy of the recipe's fused score
+(:func:`routehead_rag.recipe.final_scores`, standardised attention where the router does not fuse) against
+the relevance grades; one AdamW step per ``batch_queries`` queries (their mean loss).
 
-Resumable: after each epoch the run's state (adapter, optimizer, history, best so far) is written
-atomically to the checkpoint folder; a killed fit restarts from the last finished epoch and ends
-with the same adapter as an uninterrupted one. The prefix work is not cached across epochs: its
-KV cache up to the deepest adapted layer is, for the embedded backbone (23 layers x keys and
-values x 3 KV heads x 64 dims x 2 bytes = 17.7 KB per token), about 50 MB per protocol query
-(~2,850 tokens), 54 GB for the shipped fit's 1,082 train queries: far more than memory, and a disk
-cache that size to save the prefix pass (about 0.6 of the 1.6 s a train query takes here) is not
-built; the epochs recompute it.
+After every epoch the LoRA is scored on dev queries (the router's own dev split, sampled) with the scores a
+user gets (the router's first-stage fusion applied), and the best epoch over every (rank, learning rate)
+tried is kept; epoch 0 is the LoRA untrained, exactly the base model, so a LoRA that never beats the router
+on dev is not kept. The backbone computes in its own dtype (bfloat16 where the CPU has it natively, as
+``dtype="auto"`` loads it); the factors stay float32.
+
+Resumable: after each epoch the run's state (factors, optimizer, history, best so far) is written atomically
+to the checkpoint folder; a killed fit restarts from the last finished epoch and ends with the same LoRA as
+an uninterrupted one. The prefix work is not cached across epochs (for the query scope its KV cache up to the
+deepest adapted layer would be ~50 MB per protocol query: more than memory for a fit; for the prompt scope it
+changes with every step); the epochs recompute it.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from ..recipe import final_scores as recipe_final_scores
 
 
 class LoraTrainingConfig(BaseModel):
-    """How the query-side adapter is trained and chosen (every choice on dev)."""
+    """How the LoRA is trained and chosen (every choice on dev)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
@@ -60,6 +61,9 @@ class LoraTrainingConfig(BaseModel):
     mlp: bool = Field(True, description="adapt the MLP projections too (else the attention projections only)")
     scope: Literal["query", "prompt"] = Field(
         "query", description="what reads with the LoRA: the query part only, or the whole prompt (passages too)"
+    )
+    batch_queries: StrictInt = Field(
+        1, ge=1, le=256, description="train queries per optimizer step (their mean loss; 1: a step per query)"
     )
     train_queries: StrictInt | None = Field(
         240, ge=1, description="train queries sampled from the router's train split (None: all of them)"
@@ -72,15 +76,15 @@ class LoraTrainingConfig(BaseModel):
     @model_validator(mode="after")
     def _in_range(self) -> LoraTrainingConfig:
         if any(r < 1 or r > 256 for r in self.ranks):
-            raise ValueError(f"adapter ranks must be in 1..256, got {list(self.ranks)}")
+            raise ValueError(f"LoRA ranks must be in 1..256, got {list(self.ranks)}")
         if any(not 0 < lr < 1 for lr in self.learning_rates):
-            raise ValueError(f"adapter learning rates must be in (0, 1), got {list(self.learning_rates)}")
+            raise ValueError(f"LoRA learning rates must be in (0, 1), got {list(self.learning_rates)}")
         return self
 
 
 @dataclass
 class LoraQuery:
-    """One fit query as the adapter sees it: its text, passages (candidates order), grades and route."""
+    """One fit query as LoRA training sees it: its text, passages (candidates order), grades and route."""
 
     key: str
     text: str
@@ -90,6 +94,7 @@ class LoraQuery:
     scorer: AttentionScorer  # in its source's prompt wording
     first_stage: torch.Tensor  # [passage] first-stage signal (raw: scores, or minus the rank)
     fusion_weight: float | None  # the router's first-stage weight for it (None: no fusion)
+    level_weight: float = 0.0  # the router's attention-level weight (routehead_rag.recipe.final_scores)
 
 
 @dataclass
@@ -100,10 +105,10 @@ class LoraFit:
     rank: int | None
     learning_rate: float | None
     epoch: int
-    base_dev_ndcg: float  # the router's dev nDCG@10 without an adapter (fused as shipped)
-    dev_ndcg: float  # with the chosen adapter (= base when none is kept)
+    base_dev_ndcg: float  # the router's dev nDCG@10 without a LoRA (fused as shipped)
+    dev_ndcg: float  # with the chosen LoRA (= base when none is kept)
     runs: list[dict] = field(default_factory=list)
-    dev_attention: dict[str, torch.Tensor] = field(default_factory=dict)  # [passage] routed scores, chosen adapter
+    dev_attention: dict[str, torch.Tensor] = field(default_factory=dict)  # [passage] routed scores, chosen LoRA
     seconds_per_train_query: float | None = None
     seconds_per_dev_query: dict[str, float] = field(default_factory=dict)  # "base", "adapted"
 
@@ -116,7 +121,7 @@ def routed_attention(query: LoraQuery, adapter: Lora | None, differentiable: boo
 
 def final_scores(query: LoraQuery, attention: torch.Tensor) -> torch.Tensor:
     """What a user ranks by ``[passage]``: the recipe's formula with the router's first-stage weight for the query."""
-    return recipe_final_scores(attention, query.first_stage, query.fusion_weight)
+    return recipe_final_scores(attention, query.first_stage, query.fusion_weight, level_weight=query.level_weight)
 
 
 def ndcg_at_10(scores: torch.Tensor, gains: torch.Tensor) -> float:
@@ -129,7 +134,7 @@ def ndcg_at_10(scores: torch.Tensor, gains: torch.Tensor) -> float:
 def listwise_loss(query: LoraQuery, attention: torch.Tensor) -> torch.Tensor:
     """Softmax cross-entropy of the recipe's fused scores ``[passage]`` (standardised attention where the router
     does not fuse) against the grades (as a distribution)."""
-    scores = recipe_final_scores(attention, query.first_stage, query.fusion_weight or 0.0)
+    scores = recipe_final_scores(attention, query.first_stage, query.fusion_weight or 0.0, level_weight=query.level_weight)
     target = query.gains.double() / query.gains.double().sum()
     return -(target * torch.log_softmax(scores, dim=0)).sum()
 
@@ -151,13 +156,13 @@ def train_lora(
     checkpoint_dir: str | Path | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> LoraFit:
-    """Train, choose on dev, return the best adapter (see the module notes). ``queries`` holds every key."""
+    """Train, choose on dev, return the best LoRA (see the module notes). ``queries`` holds every key."""
     report = progress or (lambda stage, done, total: None)
     train_keys = [k for k in train_keys if float(queries[k].gains.sum()) > 0]  # nothing to learn from the rest
     if not train_keys:
-        raise ValueError("no train query has a relevant passage: the adapter has nothing to learn from")
+        raise ValueError("no train query has a relevant passage: the LoRA has nothing to learn from")
     if not dev_keys:
-        raise ValueError("no dev queries to choose the adapter on")
+        raise ValueError("no dev queries to choose the LoRA on")
     deepest = max(h.layer for k in [*train_keys, *dev_keys] for h in queries[k].heads)
     layers, targets = lora_targets(backbone.decoder, deepest, mlp=config.mlp)
     path = decoder_path(backbone.model, backbone.decoder)
@@ -179,7 +184,7 @@ def train_lora(
             seconds.append(time.perf_counter() - begun)
             attention[key] = scores
             values.append(ndcg_at_10(final_scores(queries[key], scores), queries[key].gains))
-            report("adapter dev", index + 1, len(dev_keys))
+            report("LoRA dev", index + 1, len(dev_keys))
         return statistics.mean(values), attention, statistics.median(seconds)
 
     base_dev, base_attention, base_seconds = evaluate(None)
@@ -206,17 +211,23 @@ def train_lora(
                 order = list(train_keys)
                 random.Random(config.seed * 1000 + epoch).shuffle(order)
                 adapter.train()
-                for index, key in enumerate(order):
-                    begun = time.perf_counter()
-                    query = queries[key]
-                    loss = listwise_loss(query, routed_attention(query, adapter, differentiable=True))
-                    # gradients of the adapter only (the base model's parameters get no .grad: not ours); None for
-                    # factors past what the routed heads read (e.g. the MLP of the deepest layer): AdamW skips those
-                    for parameter, grad in zip(parameters, torch.autograd.grad(loss, parameters, allow_unused=True)):
-                        parameter.grad = grad
+                for start_index in range(0, len(order), config.batch_queries):
+                    batch = order[start_index : start_index + config.batch_queries]
+                    for parameter in parameters:
+                        parameter.grad = None
+                    for key in batch:
+                        begun = time.perf_counter()
+                        query = queries[key]
+                        loss = listwise_loss(query, routed_attention(query, adapter, differentiable=True)) / len(batch)
+                        # gradients of the LoRA only (the base model's parameters get no .grad: not ours); None for
+                        # factors past what the routed heads read (e.g. the MLP of the deepest layer): AdamW skips them
+                        grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+                        for parameter, grad in zip(parameters, grads):
+                            if grad is not None:
+                                parameter.grad = grad if parameter.grad is None else parameter.grad + grad
+                        train_seconds.append(time.perf_counter() - begun)
                     optimizer.step()
-                    train_seconds.append(time.perf_counter() - begun)
-                    report(f"adapter r{rank} lr {lr:g} epoch {epoch}", index + 1, len(order))
+                    report(f"LoRA ({config.scope}) r{rank} lr {lr:g} epoch {epoch}", start_index + len(batch), len(order))
                 adapter.eval()
                 value, attention, seconds = evaluate(adapter)
                 adapted_seconds.append(seconds)

@@ -12,7 +12,7 @@ interrupted fit resumes where it stopped.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,120 +20,21 @@ import torch
 from ..engine.embedding import QueryEmbeddingConfig, embed_query
 from ..engine.lora import Lora, lora_digest
 from ..engine.scorer import AttentionScorer, ScoringConfig
-from ..fusion import FusionConfig, first_stage_signal
+from ..fusion import FusionConfig
 from ..heads import Head
 from ..measures import batched_ndcg
-from ..offline.extraction import LocalExtractor, iter_extractions, storage_dtype_of
+from ..offline.extraction import storage_dtype_of
 from ..router.artifact import RouterArtifactConfig, save_artifact
 from ..router.model import SelectionConfig
-from .fusion_fit import fit_calibration, fit_fusion
-from .labelled import LabelledSet, LabelledSetBuilder, build_labelled_set, rank_heads, scratch_tensor
-from .lora import LoraQuery, LoraTrainingConfig, final_scores, train_lora
+from .calibration import calibrate_router
+from .extract import PooledExtractions, extract_sources
+from .fusion_fit import fit_fusion, query_weights
+from .labelled import LabelledSetBuilder, rank_heads, scratch_tensor
+from .lora import LoraQuery, LoraTrainingConfig, train_lora
 from .report import heatmap, model_card
 from .search import SearchConfig, search_heads
 from .sources import FitSource
 from .training import TrainingConfig, choose_depth_cost, route_top_k, train_router
-
-
-@dataclass
-class PooledExtractions:
-    """Every fit query's debiased per-head scores, across sources, keyed ``"<source>/<qid>"``."""
-
-    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # [layer, head, passage]
-    doc_ids: dict[str, list[str]] = field(default_factory=dict)
-    qrels: dict[str, dict[str, int]] = field(default_factory=dict)
-    texts: dict[str, str] = field(default_factory=dict)
-    first_stage: dict[str, list[float]] = field(default_factory=dict)  # per candidate: the first-stage signal
-    groups: dict[str, str] = field(default_factory=dict)  # the query's train/dev group, "<source>/<group>"
-
-    @classmethod
-    def of_sources(cls, sources: Sequence[FitSource]) -> PooledExtractions:
-        """Every query's candidates, grades, text and first-stage order (no scores yet): known before extraction."""
-        pooled = cls()
-        for source in sources:
-            for qid in source.candidates:
-                key = f"{source.name}/{qid}"
-                # the source's own objects, not copies (nothing here changes them): per-query memory stays what
-                # the source already holds
-                pooled.doc_ids[key] = source.candidates[qid]
-                pooled.qrels[key] = source.qrels.get(qid, {})
-                pooled.texts[key] = source.queries[qid]
-                scores = source.first_stage_scores.get(qid) if source.first_stage_scores else None
-                pooled.first_stage[key] = first_stage_signal(len(source.candidates[qid]), scores).tolist()
-                pooled.groups[key] = f"{source.name}/{source.groups.get(qid, qid) if source.groups else qid}"
-        return pooled
-
-    def labelled_set(self, depth: int = 10, release: bool = False) -> LabelledSet:
-        """The padded labelled set; ``release`` hands each query's scores over as it is copied in
-        (``scores`` is empty afterwards), so the two copies never coexist."""
-        return build_labelled_set(self.scores, self.doc_ids, self.qrels, depth=depth, consume=release)
-
-    def first_stage_signal(self, data: LabelledSet) -> torch.Tensor:
-        """``[query, passage]`` raw first-stage signal of each row of ``data`` (the scores, else minus the rank)."""
-        signal = torch.zeros(data.gains.shape, dtype=torch.float64)
-        for row, key in enumerate(data.qids):
-            values = self.first_stage[key]
-            signal[row, : len(values)] = torch.tensor(values, dtype=torch.float64)
-        return signal
-
-
-def extract_sources(
-    backbone,
-    sources: Sequence[FitSource],
-    scoring: ScoringConfig,
-    cache_dir: str | Path | None,
-    progress: Callable[[str, int, int], None] | None = None,
-    executor=None,
-    storage_dtype: str = "float16",
-    pooled: PooledExtractions | None = None,
-    sink: Callable[[str, torch.Tensor], None] | None = None,
-    lora: Lora | None = None,
-) -> PooledExtractions:
-    """One cached all-heads extraction per query of every source, in each source's prompt wording.
-
-    ``executor`` computes what is not cached (default: in this process; see
-    :mod:`routehead_rag.offline.distributed` for Ray); ``storage_dtype`` is the precision the cache and
-    the pooled scores keep (:mod:`routehead_rag.offline.extraction`). Each query's debiased scores go to
-    ``sink(key, scores)`` as they arrive (e.g. :meth:`LabelledSetBuilder.put`, so no more than one
-    query's scores is held), else into the result's ``scores`` (in candidates order). ``pooled``: the
-    sources' :meth:`PooledExtractions.of_sources`, if the caller made it already. ``lora``: score with
-    this LoRA on where its scope says (cached apart, keyed on its weights' sha256; computed in this
-    process)."""
-    report = progress or (lambda stage, done, total: None)
-    lora_key: dict = {}
-    if lora is not None:
-        if executor is not None and not isinstance(executor, LocalExtractor):
-            raise ValueError(f"extraction with a LoRA runs in this process, not on {type(executor).__name__}: "
-                             "pass executor=None (or a LocalExtractor)")
-        executor = LocalExtractor(executor.batch_size if executor is not None else 1, lora)
-        lora_key = {"lora": lora_digest(lora), "lora_scope": lora.config.scope}
-    scorers: dict[str | None, AttentionScorer] = {}
-    pooled = pooled if pooled is not None else PooledExtractions.of_sources(sources)
-    arrived: dict[str, torch.Tensor] = {}
-    keep = sink or arrived.__setitem__
-    storage = storage_dtype_of(storage_dtype)
-    total, done = sum(len(s.candidates) for s in sources), 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        report("extract", done, total)
-
-    for source in sources:
-        if source.instruction not in scorers:
-            scorers[source.instruction] = AttentionScorer(
-                backbone, scoring if source.instruction is None else scoring.with_instruction(source.instruction)
-            )
-        for extraction in iter_extractions(
-            scorers[source.instruction], source.name, source.queries, source.candidates, source.passages,
-            Path(cache_dir) if cache_dir is not None else None, progress=tick,
-            key_extra={**source.key, **lora_key}, executor=executor,
-            storage_dtype=storage_dtype,
-        ):  # only the debiased scores of each query are kept, at the storage precision (exact: already rounded)
-            keep(f"{source.name}/{extraction.qid}", extraction.debiased.to(storage))
-    if sink is None:  # candidates order, whatever order the extractions arrived in
-        pooled.scores = {key: arrived.pop(key) for key in pooled.doc_ids}
-    return pooled
 
 
 def select_static_heads(
@@ -180,7 +81,7 @@ def lora_queries(backbone, sources, scoring, pooled, data, routed, router, fusio
             key=key, text=pooled.texts[key], passages=source.passages(qid, pooled.doc_ids[key]),
             gains=data.gains[row, :count].double().clone(), scorer=scorers[source.instruction],
             heads=[Head(int(i) // data.num_heads, int(i) % data.num_heads) for i in routed[row].tolist()],
-            first_stage=signal[row, :count].clone(), fusion_weight=weight)
+            first_stage=signal[row, :count].clone(), fusion_weight=weight, level_weight=fusion.level_weight)
     return queries, [data.qids[r] for r in train], [data.qids[r] for r in dev]
 
 
@@ -285,7 +186,19 @@ def run_fit(
         fitted = fit_fusion(trained.router, embeddings, final, pooled.first_stage_signal(data), data, train_rows,
                             dev_rows, seed=training.seed)
         router, fusion_config, final, fusion_dev = fitted.router, fitted.fusion, fitted.final, fitted.dev
-    calibration, calibration_dev = (fit_calibration(final, data, dev_rows) if calibrate else (None, {}))
+    # what the weight was fitted with (a log's own order counts as "order"); any first stage's ranks are used alike
+    fusion_config = fusion_config.model_copy(
+        update={"first_stages": tuple(sorted({s.first_stage_kind or "order" for s in sources}))})
+    weights = query_weights(router, fusion_config, embeddings)  # [query] or None
+    calibration_kwargs = dict(cache_dir=cache_dir, progress=report, executor=executor, storage_dtype=storage_dtype,
+                              seed=training.seed)
+    calibration = calibration_unfused = None
+    calibration_dev: dict[str, float] = {}
+    if calibrate:
+        level, calibration, calibration_unfused, calibration_dev = calibrate_router(
+            backbone, sources, scoring, pooled, data, routed, weights, dev_rows.tolist(), lora=extraction_lora,
+            **calibration_kwargs)
+        fusion_config = fusion_config.model_copy(update={"level_weight": level})
     report("fusion + calibration", 1, 1)
     lora_fit, lora_record, lora_dev = None, {}, {}
     if lora is not None:
@@ -303,11 +216,10 @@ def run_fit(
                     "lora_dev_queries": float(len(dev_keys))}
         if lora_fit.lora is not None and calibrate:  # the scores users get changed: calibrate those
             rows = {key: row for row, key in enumerate(data.qids)}
-            adapted = final.clone()
-            for key in dev_keys:
-                count = len(queries[key].passages)
-                adapted[rows[key], :count] = final_scores(queries[key], lora_fit.dev_attention[key])
-            calibration, calibration_dev = fit_calibration(adapted, data, torch.tensor([rows[k] for k in dev_keys]))
+            level, calibration, calibration_unfused, calibration_dev = calibrate_router(
+                backbone, sources, scoring, pooled, data, routed, weights, [rows[k] for k in dev_keys],
+                lora=lora_fit.lora, full_attention=lora_fit.dev_attention, **calibration_kwargs)
+            fusion_config = fusion_config.model_copy(update={"level_weight": level})
     shipped_lora = lora_fit.lora if lora_fit is not None else extraction_lora
     counts = torch.zeros(data.num_layers * data.num_heads)
     counts.index_add_(0, routed.flatten(), torch.ones(routed.numel()))
@@ -320,6 +232,7 @@ def run_fit(
         selection=SelectionConfig(mode="top_k", k=trained.k, max_heads=max(trained.k, 1), depth_cost=depth.depth_cost),
         fusion=fusion_config,
         calibration=calibration,
+        calibration_unfused=calibration_unfused,
         search={**search.model_dump(mode="json"), "grid": grid},
         training={**training.model_dump(mode="json"), "chosen_k": trained.k, "chosen_sparsity": trained.sparsity,
                   "chosen_epoch": trained.epoch, "chosen_depth_cost": depth.depth_cost, "depth_curve": depth.curve,

@@ -57,9 +57,11 @@ def test_second_load_reuses_the_cache(embedded_backbone: Backbone, caplog: pytes
     assert manifest["gguf_sha256"] == gguf_sha256(embedded_gguf_path(), folder.parent)
     mtime = manifest_path.stat().st_mtime_ns
 
-    with caplog.at_level(logging.DEBUG, logger="routehead_rag.backbone"):
+    with caplog.at_level(logging.DEBUG, logger="routehead_rag.model.gguf_cache"):
         again = load_backbone()
-    assert not any("Converting" in record.getMessage() for record in caplog.records)
+    messages = [record.getMessage() for record in caplog.records]
+    assert not any("convert" in m.lower() for m in messages), messages  # "converting ...", "Converted ..."
+    assert any("Using cached conversion" in m for m in messages), messages
     assert manifest_path.stat().st_mtime_ns == mtime
     assert again.model is not embedded_backbone.model
     assert again.fingerprint() == embedded_backbone.fingerprint()

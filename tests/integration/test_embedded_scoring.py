@@ -1,4 +1,4 @@
-"""The engine on the real embedded SmolLM2-135M: capture, calibration, ranking, windows, CLI."""
+"""The engine on the real embedded SmolLM2-135M: capture, content-free subtraction, ranking, windows, CLI."""
 
 import pytest
 import torch

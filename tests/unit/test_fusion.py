@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
 
 from routehead_rag import RouteHeadReranker
-from routehead_rag.fit.fusion_fit import expected_calibration_error, fit_calibration, fit_fusion
+from routehead_rag.fit.calibration import Lists, expected_calibration_error, fit_calibration
+from routehead_rag.fit.fusion_fit import fit_fusion
 from routehead_rag.fit.labelled import build_labelled_set
 from routehead_rag.fusion import CalibrationConfig, calibrate, first_stage_signal, standardise
 from routehead_rag.recipe import final_scores
@@ -129,17 +131,52 @@ def test_fit_fusion_learns_which_queries_to_trust_the_first_stage_for():
 
 def test_fit_calibration_matches_observed_rates():
     generator = torch.Generator().manual_seed(1)
-    scores = torch.randn(400, 10, generator=generator, dtype=torch.float64)
+    scores = torch.randn(400, 10, generator=generator, dtype=torch.float64)  # raw attention, no fusion
     truth = torch.sigmoid(2.0 * scores - 1.0)
     gains = (torch.rand(400, 10, generator=generator, dtype=torch.float64) < truth).double()
-    data = build_labelled_set({f"q{i}": scores[i].reshape(1, 1, 10) for i in range(400)},
-                              {f"q{i}": [f"d{j}" for j in range(10)] for i in range(400)},
-                              {f"q{i}": {f"d{j}": int(gains[i, j]) for j in range(10)} for i in range(400)})
-    rows = torch.arange(len(data.qids))
-    config, report = fit_calibration(data.scores[:, 0, :], data, rows)
-    assert config.slope == pytest.approx(2.0, rel=0.2) and config.intercept == pytest.approx(-1.0, abs=0.25)
+    valid = torch.ones(400, 10, dtype=torch.bool)
+    full = Lists(scores, -torch.arange(10.0).expand(400, 10), gains, valid, None, torch.ones(400))
+    level, config, report = fit_calibration(full, None, fused=False, level_grid=(0.0,))
+    assert level == 0.0
+    assert config.slope == pytest.approx(2.0, rel=0.2)
+    # every list has 10 passages: intercept and count term are one number there
+    assert config.intercept + config.count_slope * math.log(10) == pytest.approx(-1.0, abs=0.25)
     assert report["ece"] < 0.05
     assert expected_calibration_error(torch.full((10,), 0.9, dtype=torch.float64), torch.zeros(10, dtype=torch.float64)) == pytest.approx(0.9)
+
+
+def test_the_level_term_lets_a_single_relevant_passage_score_above_a_single_irrelevant_one():
+    """With fusion the score is a z-score within the list; a passage alone has z = 0, so only the level term (mass x
+    list size) can tell a relevant single passage from an irrelevant one: the fit must choose it."""
+    generator = torch.Generator().manual_seed(2)
+    lists = 300
+    relevant = torch.randint(0, 10, (lists,), generator=generator)
+    share = torch.rand(lists, 10, generator=generator, dtype=torch.float64) * 0.5 / 10  # irrelevant: low share
+    share[torch.arange(lists), relevant] = 2.0 / 10  # the relevant passage draws twice an even share
+    gains = torch.zeros(lists, 10, dtype=torch.float64)
+    gains[torch.arange(lists), relevant] = 1.0
+    valid = torch.ones(lists, 10, dtype=torch.bool)
+    weights = torch.zeros(lists, dtype=torch.float64)  # fused, with an uninformative first stage
+    full = Lists(share, -torch.arange(10.0).expand(lists, 10), gains, valid, weights, torch.full((lists,), 1.0))
+    singles_attention = torch.cat([torch.full((lists, 1), 2.0), torch.rand(lists, 1, generator=generator, dtype=torch.float64) * 0.5])
+    singles_gains = torch.cat([torch.ones(lists, 1), torch.zeros(lists, 1)]).double()
+    sub = Lists(singles_attention, torch.zeros(2 * lists, 1, dtype=torch.float64), singles_gains,
+                torch.ones(2 * lists, 1, dtype=torch.bool), torch.zeros(2 * lists, dtype=torch.float64))
+    level, config, report = fit_calibration(full, sub, fused=True)
+    assert level > 0
+    assert report["single_relevant_mean_p"] > report["single_irrelevant_mean_p"] + 0.3
+    one = torch.zeros(1, dtype=torch.float64)
+    one_relevant = final_scores(torch.tensor([2.0]), one, 0.0, config, level_weight=level)
+    one_irrelevant = final_scores(torch.tensor([0.2]), one, 0.0, config, level_weight=level)
+    assert float(one_relevant) > 0.5 > float(one_irrelevant)
+    # without the level term a single passage scores the same whatever it says
+    _, flat, _ = fit_calibration(full, sub, fused=True, level_grid=(0.0,))
+    assert float(final_scores(torch.tensor([2.0]), one, 0.0, flat)) == float(final_scores(torch.tensor([0.2]), one, 0.0, flat))
+    # within a list the calibration never reorders: probabilities follow the level-adjusted score
+    signal = full.signal[:5]
+    scored = final_scores(full.attention[:5], signal, weights[:5], None, level_weight=level)
+    probabilities = final_scores(full.attention[:5], signal, weights[:5], config, level_weight=level)
+    assert torch.equal(torch.argsort(scored, dim=1, stable=True), torch.argsort(probabilities, dim=1, stable=True))
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
-"""The scoring LoRA (query scope): PEFT's LoRA as the reference, the prefix untouched, the owner's model left alone,
-the artifact's files trusted only when their checksums hold, and training that learns and resumes."""
+"""The scoring LoRA: PEFT's LoRA as the reference, the prefix untouched in the query scope and adapted in the prompt
+scope (merged into our own model, hooked per call into a shared one), the owner's model left alone, the artifact's
+files trusted only when their checksums hold, and training that learns and resumes."""
 
+import dataclasses
 import threading
 
 import pytest
@@ -16,6 +18,7 @@ from routehead_rag.engine.lora import (
     decoder_path,
     lora_bytes,
     lora_targets,
+    merge_into,
 )
 from routehead_rag.engine.scorer import AttentionScorer
 from routehead_rag.fit.lora import LoraTrainingConfig, train_lora
@@ -24,6 +27,7 @@ from routehead_rag.fit.search import SearchConfig
 from routehead_rag.fit.sources import read_query_log
 from routehead_rag.fit.training import TrainingConfig
 from routehead_rag.heads import Head
+from routehead_rag.recipe import final_scores
 from routehead_rag.reranker import RouteHeadReranker
 from routehead_rag.router.artifact import RouterArtifactError, load_artifact, read_artifact_config, save_artifact
 from routehead_rag.strategy import RoutedHeads
@@ -223,7 +227,9 @@ def test_reranker_uses_the_adapter_and_can_leave_it_off(routers):
     reranker = RouteHeadReranker(heads=adapted, **kwargs)
     heads = reranker.heads_for(query)
     adapter = reranker.resolved_strategy.lora
-    expected = reranker.scorer.passage_scores(query, passages, heads, adapter)  # the engine's own path
+    mass = reranker.scorer.passage_scores(query, passages, heads, adapter)  # the engine's own path
+    level = reranker.resolved_strategy.config.fusion.level_weight  # unfused: z(mass) + level * mass * n, or the mass
+    expected = final_scores(mass, level_weight=level)
     assert sorted(r.score for r in with_adapter) == pytest.approx(sorted(expected.tolist()), abs=1e-6)
     batch = reranker.rank_batch([query, query], [passages, passages[::-1]], batch_size=2)
     single = [reranker.rank(query, passages), reranker.rank(query, passages[::-1])]
@@ -294,7 +300,7 @@ def adapter_setup(tmp_path):
     backbone = tiny_backbone("llama")
     source = read_query_log(write_log(tmp_path / "log.jsonl", count=10))
     from routehead_rag.engine.scorer import ScoringConfig
-    from routehead_rag.fit.pipeline import extract_sources
+    from routehead_rag.fit.extract import extract_sources
     from routehead_rag.fusion import FusionConfig
     from routehead_rag.router.model import Router, RouterConfig
 
@@ -424,7 +430,7 @@ def test_eval_ranks_a_router_with_a_lora_live_exactly_as_rank_does(routers, tmp_
 
 def test_fit_on_extractions_made_with_a_given_adapter_caches_them_apart_and_ships_it(tmp_path):
     from routehead_rag.engine.scorer import ScoringConfig
-    from routehead_rag.fit.pipeline import extract_sources
+    from routehead_rag.fit.extract import extract_sources
 
     backbone = tiny_backbone("llama")
     source = read_query_log(write_log(tmp_path / "log.jsonl", count=12))
@@ -451,3 +457,98 @@ def test_fit_on_extractions_made_with_a_given_adapter_caches_them_apart_and_ship
                 lora=LoraTrainingConfig(ranks=(2,)))
     with pytest.raises(ValueError, match="in this process"):
         extract_sources(backbone, [source], ScoringConfig(), None, executor=object(), lora=adapter)
+
+
+# -- the prompt scope: the passages read with the LoRA too -------------------------------------------------
+def prompt_lora(backbone, seed=3):
+    lora = random_lora(backbone, seed=seed)
+    return Lora.from_peft_state_dict(lora.config.model_copy(update={"scope": "prompt"}), lora.peft_state_dict())
+
+
+def test_prompt_scope_adapts_the_passages_pass_too():
+    backbone = tiny_backbone("llama")
+    query_scope, prompt_scope = random_lora(backbone), prompt_lora(backbone)
+    probe = backbone.decoder.layers[1].self_attn.k_proj
+    outputs = {}
+    for name, chosen in (("base", None), ("query", query_scope), ("prompt", prompt_scope)):
+        seen = []
+        handle = probe.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+        try:
+            AttentionScorer(backbone).head_scores("where is the moon", DOCS, [Head(1, 0)], chosen)
+        finally:
+            handle.remove()
+        outputs[name] = seen
+    assert torch.equal(outputs["base"][0], outputs["query"][0])  # query scope: the passages' keys are the base's
+    assert not torch.allclose(outputs["base"][0], outputs["prompt"][0])  # prompt scope: relevance-aware keys
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_merging_a_prompt_lora_into_our_own_model_scores_as_the_hooks_do(arch):
+    hooked_backbone, merged_backbone = tiny_backbone(arch), tiny_backbone(arch)  # two copies of the same weights
+    lora = prompt_lora(hooked_backbone)
+    heads = every_head(hooked_backbone)
+    hooked = AttentionScorer(hooked_backbone).head_scores("where is the moon", DOCS, heads, lora)
+    merge_into(merged_backbone.decoder, lora)
+    merged = AttentionScorer(merged_backbone).head_scores("where is the moon", DOCS, heads)
+    torch.testing.assert_close(merged.real, hooked.real, atol=1e-5, rtol=0)
+    torch.testing.assert_close(merged.content_free, hooked.content_free, atol=1e-5, rtol=0)
+
+
+def test_a_prompt_lora_router_merges_into_an_owned_model_and_never_into_a_shared_one(routers, tmp_path):
+    backbone, plain, _, _ = routers
+    router, config = load_artifact(plain, backbone.fingerprint())
+    lora = prompt_lora(backbone)
+    save_artifact(tmp_path / "prompt", router, config.model_copy(update={"lora": lora.config}), "card", lora)
+    weights = {name: p.detach().clone() for name, p in backbone.model.named_parameters()}
+    shared = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=tmp_path / "prompt")
+    shared_scores = [r.score for r in shared.rank("sea", DOCS)]
+    assert shared.resolved_strategy.lora is not None and not shared.resolved_strategy.lora_merged  # hooks, per call
+    for name, p in backbone.model.named_parameters():
+        assert torch.equal(p, weights[name]), name  # the caller's model is untouched
+    owned = dataclasses.replace(tiny_backbone("llama"), owned=True)
+    strategy = RoutedHeads.from_folder(tmp_path / "prompt").resolve(owned).ready(owned)
+    assert strategy.lora is None and strategy.lora_merged  # merged once into our own weights
+    merged = RouteHeadReranker(model=owned, heads=strategy)
+    assert [r.score for r in merged.rank("sea", DOCS)] == pytest.approx(shared_scores, abs=1e-5)
+
+
+def test_shared_generator_logits_unchanged_while_another_thread_ranks_with_a_prompt_lora(routers, tmp_path):
+    backbone, plain, _, _ = routers
+    router, config = load_artifact(plain, backbone.fingerprint())
+    lora = prompt_lora(backbone)
+    save_artifact(tmp_path / "prompt", router, config.model_copy(update={"lora": lora.config}), "card", lora)
+    model, tokenizer = backbone.model, backbone.tokenizer
+    reranker = RouteHeadReranker(model=model, tokenizer=tokenizer, heads=tmp_path / "prompt")
+    ids = torch.tensor([tokenizer.encode("the moon pulls the sea and the tides follow")])
+    with torch.no_grad():
+        expected = model(ids).logits
+    stop, errors, count = threading.Event(), [], [0]
+
+    def rank_loop():
+        try:
+            while not stop.is_set():
+                reranker.rank("sea", DOCS)
+                count[0] += 1
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    thread = threading.Thread(target=rank_loop)
+    thread.start()
+    try:
+        for _ in range(30):
+            with torch.no_grad():
+                assert torch.equal(model(ids).logits, expected)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and count[0] > 0
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_prompt_scope_training_learns_in_batches_of_queries(tmp_path):
+    backbone, queries, train, dev, config = adapter_setup(tmp_path)
+    config = config.model_copy(update={"scope": "prompt", "batch_queries": 2})
+    fit = train_lora(backbone, queries, train, dev, config)
+    assert fit.dev_ndcg > fit.base_dev_ndcg + 0.02, fit.runs[0]["history"]
+    assert fit.lora is not None and fit.lora.config.scope == "prompt"
+    assert all(p.grad is None for p in backbone.model.parameters())

@@ -1,0 +1,153 @@
+"""Fitting on a query log without judgments: teacher labels against real labels, on held-out queries.
+
+For each given fit set, its queries are split as the fit splits them (group-aware, by hash); the train
+part is fitted on twice, once with its real relevance labels and once with the labels of a local teacher
+(``fit --teacher minilm``: the packaged all-MiniLM-L6-v2 bi-encoder; graded labels from its ranking, see
+``routehead_rag.fit.teacher``), with the shipped fit's settings; both routers and the shipped router then
+rank the held-out part (real labels for scoring only), beside BM25 and the teacher itself re-ranking the
+same candidates. Paired randomization tests of teacher-fit against label-fit and against BM25. The
+shipped router was fitted on every fit domain, this set's train part included (say so when reading it).
+
+    python benchmarks/teacher_fit.py --dtype bfloat16 --sets beir-scifact stackfaq
+
+Writes benchmarks/results/teacher_fit.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, console, machine, machine_line, seeded
+
+from routehead_rag import RouteHeadReranker
+from routehead_rag.data.protocol import PROTOCOL, Role, instruction_for
+from routehead_rag.eval.harness import prepare_set, rerank_set
+from routehead_rag.eval.metrics import paired_randomization_test, per_query, rankings_to_run
+from routehead_rag.fit.pipeline import run_fit
+from routehead_rag.fit.search import SearchConfig
+from routehead_rag.fit.sources import beir_source
+from routehead_rag.fit.teacher import Teacher, label_with_teacher
+from routehead_rag.fit.training import TrainingConfig, split_train_dev
+from routehead_rag.model.backbone import load_backbone
+from routehead_rag.paths import default_cache_dir
+from routehead_rag.router.artifact import SHIPPED_ROUTERS
+
+ROWS = ("BM25", "teacher (MiniLM) re-ranking", "shipped router", "label-fit", "teacher-fit")
+SEARCHES = [SearchConfig(pool_size=p, max_heads=h) for p in (32, 64) for h in (4, 8)]
+
+
+def restricted(source, qids):
+    keep = set(qids)
+    return dataclasses.replace(
+        source, queries={q: t for q, t in source.queries.items() if q in keep},
+        candidates={q: c for q, c in source.candidates.items() if q in keep},
+        qrels={q: g for q, g in source.qrels.items() if q in keep},
+        first_stage_scores={q: s for q, s in (source.first_stage_scores or {}).items() if q in keep},
+        groups={q: g for q, g in (source.groups or {}).items() if q in keep})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--sets", nargs="+", default=["beir-scifact", "stackfaq"])
+    parser.add_argument("--name", default="teacher_fit")
+    args = parser.parse_args()
+    seeded()
+    started = time.time()
+    backbone = load_backbone("smollm2-135m", dtype=args.dtype)
+    cache = default_cache_dir()
+    teacher = Teacher("minilm")
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.sets:
+            source = beir_source(name)
+            qids = list(source.candidates)
+            spec = PROTOCOL.spec(name)
+            train_rows, dev_rows = split_train_dev([f"{name}/{spec.group(q)}" for q in qids], 0.2, 0)
+            train_qids, dev_qids = [qids[i] for i in train_rows.tolist()], [qids[i] for i in dev_rows.tolist()]
+            train = restricted(source, train_qids)
+            taught = label_with_teacher(train, teacher)
+            agreement = statistics.mean(
+                max(taught.qrels[q], key=taught.qrels[q].get) in {d for d, g in train.qrels.get(q, {}).items() if g > 0}
+                for q in train_qids)
+            routers = {}
+            for label, fit_source in (("label-fit", train), ("teacher-fit", taught)):
+                begun = time.time()
+                routers[label] = run_fit(backbone, [fit_source], Path(scratch) / f"{name}-{label}", search=SEARCHES,
+                                         training=TrainingConfig(), cache_dir=cache, storage_dtype="float32",
+                                         report_dir=Path(scratch) / "reports").artifact
+                console.print(name, label, f"{time.time() - begun:.0f} s")
+            eval_set = prepare_set(name, role=Role.FIT)
+            eval_set.qids = dev_qids
+            instruction = instruction_for("auto", name)
+            rankings = {"BM25": {q: eval_set.candidates[q].doc_ids for q in dev_qids}}
+            teacher_rank = {}
+            for q in dev_qids:
+                ids = eval_set.candidates[q].doc_ids
+                scores = teacher.scores(eval_set.dataset.queries[q], eval_set.passages(ids))
+                teacher_rank[q] = [d for _, d in sorted(zip(scores, ids), key=lambda pair: -pair[0])]
+            rankings["teacher (MiniLM) re-ranking"] = teacher_rank
+            for row, heads in (("shipped router", SHIPPED_ROUTERS / "smollm2-135m"), ("label-fit", routers["label-fit"]),
+                               ("teacher-fit", routers["teacher-fit"])):
+                reranker = RouteHeadReranker(model=backbone, heads=heads, instruction=instruction, lora=False)
+                ranked = rerank_set(eval_set, reranker, cache)
+                rankings[row] = {q: r.ids() for q, r in ranked.rankings.items()}
+            per = {row: per_query(rankings_to_run(r), eval_set.dataset.qrels, "nDCG@10", qids=dev_qids)
+                   for row, r in rankings.items()}
+            values = {row: [per[row][q] for q in dev_qids] for row in ROWS}
+            results[name] = {
+                "train_queries": len(train_qids), "dev_queries": len(dev_qids),
+                "teacher_top1_is_relevant": agreement,
+                **{row: statistics.mean(values[row]) for row in ROWS},
+                "p teacher-fit vs label-fit": paired_randomization_test(values["teacher-fit"], values["label-fit"]),
+                "p teacher-fit vs BM25": paired_randomization_test(values["teacher-fit"], values["BM25"]),
+            }
+            console.print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in results[name].items()})
+    result = {"command": "python benchmarks/teacher_fit.py --dtype " + args.dtype + " --sets " + " ".join(args.sets),
+              "machine": machine(), "seconds": round(time.time() - started), "rows": list(ROWS), "sets": results,
+              "note": "the shipped router's fit included these sets' train parts (with their real labels); the LoRA is "
+                      "left off in every row so the rows differ by the router alone"}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    lines = ["# Fitting without judgments: teacher labels against real labels", "",
+             f"`{result['command']}` ({result['seconds']} s). {result['note']}. nDCG@10 on each set's held-out "
+             "(dev) queries; the teacher's top-1 agreement is the share of train queries whose teacher-best candidate "
+             "is judged relevant.", "", machine_line(result), "",
+             "| set | train / dev queries | teacher top-1 relevant | " + " | ".join(ROWS)
+             + " | p teacher vs label | p teacher vs BM25 |",
+             "|---|---|---|" + "---|" * len(ROWS) + "---|---|"]
+    for name, row in results.items():
+        lines.append(f"| {name} | {row['train_queries']} / {row['dev_queries']} | {row['teacher_top1_is_relevant']:.2f} | "
+                     + " | ".join(f"{row[r]:.3f}" for r in ROWS)
+                     + f" | {row['p teacher-fit vs label-fit']:.3f} | {row['p teacher-fit vs BM25']:.3f} |")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot(result, RESULTS / f"{args.name}.png")
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(result["sets"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(ROWS)
+    for i, row in enumerate(ROWS):
+        ax.bar([s + i * width for s in range(len(sets))], [result["sets"][n][row] for n in sets], width, label=row)
+    ax.set_xticks([s + 0.4 - width / 2 for s in range(len(sets))], sets)
+    ax.set_ylabel("nDCG@10, held-out queries")
+    ax.set_title("Teacher labels vs real labels")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
