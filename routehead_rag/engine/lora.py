@@ -212,21 +212,34 @@ class Lora(nn.Module):
         return (x.to(a.dtype) @ a.t()) @ b.t() * self.config.scale
 
 
-def check_fits(decoder: nn.Module, config: LoraConfig) -> None:
-    """``ValueError`` if a configured layer or projection does not exist (or is not linear) in ``decoder``."""
+def check_fits(decoder: nn.Module, lora: Lora | LoraConfig) -> None:
+    """``ValueError`` if a configured layer or projection does not exist (or is not linear) in ``decoder``, or,
+    given a :class:`Lora`, if a factor's shape is not its projection's (``A [rank, in]``, ``B [out, rank]``)."""
+    config = lora.config if isinstance(lora, Lora) else lora
     count = len(decoder.layers)
     bad_layers = [layer for layer in config.layers if layer >= count]
     if bad_layers:
         raise ValueError(f"the LoRA targets layers {bad_layers}, but the decoder has layers 0..{count - 1}")
-    for target in config.targets:
-        try:
-            module = decoder.layers[config.layers[0]].get_submodule(target)
-        except AttributeError:
-            module = None
-        if not isinstance(module, nn.Linear):
-            linear = [n for n, m in decoder.layers[0].named_modules() if isinstance(m, nn.Linear)]
-            raise ValueError(f"the LoRA targets {target!r}, which is not a linear projection of this model's "
-                             f"decoder layers (they have {linear}); fit the LoRA for this backbone")
+    for layer in config.layers:
+        for target in config.targets:
+            try:
+                module = decoder.layers[layer].get_submodule(target)
+            except AttributeError:
+                module = None
+            if not isinstance(module, nn.Linear):
+                linear = [n for n, m in decoder.layers[0].named_modules() if isinstance(m, nn.Linear)]
+                raise ValueError(f"the LoRA targets {target!r}, which is not a linear projection of this model's "
+                                 f"decoder layer {layer} (they have {linear}); fit the LoRA for this backbone")
+            if isinstance(lora, Lora):
+                key, name = Lora.key(layer, target), f"base_model.model.{config.module_name(layer, target)}"
+                for factor, got, want in (("A", lora.lora_A[key].shape, (config.rank, module.in_features)),
+                                          ("B", lora.lora_B[key].shape, (module.out_features, config.rank))):
+                    if tuple(got) != want:
+                        raise ValueError(
+                            f"{ADAPTER_WEIGHTS_NAME}: {name}.lora_{factor}.weight has shape {list(got)}, but "
+                            f"{config.module_name(layer, target)} takes {module.in_features} and gives "
+                            f"{module.out_features}, so it must be {list(want)}: restore the router folder, or fit "
+                            "the LoRA for this backbone (routehead-rag fit --lora)")
 
 
 _SWITCHED_ON: ContextVar[AttachedLora | None] = ContextVar("routehead_lora", default=None)
@@ -240,7 +253,7 @@ class AttachedLora:
         self._handles: list = []
 
     def __enter__(self) -> AttachedLora:
-        check_fits(self.decoder, self.lora.config)
+        check_fits(self.decoder, self.lora)
         try:
             for layer in self.lora.config.layers:
                 for target in self.lora.config.targets:
@@ -324,7 +337,7 @@ def merge_into(decoder: nn.Module, lora: Lora) -> None:
 
     Only for a model we loaded ourselves (never a caller's): then a prompt-scope LoRA costs nothing
     per query. The merged model scores as the hooks would, to float rounding."""
-    check_fits(decoder, lora.config)
+    check_fits(decoder, lora)
     with torch.no_grad():
         for layer in lora.config.layers:
             for target in lora.config.targets:

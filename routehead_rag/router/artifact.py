@@ -5,8 +5,11 @@ Trust nothing on disk:
 * ``config.json`` is read with strict types (``"30"``, ``1.0``, ``true`` are refused where an
   integer is meant; unknown fields too) and must agree with itself: the router's layers x heads
   and input size are the backbone fingerprint's, the static heads fit that grid;
+* every number in it is finite (``NaN``, ``Infinity``, ``1e400`` refused everywhere, free-form records too);
 * it records the sha256 and size of every weight file, and loading checks them, so flipped
   bytes are caught even when the file still parses; weights must be finite and not all zero;
+* the LoRA's PEFT files are read back, not only checksummed (:func:`load_lora`); LoRA files recorded or
+  present without a ``lora`` in ``config.json`` are an error, never a LoRA silently dropped;
 * every file must be a regular file inside the folder (no symlink out of it); the model card
   may be missing (a warning), nothing else may;
 * writes are atomic (a temporary folder renamed into place, under a lock), and temporary folders
@@ -21,13 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from filelock import FileLock
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from ..atomic import atomic_folder, remove_stale
 from ..engine.embedding import QueryEmbeddingConfig
@@ -68,6 +72,20 @@ class BackboneFingerprint(BaseModel):
     tokenizer_sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
 
 
+def _finite_json(value: Any, where: str = "") -> Any:
+    """``value`` (plain JSON) unchanged if every number in it is finite, else ``ValueError`` naming where."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where or 'a value'} is {value!r}: every number must be finite")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _finite_json(item, f"{where}.{key}" if where else str(key))
+    return value
+
+
+FINITE = AfterValidator(lambda value, info: _finite_json(value, info.field_name))
+"""On a free-form JSON field (search and training settings, data): every number in it must be finite."""
+
+
 class FileRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -89,14 +107,17 @@ class RouterArtifactConfig(BaseModel):
     selection: SelectionConfig
     fusion: FusionConfig = Field(default_factory=FusionConfig, description="first-stage fusion, fitted on dev")
     calibration: CalibrationConfig | None = Field(None, description="score -> probability of relevance, on dev")
+    calibration_unfused: CalibrationConfig | None = Field(
+        None, description="the same for the score without the first stage (fuse_first_stage=False), on dev"
+    )
     lora: LoraConfig | None = Field(
         None, description="the scoring LoRA (PEFT layout, in adapter_model.safetensors) and its scope, or none"
     )
     files: dict[str, FileRecord] = Field(default_factory=dict, description="sha256 and size of every weight file")
-    search: dict[str, Any] = Field(default_factory=dict, description="head search settings")
-    training: dict[str, Any] = Field(default_factory=dict, description="training settings and the chosen values")
-    data: list[dict[str, Any]] = Field(default_factory=list, description="fit data: sources and query counts")
-    dev_metrics: dict[str, float] = Field(default_factory=dict)
+    search: Annotated[dict[str, Any], FINITE] = Field(default_factory=dict, description="head search settings")
+    training: Annotated[dict[str, Any], FINITE] = Field(default_factory=dict, description="training settings, chosen values")
+    data: Annotated[list[dict[str, Any]], FINITE] = Field(default_factory=list, description="fit data: sources, query counts")
+    dev_metrics: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
     static_heads: list[str] = Field(default_factory=list, description="static top-k of the same fit, a baseline")
     command: str | None = Field(None, description="the command that produced this artifact")
     fit_dtype: str | None = Field(None, description="dtype of the backbone the fit extracted attention with")
@@ -121,6 +142,10 @@ class RouterArtifactConfig(BaseModel):
             raise ValueError(f"selection asks for more heads than the backbone's {grid.size}")
         if self.lora is not None and max(self.lora.layers) >= fingerprint.num_layers:
             raise ValueError(f"lora.layers go past the backbone's {fingerprint.num_layers} layers")
+        recorded = sorted({ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME} & set(self.files))
+        if self.lora is None and recorded:
+            raise ValueError(f"files records the LoRA's {' and '.join(recorded)} but there is no 'lora': restore "
+                             "config.json's 'lora' (else the LoRA is silently dropped), or remove those records and files")
         return self
 
     @property
@@ -224,7 +249,8 @@ def read_artifact_config(folder: str | Path) -> RouterArtifactConfig:
     version = raw.get("format") if isinstance(raw, dict) else None
     if type(version) is not int:
         raise RouterArtifactError(f"{path} has no integer 'format' (got {version!r}): not a router artifact; fit it again")
-    if version == 2:  # the same content under older names: read it as format 3
+    upgraded = version == 2
+    if upgraded:  # the same content under older names: read it as format 3
         raw, version = upgrade_format_2(raw), ARTIFACT_FORMAT
         text = json.dumps(raw)
     if version != ARTIFACT_FORMAT:
@@ -236,8 +262,11 @@ def read_artifact_config(folder: str | Path) -> RouterArtifactConfig:
     try:
         return RouterArtifactConfig.model_validate_json(text)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
-        raise RouterArtifactError(f"{path} is not a valid router config ({problems})") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in err.errors())
+        names = " (format 2, read under format 3's names: 'query_adapter' is 'lora')" if upgraded else ""
+        raise RouterArtifactError(f"{path} is not a valid router config ({problems}){names}: correct what is named, "
+                                  "restore the folder, or fit the router again") from None
 
 
 def upgrade_format_2(raw: dict[str, Any]) -> dict[str, Any]:
@@ -308,19 +337,30 @@ def _recorded_bytes(folder: Path, config: RouterArtifactConfig, name: str) -> by
 
 
 def load_lora(folder: str | Path, config: RouterArtifactConfig):
-    """The artifact's query-side adapter (:class:`~routehead_rag.engine.lora.Lora`), or ``None``.
+    """The artifact's scoring LoRA (:class:`~routehead_rag.engine.lora.Lora`), or ``None``.
 
-    Both PEFT files are checked against their recorded sha256; the weights must fit
-    ``config.lora`` and carry the router's backbone fingerprint.
-    """
+    Both PEFT files must match their recorded sha256, and are then read back: ``adapter_config.json`` must
+    be PEFT's LoRA settings agreeing with ``config.lora`` (:mod:`routehead_rag.engine.peft_layout`); the
+    weights must fit ``config.lora``, carry the router's backbone fingerprint and, where the backbone is
+    known (at resolve), fit its projections (:func:`~routehead_rag.engine.lora.check_fits`)."""
     from safetensors import SafetensorError
 
     from ..engine.lora import parse_lora
+    from ..engine.peft_layout import check_peft_config
 
     folder = Path(folder)
     if config.lora is None:
+        present = [name for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) if (folder / name).exists()]
+        if present:
+            raise RouterArtifactError(f"{folder} holds the LoRA's {' and '.join(present)} but {CONFIG_NAME} has no "
+                                      "'lora': restore it (else the LoRA is silently dropped), or delete those files")
         return None
-    _recorded_bytes(folder, config, ADAPTER_CONFIG_NAME)
+    settings = _recorded_bytes(folder, config, ADAPTER_CONFIG_NAME)
+    try:
+        check_peft_config(settings, config.lora)
+    except ValueError as err:
+        raise RouterArtifactError(f"{folder / ADAPTER_CONFIG_NAME}: {err}; it must agree with {CONFIG_NAME}: restore "
+                                  "the router folder, or fit it again") from None
     data = _recorded_bytes(folder, config, ADAPTER_WEIGHTS_NAME)
     path = folder / ADAPTER_WEIGHTS_NAME
     try:

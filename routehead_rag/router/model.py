@@ -50,7 +50,7 @@ class SelectionConfig(BaseModel):
 
     mode: Literal["top_k", "threshold"] = "top_k"
     k: int = Field(4, ge=1, description="heads per query in top_k mode")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="least probability in threshold mode")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, allow_inf_nan=False, description="least probability in threshold mode")
     min_heads: int = Field(1, ge=1)
     max_heads: int = Field(16, ge=1)
     depth_cost: float = Field(

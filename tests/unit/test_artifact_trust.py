@@ -164,3 +164,290 @@ def test_the_shipped_router_is_intact():
     folder = artifact.SHIPPED_ROUTERS / "smollm2-135m"
     config = read_artifact_config(folder)
     load_artifact(folder, config.backbone_fingerprint.model_dump())
+
+
+# -- second round: the LoRA's PEFT files, finite numbers everywhere ------------------------------
+
+SHIPPED = artifact.SHIPPED_ROUTERS / "smollm2-135m"
+
+
+def rerecord(folder, name):
+    """Record ``name``'s current sha256 and size in ``config.json``, as anyone editing a router folder by hand would."""
+    import hashlib
+
+    data = (folder / name).read_bytes()
+    edit_config(folder, lambda c: c["files"].update({name: {"sha256": hashlib.sha256(data).hexdigest(),
+                                                             "bytes": len(data)}}))
+
+
+@pytest.fixture(scope="module")
+def lora_router(tmp_path_factory):
+    """A tiny backbone and a router carrying a random non-zero LoRA (rank 4, every projection of both layers)."""
+    from routehead_rag.engine.lora import Lora, LoraConfig, decoder_path, lora_targets
+    from tests.tiny_models import tiny_backbone
+    from tests.unit.test_hostile_inputs import handmade_router
+
+    backbone = tiny_backbone("llama")
+    layers, targets = lora_targets(backbone.decoder, backbone.num_layers - 1)
+    config = LoraConfig(rank=4, alpha=8.0, layers=layers, targets=targets,
+                        decoder_path=decoder_path(backbone.model, backbone.decoder))
+    torch.manual_seed(3)
+    lora = Lora.for_decoder(backbone.decoder, config)
+    with torch.no_grad():
+        for b in lora.lora_B.values():
+            b.normal_(0.0, 0.5)  # a trained LoRA's stand-in: B = 0 would be the base model exactly
+    return backbone, handmade_router(backbone, tmp_path_factory.mktemp("lora") / "router", lora=lora)
+
+
+@pytest.fixture(params=["tiny", "shipped"])
+def lora_copy(request, lora_router, tmp_path):
+    """A copy of a router with a LoRA: the tiny one (ranked through), or the shipped one (loaded, no model)."""
+    source = lora_router[1] if request.param == "tiny" else SHIPPED
+    shutil.copytree(source, tmp_path / "router")
+    return request.param, tmp_path / "router"
+
+
+def resolve(kind, folder, lora_router):
+    """What loading does: for the tiny router, a re-ranker that warms up (and would rank); for the shipped one,
+    the artifact's own loaders (its backbone is not loaded in unit tests)."""
+    if kind == "tiny":
+        backbone = lora_router[0]
+        reranker = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=folder)
+        reranker.warm_up()
+        return reranker.rank("tides", ["the moon pulls the sea", "stock prices fell"])
+    config = read_artifact_config(folder)
+    return artifact.load_lora(folder, config)
+
+
+def edit_peft(change):
+    def edit(folder):
+        path = folder / "adapter_config.json"
+        raw = json.loads(path.read_text())
+        change(raw)
+        path.write_text(json.dumps(raw))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8,'), "not valid JSON"),
+        (lambda f: (f / "adapter_config.json").write_text("[1, 2]"), "holds a JSON list"),
+        (edit_peft(lambda c: c.update(peft_type="PREFIX_TUNING")), "peft_type is 'PREFIX_TUNING'"),
+        (edit_peft(lambda c: c.update(r=c["r"] // 2)), r"r is \d, but config.json's lora.rank is \d"),
+        (edit_peft(lambda c: c.update(r="8")), "r: Input should be a valid integer"),
+        (edit_peft(lambda c: c.update(lora_alpha=1e6)), r"lora_alpha is 1000000.0, but config.json's lora.alpha is"),
+        (edit_peft(lambda c: c.update(lora_alpha=float("inf"))), "lora_alpha: Input should be a finite number"),
+        (edit_peft(lambda c: c.update(lora_alpha=float("nan"))), "lora_alpha: Input should be a finite number"),
+        (edit_peft(lambda c: c["target_modules"].append("model.layers.0.self_attn.no_such_proj")),
+         r"target_modules .* extra \['model.layers.0.self_attn.no_such_proj'\]"),
+        (edit_peft(lambda c: c["target_modules"].pop()), r"target_modules .* missing \['model.layers"),
+        (edit_peft(lambda c: c.update(target_modules=".*proj")), "target_modules is the pattern '.*proj'"),
+        (edit_peft(lambda c: c.update(use_rslora=True)), "use_rslora: Input should be False"),
+        (edit_peft(lambda c: c.update(use_dora=True)), "use_dora: Input should be False"),
+        (edit_peft(lambda c: c.update(rank_pattern={"model.layers.0.mlp.up_proj": 2})), "rank_pattern"),
+        (edit_peft(lambda c: c.update(bias="all")), "bias: Input should be 'none'"),
+        (edit_peft(lambda c: c.update(layers_to_transform=[0])), "layers_to_transform"),
+        (edit_peft(lambda c: c.update(surprise=1)), "surprise: Extra inputs are not permitted"),
+    ],
+)
+def test_the_peft_settings_are_read_back_and_must_agree_with_config_json(lora_copy, lora_router, damage, message):
+    kind, folder = lora_copy
+    damage(folder)
+    rerecord(folder, "adapter_config.json")
+    with pytest.raises(RouterArtifactError, match=f"adapter_config.json: .*{message}.*restore the router folder"):
+        resolve(kind, folder, lora_router)
+
+
+def test_intact_lora_routers_load_and_peft_reads_the_same_settings(lora_copy, lora_router):
+    kind, folder = lora_copy
+    resolve(kind, folder, lora_router)
+    peft = pytest.importorskip("peft")
+    config = read_artifact_config(folder).lora
+    read = peft.LoraConfig.from_pretrained(str(folder))  # PEFT's own schema: the LoRA PEFT would load
+    assert (read.peft_type.value, read.r, read.lora_alpha) == ("LORA", config.rank, config.alpha)
+    assert set(read.target_modules) == {config.module_name(layer, t) for layer in config.layers for t in config.targets}
+    assert (read.use_rslora, read.use_dora, read.fan_in_fan_out, read.bias) == (False, False, False, "none")
+
+
+def misshape(folder, wrong):
+    """Rewrite the LoRA's weights with the tensors whose module ends with a key of ``wrong`` replaced by random
+    tensors of the shape it gives (the fingerprint metadata kept), and re-record the checksum."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        metadata, state = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+    for key in state:
+        for suffix, shape in wrong.items():
+            if key.endswith(suffix):
+                state[key] = torch.randn(*shape)
+    save_file(state, str(path), metadata=metadata)
+    rerecord(folder, "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [  # tiny llama: down_proj takes 128 (the MLP width), k_proj gives 32 (2 KV heads x 16)
+        ({"mlp.down_proj.lora_A.weight": (4, 64)}, r"down_proj.lora_A.weight has shape \[4, 64\].* must be \[4, 128\]"),
+        ({"self_attn.k_proj.lora_B.weight": (64, 4)}, r"k_proj.lora_B.weight has shape \[64, 4\].* must be \[32, 4\]"),
+    ],
+)
+def test_lora_weights_of_the_wrong_shape_are_an_error_at_load_not_at_rank(lora_router, tmp_path, wrong, message):
+    backbone, source = lora_router
+    folder = tmp_path / "router"
+    shutil.copytree(source, folder)
+    misshape(folder, wrong)
+    reranker = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=folder)
+    with pytest.raises(RouterArtifactError, match=f"does not fit this backbone: adapter_model.safetensors: .*{message}"):
+        reranker.warm_up()
+
+
+def smollm2_decoder():
+    """SmolLM2-135M's decoder with transformers' own Llama code on the meta device (shapes, no memory): hidden
+    576, MLP 1536, 9 heads and 3 KV heads of 64, 30 layers (its published config)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152)
+    with torch.device("meta"):
+        return LlamaForCausalLM(config).model
+
+
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        ({"mlp.down_proj.lora_A.weight": (8, 576)}, r"down_proj.lora_A.weight has shape \[8, 576\].* must be \[8, 1536\]"),
+        ({"self_attn.k_proj.lora_B.weight": (576, 8)}, r"k_proj.lora_B.weight has shape \[576, 8\].* must be \[192, 8\]"),
+    ],
+)
+def test_the_shipped_lora_is_checked_against_the_backbones_projections(tmp_path, wrong, message):
+    from routehead_rag.engine.lora import check_fits
+
+    decoder = smollm2_decoder()
+    check_fits(decoder, artifact.load_lora(SHIPPED, read_artifact_config(SHIPPED)))  # the intact one fits
+    folder = tmp_path / "router"
+    shutil.copytree(SHIPPED, folder)
+    misshape(folder, wrong)
+    lora = artifact.load_lora(folder, read_artifact_config(folder))
+    with pytest.raises(ValueError, match=message):
+        check_fits(decoder, lora)
+
+
+def test_removing_lora_from_config_json_is_an_error_not_a_silent_drop(lora_copy, lora_router):
+    kind, folder = lora_copy
+    edit_config(folder, lambda c: c.pop("lora"))
+    with pytest.raises(RouterArtifactError, match="files records the LoRA's adapter_config.json and "
+                                                  "adapter_model.safetensors but there is no 'lora'.*restore"):
+        resolve(kind, folder, lora_router)
+    edit_config(folder, lambda c: [c["files"].pop(name) for name in ("adapter_config.json", "adapter_model.safetensors")])
+    with pytest.raises(RouterArtifactError, match="holds the LoRA's adapter_config.json and adapter_model.safetensors "
+                                                  "but config.json has no 'lora'.*delete those files"):
+        resolve(kind, folder, lora_router)
+    (folder / "adapter_config.json").unlink()
+    (folder / "adapter_model.safetensors").unlink()
+    assert resolve(kind, folder, lora_router) is not None if kind == "tiny" else resolve(kind, folder, lora_router) is None
+
+
+def float_leaves(value, path=()):
+    """Every float in a JSON value, as (path, value)."""
+    if isinstance(value, float):
+        yield path, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        yield from float_leaves(item, (*path, key))
+
+
+SHIPPED_FLOATS = [path for path, _ in float_leaves(json.loads((SHIPPED / "config.json").read_text()))]
+BAD_NUMBERS = [float("nan"), float("inf"), float("-inf"), "1e400"]
+
+
+@pytest.mark.parametrize("path", SHIPPED_FLOATS, ids=[".".join(map(str, p)) for p in SHIPPED_FLOATS])
+def test_every_number_in_config_json_must_be_finite(tmp_path, path):
+    """NaN, Infinity and 1e400 in any float of the shipped config.json (calibration.slope and .intercept,
+    fusion.weight, lora.alpha, selection.*, dev_metrics, search, training, ...) are refused, naming the field."""
+    text = (SHIPPED / "config.json").read_text()
+    for number, bad in enumerate(BAD_NUMBERS):
+        raw = json.loads(text)
+        holder = raw
+        for key in path[:-1]:
+            holder = holder[key]
+        holder[path[-1]] = "@BAD@"
+        folder = tmp_path / str(number)
+        folder.mkdir()
+        written = json.dumps(raw).replace('"@BAD@"', bad if isinstance(bad, str) else json.dumps(bad))
+        (folder / "config.json").write_text(written)
+        top, inner = str(path[0]), ".".join(map(str, path[1:]))
+        with pytest.raises(RouterArtifactError, match="not a valid router config") as caught:
+            read_artifact_config(folder)
+        assert top in str(caught.value) and inner in str(caught.value) and "finite" in str(caught.value), caught.value
+
+
+def test_every_float_field_of_every_config_model_refuses_nan_and_infinity():
+    """A float field added to any model config.json is read into gets the same treatment the day it lands."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from routehead_rag.engine.peft_layout import PeftLoraFile
+    from routehead_rag.router.artifact import RouterArtifactConfig
+
+    def models(annotation, seen):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation not in seen:
+                seen.add(annotation)
+                for field in annotation.model_fields.values():
+                    models(field.annotation, seen)
+        for argument in typing.get_args(annotation):
+            models(argument, seen)
+        return seen
+
+    found = {}
+    for model in models(RouterArtifactConfig, set()) | {PeftLoraFile}:
+        for name, field in model.model_fields.items():
+            if float in (field.annotation, *typing.get_args(field.annotation)):
+                found[f"{model.__name__}.{name}"] = any(getattr(m, "allow_inf_nan", None) is False for m in field.metadata)
+    assert found and {name for name, finite in found.items() if not finite} == set()
+    assert {"CalibrationConfig.slope", "FusionConfig.weight", "LoraConfig.alpha", "SelectionConfig.threshold"} <= set(found)
+
+
+@pytest.mark.parametrize("change", [
+    lambda c: c["calibration"].update(slope=float("inf")),
+    lambda c: c["calibration"].update(intercept=float("nan")),
+    lambda c: c["fusion"].update(weight=float("inf")),
+    lambda c: c["lora"].update(alpha=float("inf")),
+], ids=["slope-inf", "intercept-nan", "fusion-weight-inf", "lora-alpha-inf"])
+def test_a_shipped_router_with_a_non_finite_number_is_an_error_under_heads_auto(lora_router, tmp_path, monkeypatch,
+                                                                                change):
+    """The shipped router found by heads="auto" with calibration.intercept NaN used to rank everything blank."""
+    from routehead_rag.router.artifact import shipped_router_for
+
+    backbone, _ = lora_router
+    shutil.copytree(SHIPPED, tmp_path / "routers" / "smollm2-135m")
+    monkeypatch.setattr(artifact, "SHIPPED_ROUTERS", tmp_path / "routers")
+    shipped_router_for(backbone.fingerprint())  # intact: no error (and no router for the tiny backbone)
+    edit_config(tmp_path / "routers" / "smollm2-135m", change)
+    with pytest.raises(RouterArtifactError, match="shipped in the package.*finite number.*repair the installation"):
+        shipped_router_for(backbone.fingerprint())
+    reranker = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer)  # heads="auto"
+    with pytest.raises(RouterArtifactError, match="repair the installation"):
+        reranker.rank("tides", ["the moon pulls the sea"])
+
+
+def test_a_format_2_config_with_an_infinite_query_adapter_alpha_is_refused(tmp_path):
+    """The issue's `query_adapter.alpha: Infinity` (format 2's name for the LoRA) changed the scores."""
+    raw = json.loads((SHIPPED / "config.json").read_text())
+    adapter = raw.pop("lora")
+    del adapter["scope"]
+    raw.update(format=2, query_adapter={**adapter, "alpha": float("inf")})
+    raw["scoring"]["calibrate"] = raw["scoring"].pop("subtract_content_free")
+    raw["scoring"]["prompt"]["calibration_query"] = raw["scoring"]["prompt"].pop("content_free_query")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(RouterArtifactError, match=r"lora.alpha: Input should be a finite number.*'query_adapter' is "
+                                                  r"'lora'\): correct what is named"):
+        read_artifact_config(tmp_path)
+    raw["query_adapter"]["alpha"] = 16.0
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert read_artifact_config(tmp_path).lora == read_artifact_config(SHIPPED).lora

@@ -217,3 +217,130 @@ def test_surrogates_in_llama_index_metadata_are_scored_and_returned_untouched(sh
     result = rerank.postprocess_nodes(nodes, query_str="sea\udfff")
     assert [n.node.model_dump() for n in nodes] == before
     assert len(result) == 2 and all(math.isfinite(n.score) for n in result)
+
+
+# -- second round: first-stage scores, the CLI's own output -------------------------------------
+
+
+def handmade_router(backbone, folder, *, fusion="off", weight=0.0, lora=None, seed=0):
+    """A router artifact written without a fit: seeded random weights, every setting chosen here (no
+    calibration, so scores are the fused scores themselves)."""
+    from routehead_rag.engine.scorer import ScoringConfig
+    from routehead_rag.fusion import FusionConfig
+    from routehead_rag.router.artifact import RouterArtifactConfig, save_artifact
+    from routehead_rag.router.model import Router, RouterConfig, SelectionConfig
+
+    shape = RouterConfig(input_dim=backbone.hidden_size, num_layers=backbone.num_layers, num_heads=backbone.num_heads,
+                         dim=8, hidden=16, fusion_head=fusion == "per_query")
+    torch.manual_seed(seed)
+    router = Router(shape)
+    if shape.fusion_head:
+        torch.nn.init.normal_(router.fusion.weight, std=0.5)  # weights that differ from query to query
+    config = RouterArtifactConfig(
+        backbone_name="tiny", backbone_fingerprint=backbone.fingerprint(), scoring=ScoringConfig(),
+        query_embedding=QueryEmbeddingConfig(layer=0), router=shape, selection=SelectionConfig(k=2, max_heads=2),
+        fusion=FusionConfig(mode=fusion, weight=weight), lora=None if lora is None else lora.config,
+    )
+    return save_artifact(folder, router, config, "a router written by a test", lora)
+
+
+@pytest.fixture(scope="module")
+def fused(shared, tmp_path_factory):
+    """The tiny model and a router whose global first-stage weight (2) makes the first stage count."""
+    model, tokenizer = shared
+    from routehead_rag.model.backbone import load_backbone
+
+    folder = handmade_router(load_backbone(model=model, tokenizer=tokenizer), tmp_path_factory.mktemp("fused") / "r",
+                             fusion="global", weight=2.0)
+    return RouteHeadReranker(model=model, tokenizer=tokenizer, heads=folder), folder
+
+
+def scored(results):
+    return [(r.index, r.score) for r in results]
+
+
+def test_numpy_first_stage_scores_rank_as_the_same_numbers(fused):
+    import numpy as np
+
+    reranker, _ = fused
+    values = [0.25, 0.75, 0.5]  # exact in float32
+    expected = scored(reranker.rank("tides", DOCS, first_stage_scores=values))
+    for given in (np.array(values, dtype="float32"), np.array(values), [np.float32(v) for v in values],
+                  [np.float64(v) for v in values], np.array([1, 3, 2], dtype="int64"), [np.int16(1), 3, 2.0]):
+        frozen = copy.deepcopy(given)
+        assert scored(reranker.rank("tides", DOCS, first_stage_scores=given)) == expected, given
+        assert np.array_equal(np.asarray(given), np.asarray(frozen))  # not modified
+    assert scored(reranker.rank("tides", DOCS)) != expected  # the scores were used, not the input order
+
+
+def test_huge_finite_first_stage_scores_neither_overflow_nor_blank_a_passage(fused):
+    reranker, _ = fused
+    huge = reranker.rank("tides", DOCS, first_stage_scores=[1e307, 1e308, -1e308])
+    assert EMPTY_PASSAGE_SCORE not in [r.score for r in huge] and all(math.isfinite(r.score) for r in huge)
+    assert scored(huge) == scored(reranker.rank("tides", DOCS, first_stage_scores=[2.0, 3.0, 1.0]))  # the same ranks
+
+
+@pytest.mark.parametrize("given", [{0.1, 0.2, 0.3}, frozenset({1.0, 2.0, 3.0}), {"a": 1.0, "b": 2.0, "c": 3.0}, "123"])
+def test_unordered_or_textual_first_stage_scores_are_refused(fused, given):
+    reranker, _ = fused
+    with pytest.raises(TypeError, match="first_stage_scores must be a list .* got "):
+        reranker.rank("tides", DOCS, first_stage_scores=given)
+
+
+def test_rank_batch_names_first_stage_scores_that_are_not_a_list(fused):
+    reranker, _ = fused
+    with pytest.raises(TypeError, match="first_stage_scores must be a list .* got generator"):
+        reranker.rank_batch(["tides"], [DOCS], first_stage_scores=(s for s in [[0.1, 0.2, 0.3]]))
+    with pytest.raises(TypeError, match=r"first_stage_scores\[0\] must be a list .* a set"):
+        reranker.rank_batch(["tides"], [DOCS], first_stage_scores=[{0.1, 0.2, 0.3}])
+
+
+def test_haystack_numpy_document_scores_fuse_as_scores_not_as_the_input_order(fused, shared):
+    import numpy as np
+    from haystack import Document
+
+    from haystack_integrations.components.rankers.routehead import RouteHeadRanker
+
+    reranker, folder = fused
+    model, tokenizer = shared
+    ranker = RouteHeadRanker(model=model, tokenizer=tokenizer, heads=str(folder), top_k=None)
+    values = [0.25, 0.75, 0.5]
+    documents = [Document(id=f"d{i}", content=text, score=np.float32(v)) for i, (text, v) in enumerate(zip(DOCS, values))]
+    got = [(d.id, d.score) for d in ranker.run(query="tides", documents=documents)["documents"]]
+    by_scores = reranker.rank("tides", DOCS, first_stage_scores=values)
+    assert got == [(f"d{r.index}", r.score) for r in by_scores]
+    assert got != [(f"d{r.index}", r.score) for r in reranker.rank("tides", DOCS)]  # not the input order
+
+
+def test_the_cli_prints_user_text_as_written_never_as_markup(tmp_path):
+    from typer.testing import CliRunner
+
+    from routehead_rag.cli import app
+
+    model_dir = tmp_path / "tiny-llama"
+    tiny_causal_lm("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    query, passage = "[/] tides [link=x] :smile:", "The Moon [bold]pulls[/bold] the ocean [/]."
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text(json.dumps({"id": "[red]id[/]", "text": passage}) + "\n" + json.dumps({"text": "[/"}) + "\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["rerank", "--heads", "L1.H0,L1.H3", "--model", str(model_dir), query, "[/]",
+                                 "Stock prices [link=x]fell"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    for text in (query, "[/]", "Stock prices [link=x]fell"):
+        assert text in result.output
+    result = runner.invoke(app, ["rerank", "--model", str(model_dir), "--heads", "all", query, "--file", str(passages)],
+                           terminal_width=400)
+    assert result.exit_code == 0, result.output
+    for text in (passage, "[red]id[/]", "[/"):
+        assert text in result.output
+    result = runner.invoke(app, ["rerank", "--heads", "L9.H[/]", "--model", str(model_dir), query, "x"])
+    assert result.exit_code != 0 and "L9.H[/]" in result.output and "Traceback" not in result.output
+
+
+def test_progress_stage_names_are_printed_as_written(capsys):
+    from routehead_rag.cli_shared import progress_display
+
+    with progress_display(quiet=False) as report:
+        report("[/] extracting [link=x]log[/link]", 1, 2)
+    assert "[/] extracting [link=x]log[/link]" in capsys.readouterr().err

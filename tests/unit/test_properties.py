@@ -296,3 +296,141 @@ def test_llama_index_postprocessor(llama_postprocessor, engine, query, nodes, to
         again = rerank.postprocess_nodes(nodes, query_str=query)
         assert [n.score for n in again] == [n.score for n in result]
     assert [(n.score, n.node.model_dump()) for n in nodes] == before  # nothing mutated
+
+
+# -- first-stage scores and the fusion formula --------------------------------------------------
+
+PASSAGES = ["the moon pulls the sea", "stock prices fell", "tides follow the moon", "five players a team"]
+REAL = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-10**12, 10**12))
+
+
+@st.composite
+def first_stage_scores(draw, count=len(PASSAGES)):
+    """Any first-stage scores a caller might pass: real numbers of every kind (huge ones too) in lists, tuples,
+    NumPy arrays and iterators, and what must be refused: unordered or textual containers, NaN, infinities,
+    bools, other lengths, 2-D arrays (a ``None`` among them means: fuse with the input order)."""
+    import numpy as np
+
+    kind = draw(st.sampled_from(["list", "tuple", "float64", "float32", "int64", "scalars", "iterator", "none",
+                                 "set", "dict", "str", "int", "odd item", "length", "2-d"]))
+    small = st.floats(allow_nan=False, allow_infinity=False, width=32)
+    values = draw(st.lists(small if kind == "float32" else REAL, min_size=count, max_size=count, unique=kind == "set"))
+    if kind == "length":
+        return values + draw(st.lists(REAL, min_size=1, max_size=2)) if draw(st.booleans()) else values[:-1]
+    if kind == "odd item":
+        position = draw(st.integers(0, count - 1))
+        values[position] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), True, np.bool_(False),
+                                                 "0.5", 1j, None]))
+        return values
+    return {
+        "list": lambda: values, "tuple": lambda: tuple(values), "iterator": lambda: iter(values),
+        "float64": lambda: np.array(values, dtype="float64"), "float32": lambda: np.array(values, dtype="float32"),
+        "int64": lambda: np.array([int(v) % 10**6 for v in values], dtype="int64"),
+        "scalars": lambda: [np.float64(v) for v in values], "none": lambda: None, "set": lambda: set(values),
+        "dict": lambda: dict(enumerate(values)), "str": lambda: "1234", "int": lambda: 4,
+        "2-d": lambda: np.array([values, values], dtype="float64"),
+    }[kind]()
+
+
+def first_stage_violation(scores, count=len(PASSAGES)):
+    """The error the rules predict for ``scores`` (type, word the message holds), or ``None``: a result."""
+    import numbers
+
+    import numpy as np
+
+    if scores is None:
+        return None
+    if isinstance(scores, (str, bytes, dict, set, frozenset, int)):
+        return TypeError, "first_stage_scores"
+    if isinstance(scores, np.ndarray) and scores.ndim != 1:
+        return ValueError, "first_stage_scores"
+    items = list(scores)
+    if len(items) != count:
+        return ValueError, "first_stage_scores"
+    if any(item is None for item in items):
+        return None
+    for index, item in enumerate(items):
+        if isinstance(item, (bool, np.bool_)) or not isinstance(item, numbers.Real) or not math.isfinite(float(item)):
+            return ValueError, f"first_stage_scores[{index}]"
+    return None
+
+
+def reference_signal(scores, count=len(PASSAGES)):
+    """Minus each passage's first-stage rank (1 = best): by score, highest first, ties in input order; without
+    usable scores, by the input order."""
+    values = None if scores is None else list(scores)
+    if values is None or any(v is None for v in values):
+        return [-float(i) for i in range(count)]
+    order = sorted(range(count), key=lambda i: (-float(values[i]), i))
+    signal = [0.0] * count
+    for rank, index in enumerate(order):
+        signal[index] = -float(rank)
+    return signal
+
+
+def reference_z(values):
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return [0.0 if std == 0 else (v - mean) / std for v in values]
+
+
+@pytest.fixture(scope="module")
+def per_query(engine, tmp_path_factory):
+    """A router predicting a first-stage weight per query (no calibration): fusion on, and fusion off."""
+    from tests.unit.test_hostile_inputs import handmade_router
+
+    backbone = engine.scorer.backbone
+    folder = handmade_router(backbone, tmp_path_factory.mktemp("per-query") / "router", fusion="per_query")
+    kwargs = dict(model=backbone.model, tokenizer=backbone.tokenizer, heads=folder, scale_score=False)
+    return RouteHeadReranker(**kwargs), RouteHeadReranker(fuse_first_stage=False, **kwargs)
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(query=PLAIN, scores=first_stage_scores())
+def test_first_stage_scores(per_query, query, scores):
+    """Any real numbers (NumPy's, huge ones) rank by their ranks; anything else is the predicted error."""
+    import numpy as np
+
+    fused, _ = per_query
+    items = list(scores) if isinstance(scores, type(iter([]))) else None
+    if items is not None:  # an iterator is read once: judge its items, pass a fresh iterator over them
+        scores = iter(items)
+    judged = items if items is not None else scores
+    frozen = judged.copy() if isinstance(judged, np.ndarray) else copy.deepcopy(judged)
+    expected = first_stage_violation(judged)
+    if expected is not None:
+        raises_one_of([expected], lambda: fused.rank(query, PASSAGES, first_stage_scores=scores))
+        return
+    ranked = fused.rank(query, PASSAGES, first_stage_scores=scores)
+    by_ranks = fused.rank(query, PASSAGES, first_stage_scores=reference_signal(frozen))
+    assert [(r.index, r.score) for r in ranked] == [(r.index, r.score) for r in by_ranks]  # only the ranks count
+    assert all(math.isfinite(r.score) and r.score != EMPTY_PASSAGE_SCORE for r in ranked)
+    if isinstance(scores, np.ndarray):
+        assert np.array_equal(scores, frozen)  # not modified
+    elif items is None:
+        assert scores == frozen
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(query=PLAIN, scores=st.one_of(st.none(), st.lists(REAL, min_size=4, max_size=4)))
+def test_the_fusion_weight_recovered_from_outputs_is_the_routers_per_query_weight(per_query, query, scores):
+    """``score = z(attention) + w * z(-first-stage rank)`` over the list (recipe.final_scores, the README's
+    formula): w recovered from the outputs, for any first-stage scores, is the weight the router predicts for
+    the query, and the remainder is nothing."""
+    fused, plain = per_query
+    out = {r.index: r.score for r in fused.rank(query, PASSAGES, first_stage_scores=scores)}
+    attention = {r.index: r.score for r in plain.rank(query, PASSAGES)}  # fusion off: the attention mass
+    z_attention = reference_z([attention[i] for i in range(len(PASSAGES))])
+    z_signal = reference_z(reference_signal(scores))
+    residual = [out[i] - z_attention[i] for i in range(len(PASSAGES))]
+    weight = sum(r * s for r, s in zip(residual, z_signal)) / sum(s * s for s in z_signal)
+    assert residual == pytest.approx([weight * s for s in z_signal], abs=1e-9)
+    routed = fused.resolved_strategy.route(fused.scorer.backbone, query).fusion_weight
+    assert weight == pytest.approx(routed, abs=1e-9)
+
+
+def test_the_per_query_weight_differs_between_queries(per_query):
+    fused, _ = per_query
+    weights = {fused.resolved_strategy.route(fused.scorer.backbone, q).fusion_weight
+               for q in ("sea", "stock prices", "the team players", "bread")}
+    assert len(weights) == 4 and all(w > 0 for w in weights)
