@@ -35,6 +35,7 @@ from .documents import (
     normalise_documents,
 )
 from .engine.scorer import AttentionScorer, HeadScores
+from .explain import DEFAULT_ATTENDED, Explanation, check_attended, explain_scored
 from .fusion import first_stage_signal
 from .heads import Head
 from .options import RerankerOptions, scoring_config
@@ -63,6 +64,7 @@ class _Request:
     top_k: int | None
     score_threshold: float | None
     scale_score: bool
+    head_weights: dict[Head, float] | None = None  # explain(): the router's probability of each chosen head
 
 
 def _is_backbone(value: Any) -> bool:
@@ -161,6 +163,12 @@ class RouteHeadReranker:
             resolved = self.strategy.resolve(backbone)
             if isinstance(resolved, RoutedHeads):
                 resolved = resolved.ready(backbone, use_lora=options.lora)
+            if (isinstance(resolved, RoutedHeads) and options.scale_score and not options.fuse_first_stage
+                    and resolved.config.fusion.mode != "off" and resolved.config.calibration is not None
+                    and resolved.config.calibration_unfused is None):
+                raise ValueError(
+                    f"the router at {resolved.folder} has probabilities for fused scores only: with "
+                    "fuse_first_stage=False pass scale_score=False, or refit it (routehead-rag fit calibrates both)")
             config = self.config
             if isinstance(self.strategy, AutoHeads) and resolved.scoring is not None:
                 config = scoring_config(resolved.scoring, options)  # "auto" found a shipped router: its settings
@@ -218,6 +226,22 @@ class RouteHeadReranker:
             scores = self.scorer.head_scores(query, request.texts, request.recipe.head_list, request.recipe.lora)
         return self._finish(request, scores)
 
+    def explain(self, query: str, documents: Iterable[Any], top_k: int | None = None,
+                score_threshold: float | None = None, first_stage_scores: Sequence[float | None] | None = None,
+                scale_score: bool | None = None, *, attended: int | str = DEFAULT_ATTENDED) -> Explanation:
+        """:meth:`rank` (the same arguments, checks and ranking, as ``.ranking``), and why: the heads with the
+        router's weight for each, every ranked document's score taken apart (per-head contributions, fusion,
+        calibration) and, for the ``attended`` best documents (``"all"``: every one), the words the query attended
+        to as character offsets into your text (:mod:`routehead_rag.explain`)."""
+        count = check_attended(attended)
+        request = self._prepare(query, documents, top_k, score_threshold, first_stage_scores, scale_score=scale_score,
+                                explain=True)
+        scores = None
+        if request.texts:
+            scores = self.scorer.head_scores(query, request.texts, request.recipe.head_list, request.recipe.lora,
+                                             token_weights=True)
+        return explain_scored(self, request, scores, count)
+
     def rank_batch(self, queries: Sequence[str], documents_lists: Sequence[Iterable[Any]], top_k: int | None = None,
                    score_threshold: float | None = None,
                    first_stage_scores: Sequence[Sequence[float | None] | None] | None = None,
@@ -272,7 +296,7 @@ class RouteHeadReranker:
 
     # -- the steps ---------------------------------------------------------------------------
     def _prepare(self, query, documents, top_k, score_threshold, first_stage_scores, scores_name="first_stage_scores",
-                 recipe: ScoringRecipe | None = None, scale_score: bool | None = None) -> _Request:
+                 recipe: ScoringRecipe | None = None, scale_score: bool | None = None, explain: bool = False) -> _Request:
         """Every check, then the query's route (its heads; the routing pass if any): before the scoring pass."""
         check_query(query)
         if scale_score is not None and not isinstance(scale_score, bool):
@@ -282,7 +306,7 @@ class RouteHeadReranker:
         candidates = normalise_documents(documents)
         first_stage = check_first_stage_scores(first_stage_scores, len(candidates), scores_name)
         live = [c for c in candidates if not c.blank]
-        texts, owner, spans = [], [], []
+        texts, owner, spans, weights = [], [], [], None
         if live:
             scorer = self.scorer
             scorer.check_query(query)  # the token budget, before any model work (the routing pass included)
@@ -296,10 +320,13 @@ class RouteHeadReranker:
                     texts.append(candidate.text if whole else candidate.text[span[0] : span[1]])
                     owner.append(candidate.index)
                     spans.append(None if whole else span)
-            if recipe is None:
+            if recipe is None and explain:  # the same route, and the router's weight of each head
+                recipe, weights = self.resolved_strategy.route_explained(scorer.backbone, query)
+            elif recipe is None:
                 recipe = self.resolved_strategy.route(scorer.backbone, query)
         scale = self.options.scale_score if scale_score is None else scale_score
-        return _Request(query, candidates, first_stage, recipe, texts, owner, spans, top_k, score_threshold, scale)
+        return _Request(query, candidates, first_stage, recipe, texts, owner, spans, top_k, score_threshold, scale,
+                        weights)
 
     def _finish(self, request: _Request, head_scores: HeadScores | None) -> RankedResults:
         """The recipe's final scores (a document in chunks scores as its best chunk), then the order, the
@@ -308,11 +335,7 @@ class RouteHeadReranker:
         best_span: dict[int, tuple[int, int] | None] = {}
         if head_scores is not None:
             self._warn_cut(head_scores, request)
-            recipe = request.recipe
-            given = None if request.first_stage is None else [request.first_stage[i] for i in request.owner]
-            signal = first_stage_signal(len(request.texts), given if given is not None else [-float(i) for i in request.owner])
-            final = recipe.final_scores(recipe.attention(head_scores), signal, fuse=self.options.fuse_first_stage,
-                                        scale=request.scale_score)
+            final = self._final(request, head_scores)[2]
             for index, span, score in zip(request.owner, request.spans, final.tolist()):
                 score = float(score) if math.isfinite(score) else EMPTY_PASSAGE_SCORE
                 if index not in best_span or score > scores[index]:
@@ -329,6 +352,15 @@ class RouteHeadReranker:
             for rank, c in enumerate(order, start=1)
         ]
         return RankedResults(request.query, results)
+
+    def _final(self, request: _Request, head_scores: HeadScores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(attention, first-stage signal, final score)``, each ``[text]``: the query's recipe on its scored texts."""
+        recipe = request.recipe
+        given = None if request.first_stage is None else [request.first_stage[i] for i in request.owner]
+        signal = first_stage_signal(len(request.texts), given if given is not None else [-float(i) for i in request.owner])
+        attention = recipe.attention(head_scores)  # [text]
+        return attention, signal, recipe.final_scores(attention, signal, fuse=self.options.fuse_first_stage,
+                                                      scale=request.scale_score)
 
     def _warn_cut(self, head_scores: HeadScores, request: _Request) -> None:
         """One WARNING per call when passages were longer than the passage budget (through ``logging``)."""

@@ -69,6 +69,10 @@ class HeadStrategy:
         heads = self.heads_for(backbone, query)
         return ScoringRecipe(None if heads is None else tuple(heads))
 
+    def route_explained(self, backbone: Backbone, query: str) -> tuple[ScoringRecipe, dict[Head, float] | None]:
+        """:meth:`route`, and the router's probability for each chosen head (``None`` without a router)."""
+        return self.route(backbone, query), None
+
     def describe(self) -> str:
         return self.name
 
@@ -151,7 +155,7 @@ class RoutedHeads(HeadStrategy):
         lora = load_lora(self.folder, config)
         if lora is not None:
             try:
-                check_fits(backbone.decoder, lora.config)
+                check_fits(backbone.decoder, lora)  # its layers, projections and factor shapes
             except ValueError as err:
                 raise RouterArtifactError(f"the LoRA at {self.folder} does not fit this backbone: {err}") from None
             lora = lora.to(backbone.device)
@@ -185,6 +189,21 @@ class RoutedHeads(HeadStrategy):
 
         return self.route_embedding(embed_query(backbone, query, self.config.query_embedding))
 
+    def route_explained(self, backbone: Backbone, query: str) -> tuple[ScoringRecipe, dict[Head, float]]:
+        """:meth:`route` (the same one embedding pass), and ``sigmoid`` of the router's logit for each chosen head."""
+        if self.router is None:
+            raise RuntimeError("RoutedHeads.route_explained needs a resolved strategy: call resolve(backbone) first")
+        import torch
+
+        from .engine.embedding import embed_query
+
+        embedding = embed_query(backbone, query, self.config.query_embedding)  # [hidden]
+        recipe = self.route_embedding(embedding)
+        with torch.no_grad():
+            probabilities = torch.sigmoid(self.router(embedding.reshape(1, -1))[0])  # [layer * head]
+        per_layer = self.router.config.num_heads
+        return recipe, {h: float(probabilities[h.layer * per_layer + h.head]) for h in recipe.heads or ()}
+
     def route_embedding(self, embedding) -> ScoringRecipe:
         """The route of a query from its embedding ``[hidden]`` (see :meth:`route`)."""
         if self.router is None:
@@ -197,7 +216,8 @@ class RoutedHeads(HeadStrategy):
             with torch.no_grad():
                 weight = float(self.router.fusion_weights(embedding.reshape(1, -1))[0])
         heads = tuple(self.router.select(embedding, self.config.selection))
-        return ScoringRecipe(heads, weight, self.config.calibration, self.lora)
+        return ScoringRecipe(heads, weight, self.config.calibration, self.lora, fusion.level_weight,
+                             self.config.calibration_unfused)
 
     def describe(self) -> str:
         lora = self.config.lora if self.lora is not None or self.lora_merged or self.router is None else None

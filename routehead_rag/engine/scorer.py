@@ -73,6 +73,9 @@ class HeadScores:
     content_free: torch.Tensor | None  # [layer, head, passage], None without the subtraction
     aggregated: torch.Tensor | None = None  # [passage], set when outlier masking produced it
     cut: dict[int, int] = field(default_factory=dict)  # passage index -> its whole length in tokens, where cut
+    # with token_weights=True: per passage [passage tokens], the debiased weight of each of the passage's own tokens
+    # (its "[i] " label left out) summed over the prompt's heads; they add up to the head sum, less the label's share
+    tokens: list[torch.Tensor | None] | None = None
 
     @property
     def debiased(self) -> torch.Tensor:
@@ -206,16 +209,17 @@ class AttentionScorer:
     # -- scoring -----------------------------------------------------------------------------
     def head_scores(
         self, query: str, passages: Sequence[str], heads: Sequence[Head] | None = None, lora: Lora | None = None,
-        differentiable: bool = False,
+        differentiable: bool = False, token_weights: bool = False,
     ) -> HeadScores:
         """Per-head scores ``[layer, head, passage]`` for ``passages`` (first-stage order, best first): a batch of one.
 
         Only ``heads`` are computed (``None``: all), and no layer past the deepest of them runs. ``heads``
         come checked against the backbone (:mod:`routehead_rag.strategy` checks them once). ``lora``: a
         :class:`~routehead_rag.engine.lora.Lora` switched on where its scope says (the query parts, or the
-        whole prompt). ``differentiable`` (training): gradients flow to the LoRA factors.
+        whole prompt). ``differentiable`` (training): gradients flow to the LoRA factors. ``token_weights``: also
+        every passage's per-token debiased weights (:attr:`HeadScores.tokens`).
         """
-        return self.head_scores_batch([(query, passages, heads)], 1, lora, differentiable)[0]
+        return self.head_scores_batch([(query, passages, heads)], 1, lora, differentiable, token_weights)[0]
 
     def head_scores_batch(
         self,
@@ -223,9 +227,13 @@ class AttentionScorer:
         batch_size: int = 8,
         lora: Lora | None = None,
         differentiable: bool = False,
+        token_weights: bool = False,
     ) -> list[HeadScores]:
         """:meth:`head_scores` for each ``(query, passages, heads)``, ``batch_size`` prompts a forward pass
-        (a ``lora`` for every item, as there). The same scores as one at a time, to float rounding."""
+        (a ``lora`` for every item, as there). The same scores as one at a time, to float rounding.
+
+        ``token_weights``: also fill :attr:`HeadScores.tokens` (every passage's per-token debiased weights, a slice
+        of a sum the pass computes anyway: no extra model work)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         prompts: list[_Prompt] = []
@@ -234,6 +242,8 @@ class AttentionScorer:
             passage_ids, windows, cut = self.windows(query, passages)
             results.append(self.empty_scores(len(passages)))
             results[-1].cut = cut
+            if token_weights:
+                results[-1].tokens = [None] * len(passages)  # filled by _fill
             prompts += [_Prompt(index, window, query, [passage_ids[i] for i in window], heads) for window in windows]
         if batch_size > 1:
             prompts.sort(key=lambda p: sum(len(ids) for ids in p.passage_ids))  # similar lengths: less padding
@@ -332,6 +342,11 @@ class AttentionScorer:
             target.real[:, :, prompt.window] = per_query[0]
             if target.content_free is not None:
                 target.content_free[:, :, prompt.window] = per_query[1]
+            free_tokens = tokens[1] if config.subtract_content_free else torch.zeros_like(tokens[0])
             if target.aggregated is not None:
-                free_tokens = tokens[1] if config.subtract_content_free else torch.zeros_like(tokens[0])
                 target.aggregated[prompt.window] = _masked_passage_scores(tokens[0], free_tokens, layout)
+            if target.tokens is not None:
+                debiased = (tokens[0] - free_tokens).detach()  # [keys] summed over the prompt's heads
+                for local, index in enumerate(prompt.window):  # a passage's own tokens end its span
+                    span, count = layout.passage_spans[local], layout.passage_token_counts[local]
+                    target.tokens[index] = debiased[span.end - count : span.end].clone()  # [passage tokens]
