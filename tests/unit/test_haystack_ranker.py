@@ -96,6 +96,7 @@ def test_to_dict_defaults():
             "device": None,
             "tokenizer": None,
             "token": TOKEN_SECRET,
+            "explain": False,
             **OPTION_DEFAULTS,  # every option of the one options model, by its names
         },
     }
@@ -115,6 +116,7 @@ def test_to_dict_with_every_argument_set():
         instruction="question",
         tokenizer="HuggingFaceTB/SmolLM2-360M-Instruct",
         token=Secret.from_env_var("MY_HF_TOKEN"),
+        explain=True,
         fuse_first_stage=False,
         scale_score=False,
         lora=False,
@@ -133,6 +135,7 @@ def test_to_dict_with_every_argument_set():
             "device": {"type": "single", "device": "cpu"},
             "tokenizer": "HuggingFaceTB/SmolLM2-360M-Instruct",
             "token": {"type": "env_var", "env_vars": ["MY_HF_TOKEN"], "strict": True},
+            "explain": True,
             **OPTION_DEFAULTS,
             "heads": ["L1.H0", "L0.H3"],  # normalised, repeats dropped
             "dtype": "bfloat16",
@@ -168,6 +171,7 @@ def test_from_dict_round_trip_leaves_the_data_untouched():
             "device": {"type": "single", "device": "cpu"},
             "tokenizer": None,
             "token": TOKEN_SECRET,
+            "explain": True,
             **OPTION_DEFAULTS,
             "dtype": "float16",
             "max_prompt_tokens": 512,
@@ -179,7 +183,10 @@ def test_from_dict_round_trip_leaves_the_data_untouched():
     assert data == snapshot
     assert ranker.device == ComponentDevice.from_str("cpu")
     assert ranker.top_k is None and ranker.score_threshold == -1.5 and ranker.options.instruction is None
+    assert ranker.explain is True
     assert ranker.to_dict() == data
+    older = {**data, "init_parameters": {k: v for k, v in data["init_parameters"].items() if k != "explain"}}
+    assert RouteHeadRanker.from_dict(older).explain is False  # saved before explain existed: off
 
 
 def test_generator_as_model_is_serialised_with_its_own_to_dict():

@@ -44,7 +44,7 @@ def wheels(tmp_path_factory) -> dict[str, Path]:
         copy = tmp_path_factory.mktemp(name) / "src"
         if source == ROOT:
             copy.mkdir()
-            for part in ("pyproject.toml", "README.md"):
+            for part in ("pyproject.toml", "README.md", "LICENSE"):
                 shutil.copy(source / part, copy / part)
             shutil.copytree(source / "routehead_rag", copy / "routehead_rag", ignore=SKIP)
         else:
@@ -63,6 +63,21 @@ def requirements(wheel: Path) -> list[str]:
         metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
         return [line.split(":", 1)[1].strip() for line in archive.read(metadata).decode().splitlines()
                 if line.startswith("Requires-Dist:") and "extra ==" not in line]
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_every_wheel_carries_the_licence_file_and_its_spdx_expression(wheels, name):
+    """Apache-2.0, as each pyproject declares: the LICENSE file in the wheel (PEP 639's ``licenses/`` folder) and
+    ``License-Expression`` in its metadata; one text for all three distributions."""
+    with zipfile.ZipFile(wheels[name]) as archive:
+        names = archive.namelist()
+        (licence,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        text = archive.read(licence).decode()
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert text == (ROOT / "LICENSE").read_text(encoding="utf-8") == (DISTRIBUTIONS[name] / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+    assert "License-File: LICENSE" in metadata.splitlines()
 
 
 def test_the_core_wheel_holds_the_engine_and_the_shipped_router_and_no_adapter(wheels):

@@ -27,11 +27,14 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
 from routehead_rag.integration import (
     EMBEDDED_DEFAULT,
+    META_KEY,
     SHARED_MODEL_NAME,
     RouteHeadReranker,
+    check_explain,
     check_query,
     check_score_threshold,
     check_top_k,
+    in_content,
     retrieval_scores,
 )
 from routehead_rag.options import OptionFields
@@ -51,6 +54,10 @@ class RouteHeadPostprocessor(BaseNodePostprocessor, OptionFields):
         keep_retrieval_score: keep the retriever's score in ``node.metadata["retrieval_score"]``
             (on a copy of the node; the caller's node is untouched).
         metadata_mode: which metadata goes into the passage text the LLM reads.
+        explain: also put why each node ranked where it did in ``node.metadata["routehead_explanation"]`` (on a
+            copy; plain JSON data: the heads and the router's weight for each, the score's parts, the most
+            attended words as character offsets into the node's text; see ``routehead_rag.explain``). The key
+            is excluded from the text an LLM or an embedding model reads. Off by default.
         tokenizer: the tokenizer of a ``model`` object (not serialised).
         token: a Hugging Face token for a gated or private model (never serialised).
         llm: a ``llama_index.llms.huggingface.HuggingFaceLLM`` (or any LLM object holding
@@ -82,6 +89,9 @@ class RouteHeadPostprocessor(BaseNodePostprocessor, OptionFields):
     metadata_mode: MetadataMode = Field(
         default=MetadataMode.EMBED, description="Metadata mode of node.get_content() for the passage text."
     )
+    explain: bool = Field(
+        default=False, description="Put why each node ranked where it did in node.metadata['routehead_explanation']."
+    )
     shared_model: bool = Field(
         default=False,
         frozen=True,
@@ -98,6 +108,7 @@ class RouteHeadPostprocessor(BaseNodePostprocessor, OptionFields):
         keep_retrieval_score: bool = False,
         metadata_mode: MetadataMode = MetadataMode.EMBED,
         shared_model: bool = False,
+        explain: bool = False,
         *,
         tokenizer: Any = None,
         token: Optional[str] = None,
@@ -129,6 +140,7 @@ class RouteHeadPostprocessor(BaseNodePostprocessor, OptionFields):
             keep_retrieval_score=keep_retrieval_score,
             metadata_mode=metadata_mode,
             shared_model=model_object is not None,
+            explain=explain,
             **engine.options.model_dump(),
         )
         if callback_manager is not None:
@@ -153,6 +165,11 @@ class RouteHeadPostprocessor(BaseNodePostprocessor, OptionFields):
         if value is None:
             raise ValueError("top_n must be a positive integer (> 0), got None")
         return check_top_k(value, "top_n")
+
+    @field_validator("explain", mode="before")
+    @classmethod
+    def _explain(cls, value: Any) -> bool:
+        return check_explain(value)
 
     @field_validator("score_threshold", mode="before")
     @classmethod
@@ -203,17 +220,26 @@ class RouteHeadPostprocessor(BaseNodePostprocessor, OptionFields):
         """New ``NodeWithScore``s, best first, ``[:top_n]``; the caller's objects are not modified."""
         texts = [item.node.get_content(metadata_mode=self.metadata_mode) for item in nodes]
         # best first; ties keep retrieval order
-        ranked = self._reranker.rank(
+        score = self._reranker.explain if self.explain else self._reranker.rank
+        outcome = score(
             query, texts, top_k=self.top_n, score_threshold=self.score_threshold,
             first_stage_scores=retrieval_scores(item.score for item in nodes),
         )
         new_nodes = []
-        for document in ranked:
+        for document in outcome.ranking if self.explain else outcome:
             original = nodes[document.index]
             node = original.node
+            update: dict[str, Any] = {}
             if self.keep_retrieval_score:
-                metadata = {**node.metadata, "retrieval_score": original.score}
-                node = node.model_copy(update={"metadata": metadata})
+                update["metadata"] = {**node.metadata, "retrieval_score": original.score}
+            if self.explain:
+                content = node.get_content(metadata_mode=MetadataMode.NONE)
+                why = in_content(outcome.for_document(document.index), texts[document.index], content, node.node_id)
+                update["metadata"] = {**update.get("metadata", node.metadata), META_KEY: why}
+                for keys in ("excluded_llm_metadata_keys", "excluded_embed_metadata_keys"):  # not read by an LLM
+                    update[keys] = [*(k for k in getattr(node, keys) if k != META_KEY), META_KEY]
+            if update:
+                node = node.model_copy(update=update)
             new_nodes.append(NodeWithScore(node=node, score=document.score))
         return new_nodes
 

@@ -22,7 +22,15 @@ from haystack.utils import ComponentDevice, Secret, deserialize_secrets_inplace
 from haystack.utils.deserialization import deserialize_component_inplace  # exported in haystack.utils from 3.0
 
 from routehead_rag import RouteHeadReranker
-from routehead_rag.integration import check_query, check_score_threshold, check_top_k, retrieval_scores
+from routehead_rag.integration import (
+    META_KEY,
+    check_explain,
+    check_query,
+    check_score_threshold,
+    check_top_k,
+    in_content,
+    retrieval_scores,
+)
 
 from .documents import deduplicate, text_to_rank
 
@@ -62,6 +70,7 @@ class RouteHeadRanker:
         device: ComponentDevice | None = None,
         tokenizer: Any = None,
         token: Secret | None = Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False),
+        explain: bool = False,
         **options: Any,
     ) -> None:
         """
@@ -80,6 +89,9 @@ class RouteHeadRanker:
             tokenizer id or folder.
         :param token: a Hugging Face token for gated or private models, as a Haystack ``Secret`` (serialised as
             the environment variables it reads, never its value).
+        :param explain: also put why each document ranked where it did in its ``meta["routehead_explanation"]``
+            (plain JSON data: the heads and the router's weight for each, the score's parts, the most attended
+            words as character offsets into ``content``; see ``routehead_rag.explain``). Off by default.
         :param options: the re-ranker's options, the same names as ``routehead_rag.RouteHeadReranker`` and the
             LlamaIndex postprocessor take (``routehead_rag.options.RerankerOptions``): ``heads``, ``instruction``,
             ``max_passage_tokens`` (passage budget), ``chunk_long_documents``, ``fuse_first_stage``,
@@ -101,6 +113,7 @@ class RouteHeadRanker:
             raise TypeError(f"token must be a haystack Secret (e.g. Secret.from_env_var('HF_TOKEN')) or None, got "
                             f"{type(token).__name__}: a plain string would end up in to_dict()")
         self.token = token
+        self.explain = check_explain(explain)
         if "device" in options:
             raise TypeError("device is this component's own argument: pass a ComponentDevice as device=...")
         # The engine checks the options, once, now (nothing loads until warm_up).
@@ -169,8 +182,8 @@ class RouteHeadRanker:
         :param score_threshold: overrides the init value when not ``None`` (``0.0`` filters).
         :param scale_score: overrides the init option for this call when not ``None`` (``True``: probabilities of
             relevance where the router has a calibration; ``False``: the unscaled scores).
-        :returns: ``{"documents": [...]}``: copies of the documents with ``score`` set, best first, at most
-            ``top_k``, those below ``score_threshold`` left out.
+        :returns: ``{"documents": [...]}``: copies of the documents with ``score`` set (and, with ``explain=True``,
+            ``meta["routehead_explanation"]``), best first, at most ``top_k``, those below ``score_threshold`` left out.
         :raises ValueError: empty query or a bad ``top_k`` / ``score_threshold``.
         :raises TypeError: ``query`` is not a string or ``documents`` holds something that is not a Document.
         """
@@ -186,11 +199,19 @@ class RouteHeadRanker:
         assert self._reranker is not None  # set by warm_up
         candidates = deduplicate(documents)
         texts = [text_to_rank(doc, self.meta_fields_to_embed, self.embedding_separator) for doc in candidates]
-        ranked = self._reranker.rank(
+        score = self._reranker.explain if self.explain else self._reranker.rank
+        outcome = score(
             query, texts, top_k=top_k, score_threshold=score_threshold,
             first_stage_scores=retrieval_scores(doc.score for doc in candidates), scale_score=scale_score,
         )
-        return {"documents": [dataclasses.replace(candidates[r.index], score=r.score) for r in ranked]}
+        if not self.explain:
+            return {"documents": [dataclasses.replace(candidates[r.index], score=r.score) for r in outcome]}
+        documents = []
+        for r in outcome.ranking:
+            document = candidates[r.index]
+            why = in_content(outcome.for_document(r.index), texts[r.index], document.content or "", document.id)
+            documents.append(dataclasses.replace(document, score=r.score, meta={**document.meta, META_KEY: why}))
+        return {"documents": documents}
 
     @component.output_types(documents=list[Document])
     async def run_async(
@@ -233,6 +254,7 @@ class RouteHeadRanker:
             device=self.device.to_dict() if self.device is not None else None,
             tokenizer=self.tokenizer,
             token=self.token.to_dict() if self.token is not None else None,
+            explain=self.explain,
             **options,
         )
 
