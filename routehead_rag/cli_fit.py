@@ -169,6 +169,12 @@ def fit(
     ),
     lora_mlp: bool = typer.Option(True, "--lora-mlp/--no-lora-mlp", "--adapter-mlp/--no-adapter-mlp",
                                   help="Adapt the MLP projections too (off: the attention projections only)."),
+    lora_batch_queries: int = typer.Option(1, help="Train queries per LoRA optimizer step (their mean loss)."),
+    teacher: Optional[str] = typer.Option(
+        None, help="Label the data with a local sentence-transformers model instead of its judgments (a bi-encoder or "
+        "cross-encoder folder, or 'minilm' for the packaged all-MiniLM-L6-v2; needs the 'dense' extra): for query "
+        "logs without relevance labels. Graded labels: the teacher's best candidate 2, the next two 1."
+    ),
     ray: Ray = None,
     ray_workers: RayWorkers = None,
     as_json: bool = typer.Option(False, "--json", help="Accepted for symmetry: fit's summary is JSON anyway."),
@@ -183,6 +189,8 @@ def fit(
         routehead-rag fit beir-scifact my-query-log.jsonl --out my-router
 
         routehead-rag fit beir-scifact --out my-router --lora --no-fuse-first-stage --pool-size 32 --pool-size 64
+
+        routehead-rag fit my-unlabelled-log.jsonl --teacher minilm --out my-router
     """
     import itertools
 
@@ -215,11 +223,16 @@ def fit(
             lora_training = LoraTrainingConfig(
                 ranks=tuple(lora_rank), learning_rates=tuple(lora_lr), epochs=lora_epochs, mlp=lora_mlp,
                 scope=lora_scope, train_queries=lora_train_queries or None, dev_queries=lora_dev_queries or None,
-                seed=seed)
+                batch_queries=lora_batch_queries, seed=seed)
         scoring = ScoringConfig().with_instruction("relevance" if instruction is Instruction.auto else instruction.value)
         from .fit.sources import sources_from_arguments
 
         sources = sources_from_arguments(data, top_k, max_queries, instruction.value)
+        labeller = None
+        if teacher is not None:
+            from .fit.teacher import Teacher
+
+            labeller = Teacher(teacher)
         from .model.architecture import peek_shape
 
         prepare_model(model, quiet)
@@ -235,6 +248,10 @@ def fit(
         if embedding.layer >= backbone.num_layers:
             raise ValueError(f"--layer {layer} does not exist: {model} has layers -1..{backbone.num_layers - 1}")
     with progress_display(quiet) as report:
+        if labeller is not None:
+            from .fit.teacher import label_with_teacher
+
+            sources = [label_with_teacher(source, labeller, report) for source in sources]
         result = run_fit(
             backbone, sources, out, scoring=scoring, query_embedding=embedding, search=searches, training=training,
             cache_dir=cache_dir or default_cache_dir(), command=_command(), progress=report, report_dir=report_dir,
