@@ -34,6 +34,7 @@ from routehead_rag.eval.harness import prepare_set, rerank_set
 from routehead_rag.eval.metrics import paired_randomization_test, per_query, rankings_to_run
 from routehead_rag.fit.lora import LoraTrainingConfig
 from routehead_rag.fit.pipeline import run_fit
+from routehead_rag.fit.records import FitRecords
 from routehead_rag.fit.search import SearchConfig
 from routehead_rag.fit.sources import beir_source
 from routehead_rag.fit.training import TrainingConfig
@@ -82,10 +83,10 @@ def main() -> int:
                                  training=TrainingConfig(), cache_dir=cache, storage_dtype="float32",
                                  query_embedding=QueryEmbeddingConfig(layer=backbone.num_layers // 2),
                                  report_dir=Path(scratch) / "reports", lora=lora)
-                record = fitted.config.training.get("lora", {})
-                trained[scope] = {"kept": fitted.config.lora is not None, "dev_base": record.get("base_dev_ndcg@10"),
-                                  "dev_lora": record.get("dev_ndcg@10"), "epoch": record.get("chosen_epoch"),
-                                  "seconds_per_train_query": record.get("seconds_per_train_query")}
+                record = FitRecords.of(fitted.config).training.lora
+                trained[scope] = {"kept": fitted.config.lora is not None, "dev_base": record.base_dev_ndcg,
+                                  "dev_lora": record.dev_ndcg, "epoch": record.chosen_epoch,
+                                  "seconds_per_train_query": record.seconds_per_train_query}
                 for name in names:
                     eval_set = prepare_set(name, role=Role.FIT)
                     eval_set.qids = sample(eval_set.qids, max(1, args.eval_queries // len(names)))

@@ -5,7 +5,7 @@ fresh object, so a test may mutate what it gets without affecting other tests.
 
     tok = tiny_tokenizer()                      # ~500-token vocab, SmolLM2-like specials + chat template
     lm = tiny_causal_lm("gemma3", seed=1)       # llama | qwen2 | gemma3, GQA 4 heads / 2 kv heads
-    bb = tiny_backbone("qwen2")                 # routehead_rag.backbone.Backbone around both
+    bb = tiny_backbone("qwen2")                 # routehead_rag.model.backbone.Backbone around both
 """
 
 from __future__ import annotations

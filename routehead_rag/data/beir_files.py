@@ -212,22 +212,14 @@ def build_qrels(
     return qrels, lines
 
 
-def load_candidates(
-    path: Path | str,
-) -> tuple[dict[str, list[str]], dict[str, list[float]] | None]:
-    """Read ``candidates.jsonl`` into ``({qid: doc_ids}, {qid: scores} | None)``.
-
-    Scores must be on every line or on none (a ranking vs a pool, see
-    :class:`CandidateSource`); given scores must be non-increasing, since the
-    list is in first-stage order.
-    """
-    candidates, scores, _ = read_candidates(Path(path))
-    return candidates, scores
-
-
 def read_candidates(
     path: Path,
 ) -> tuple[dict[str, list[str]], dict[str, list[float]] | None, dict[str, int]]:
+    """``candidates.jsonl`` as ``({qid: doc_ids}, {qid: scores} | None, {qid: line})``.
+
+    Scores must be on every line or on none (a ranking vs a pool, see :class:`CandidateSource`); given scores
+    must be non-increasing, since the list is in first-stage order.
+    """
     lines: dict[str, int] = {}
     candidates: dict[str, list[str]] = {}
     scores: dict[str, list[float]] = {}

@@ -100,10 +100,6 @@ class Protocol:
             + (f"; its roles: {', '.join(roles)}" if roles else "; it is not a protocol set")
         )
 
-    def recall_measure(self, name: str) -> str:
-        """The ir_measures spelling of recall@``recall_depth`` at the set's relevance level."""
-        rel = self.spec(name).binary_rel
-        return f"R@{self.recall_depth}" if rel == 1 else f"R(rel={rel})@{self.recall_depth}"
 
 
 PROTOCOL = Protocol(

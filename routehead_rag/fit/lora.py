@@ -198,7 +198,7 @@ def train_lora(
             adapter = Lora.for_decoder(backbone.decoder, adapter_config).to(backbone.device)
             parameters = list(adapter.parameters())
             optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-            run = {"rank": rank, "lr": lr, "history": [{"epoch": 0, "dev_ndcg@10": base_dev}]}
+            run = {"rank": rank, "lr": lr, "history": [{"epoch": 0, "dev_ndcg": base_dev}]}
             run_best = {"dev": base_dev, "state": None, "epoch": 0, "attention": base_attention}
             start = 1
             checkpoint = checkpoints / f"run-r{rank}-lr{lr:g}.pt" if checkpoints is not None else None
@@ -231,14 +231,14 @@ def train_lora(
                 adapter.eval()
                 value, attention, seconds = evaluate(adapter)
                 adapted_seconds.append(seconds)
-                run["history"].append({"epoch": epoch, "dev_ndcg@10": value})
+                run["history"].append({"epoch": epoch, "dev_ndcg": value})
                 if value > run_best["dev"] + 1e-12:
                     run_best = {"dev": value, "state": copy.deepcopy(adapter.state_dict()), "epoch": epoch,
                                 "attention": attention}
                 if checkpoint is not None:
                     _save_atomic({"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
                                   "history": run["history"], "best": run_best, "epoch": epoch}, checkpoint)
-            run.update({"best_epoch": run_best["epoch"], "best_dev_ndcg@10": run_best["dev"]})
+            run.update({"best_epoch": run_best["epoch"], "best_dev_ndcg": run_best["dev"]})
             runs.append(run)
             if run_best["dev"] > best["dev"] + 1e-12:
                 best = {**run_best, "rank": rank, "lr": lr, "config": adapter_config}

@@ -31,6 +31,7 @@ from .extract import PooledExtractions, extract_sources
 from .fusion_fit import fit_fusion, query_weights
 from .labelled import LabelledSetBuilder, rank_heads, scratch_tensor
 from .lora import LoraQuery, LoraTrainingConfig, train_lora
+from .records import DataRecord, FitRecords, LoraRecord, SearchGridRow, SearchRecord, TrainingRecord
 from .report import heatmap, model_card
 from .search import SearchConfig, search_heads
 from .sources import FitSource
@@ -166,7 +167,7 @@ def run_fit(
         report("search + train", index, len(searches))
         found = search_heads(data, setting)
         trained = train_router(embeddings, found.labels, data, training, [pooled.groups[key] for key in data.qids])
-        grid.append({**setting.model_dump(mode="json"), "dev_routed_ndcg@10": trained.dev_ndcg, "k": trained.k})
+        grid.append(SearchGridRow(settings=setting, k=trained.k, dev_ndcg=trained.dev_ndcg))
         if best is None or trained.dev_ndcg > best[2].dev_ndcg + 1e-12:
             best = (setting, found, trained)
     report("search + train", len(searches), len(searches))
@@ -200,18 +201,18 @@ def run_fit(
             **calibration_kwargs)
         fusion_config = fusion_config.model_copy(update={"level_weight": level})
     report("fusion + calibration", 1, 1)
-    lora_fit, lora_record, lora_dev = None, {}, {}
+    lora_fit, lora_record, lora_dev = None, None, {}
     if lora is not None:
         queries, train_keys, dev_keys = lora_queries(backbone, sources, scoring, pooled, data, routed, router,
                                                      fusion_config, embeddings, train_rows, dev_rows, lora)
         lora_fit = train_lora(backbone, queries, train_keys, dev_keys, lora,
                               Path(cache_dir) if cache_dir is not None else None, report)
-        lora_record = {"lora": {
-            **lora.model_dump(mode="json"), "train_queries": len(train_keys), "dev_queries": len(dev_keys),
-            "runs": lora_fit.runs, "base_dev_ndcg@10": lora_fit.base_dev_ndcg, "dev_ndcg@10": lora_fit.dev_ndcg,
-            "chosen_rank": lora_fit.rank, "chosen_lr": lora_fit.learning_rate, "chosen_epoch": lora_fit.epoch,
-            "seconds_per_train_query": lora_fit.seconds_per_train_query,
-            "seconds_per_dev_query": lora_fit.seconds_per_dev_query}}
+        lora_record = LoraRecord(
+            settings=lora, train_queries=len(train_keys), dev_queries=len(dev_keys), runs=lora_fit.runs,
+            base_dev_ndcg=lora_fit.base_dev_ndcg, dev_ndcg=lora_fit.dev_ndcg, chosen_rank=lora_fit.rank,
+            chosen_lr=lora_fit.learning_rate, chosen_epoch=lora_fit.epoch,
+            seconds_per_train_query=lora_fit.seconds_per_train_query,
+            seconds_per_dev_query=lora_fit.seconds_per_dev_query)
         lora_dev = {"lora_base_ndcg@10": lora_fit.base_dev_ndcg, "lora_ndcg@10": lora_fit.dev_ndcg,
                     "lora_dev_queries": float(len(dev_keys))}
         if lora_fit.lora is not None and calibrate:  # the scores users get changed: calibrate those
@@ -233,17 +234,15 @@ def run_fit(
         fusion=fusion_config,
         calibration=calibration,
         calibration_unfused=calibration_unfused,
-        search={**search.model_dump(mode="json"), "grid": grid},
-        training={**training.model_dump(mode="json"), "chosen_k": trained.k, "chosen_sparsity": trained.sparsity,
-                  "chosen_epoch": trained.epoch, "chosen_depth_cost": depth.depth_cost, "depth_curve": depth.curve,
-                  "storage_dtype": storage_dtype, **lora_record,
-                  **({"extraction_lora_sha256": lora_digest(extraction_lora)}
-                     if extraction_lora is not None else {})},
-        data=[
-            {"name": s.name, "origin": s.origin, "queries": len(s.candidates),
-             "instruction": s.instruction or "the scoring prompt's"}
-            for s in sources
-        ],
+        **FitRecords(
+            search=SearchRecord(chosen=search, grid=grid),
+            training=TrainingRecord(
+                settings=training, chosen_k=trained.k, chosen_sparsity=trained.sparsity, chosen_epoch=trained.epoch,
+                chosen_depth_cost=depth.depth_cost, depth_curve=depth.curve, storage_dtype=storage_dtype,
+                lora=lora_record, extraction_lora_sha256=lora_digest(extraction_lora) if extraction_lora else None),
+            data=[DataRecord(name=s.name, origin=s.origin, queries=len(s.candidates),
+                             instruction=s.instruction or "the scoring prompt's") for s in sources],
+        ).config_fields(),
         dev_metrics={
             "routed_ndcg@10": routed_dev,
             "routed_no_depth_cost_ndcg@10": trained.dev_ndcg,

@@ -1,7 +1,7 @@
 """Offline head search: per-query pseudo-labels (the best small head set) from labelled data.
 
 Input: debiased per-head scores ``[layer, head, passage]`` of many labelled queries (one
-extraction pass, see :mod:`routehead_rag.evaluation`).  Steps:
+extraction pass, see :mod:`routehead_rag.offline.extraction`).  Steps:
 
 1. **pool** — rank every head by its single-head nDCG@10 over the whole set and keep the
    ``pool_size`` best (K);

@@ -132,11 +132,11 @@ def choose_depth_cost(
         summed = data.sum_heads(top, dev_rows)
         ndcg = batched_ndcg(summed, data.gains[dev_rows], data.valid[dev_rows], data.ideal_dcg[dev_rows], 10)
         deepest = torch.div(top, data.num_heads, rounding_mode="floor").max(dim=1).values.double()  # [dev]
-        curve.append({"depth_cost": cost, "dev_ndcg@10": float(ndcg.mean()), "mean_deepest_layer": float(deepest.mean()),
+        curve.append({"depth_cost": cost, "dev_ndcg": float(ndcg.mean()), "mean_deepest_layer": float(deepest.mean()),
                       "layer_share": float(((deepest + 1) / data.num_layers).mean())})
-    floor = curve[0]["dev_ndcg@10"] - tolerance
-    eligible = [row for row in curve if row["dev_ndcg@10"] >= floor - 1e-12]
-    best = min(eligible, key=lambda row: (round(row["layer_share"], 9), -row["dev_ndcg@10"], row["depth_cost"]))
+    floor = curve[0]["dev_ndcg"] - tolerance
+    eligible = [row for row in curve if row["dev_ndcg"] >= floor - 1e-12]
+    best = min(eligible, key=lambda row: (round(row["layer_share"], 9), -row["dev_ndcg"], row["depth_cost"]))
     return DepthChoice(depth_cost=best["depth_cost"], curve=curve)
 
 

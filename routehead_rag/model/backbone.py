@@ -236,7 +236,7 @@ def load_backbone(
         tokenizer: required with a model object; optional otherwise (a tokenizer object, or
             an id/folder to load one from; default: the model's own).
         dtype: ``"auto"`` (default; ``None`` means the same): bfloat16 on CUDA and on CPUs with
-            native bfloat16, float32 otherwise (see :mod:`routehead_rag.devices`); or a torch.dtype
+            native bfloat16, float32 otherwise (see :mod:`routehead_rag.model.devices`); or a torch.dtype
             or ``"float32"`` / ``"bfloat16"`` / ``"float16"``. For a shared model: ``"auto"`` or
             its current dtype.
         device: None ("cuda" if available, else "cpu"), a string or torch.device. For a

@@ -2,7 +2,7 @@
 
 Architecture (small on purpose: well under 5 MB saved, well under 1 ms per query on CPU)::
 
-    q   = query embedding                         # [hidden]   frozen LLM, mean-pooled (see query_embedding.py)
+    q   = query embedding                         # [hidden]   frozen LLM, mean-pooled (see engine/embedding.py)
     z   = W2 · gelu(W1 · layernorm(q))            # [dim]      a small projection
     s_h = <z, e_h> / sqrt(dim) + b_h              # [head]     one learnable embedding e_h and bias b_h per head
 

@@ -286,8 +286,9 @@ def test_fit_with_adapter_from_the_command_line(model_dir, tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert "lora_ndcg@10" in summary and "lora_base_ndcg@10" in summary
     config = json.loads((router / "config.json").read_text())
-    assert config["training"]["lora"]["ranks"] == [2] and len(config["training"]["lora"]["runs"][0]["history"]) == 2
-    assert config["training"]["lora"]["learning_rates"] == [0.01]
+    lora = config["training"]["lora"]
+    assert lora["settings"]["ranks"] == [2] and len(lora["runs"][0]["history"]) == 2
+    assert lora["settings"]["learning_rates"] == [0.01]
 
 
 @pytest.mark.parametrize("flags, message", [

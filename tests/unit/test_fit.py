@@ -9,6 +9,7 @@ import pytest
 from routehead_rag.engine.embedding import QueryEmbeddingConfig, embed_query
 from routehead_rag.engine.scorer import aggregate
 from routehead_rag.fit.pipeline import run_fit
+from routehead_rag.fit.records import FitRecords
 from routehead_rag.fit.search import SearchConfig
 from routehead_rag.fit.sources import read_query_log
 from routehead_rag.fit.training import TrainingConfig
@@ -52,9 +53,10 @@ def test_artifact_files_and_config(fitted):
     assert config.selection.k in (1, 2) and len(config.static_heads) == config.selection.k
     assert 0.0 <= config.dev_metrics["routed_ndcg@10"] <= 1.0
     # the depth cost is chosen on dev, within the tolerance of no cost, from the recorded curve
-    curve = config.training["depth_curve"]
-    assert [row["depth_cost"] for row in curve] == sorted(TrainingConfig().depth_costs)
-    assert config.selection.depth_cost == config.training["chosen_depth_cost"] in [row["depth_cost"] for row in curve]
+    training = FitRecords.of(config).training  # the typed records the fit wrote
+    curve = training.depth_curve
+    assert [row.depth_cost for row in curve] == sorted(TrainingConfig().depth_costs)
+    assert config.selection.depth_cost == training.chosen_depth_cost in [row.depth_cost for row in curve]
     assert config.dev_metrics["routed_ndcg@10"] >= config.dev_metrics["routed_no_depth_cost_ndcg@10"] - 0.005 - 1e-9
     assert "Depth cost" in (result.artifact / "README.md").read_text()
     assert result.report.is_file() and result.heatmap.is_file()
@@ -176,11 +178,11 @@ def test_search_settings_are_chosen_on_dev(fitted):
         backbone, [source], folder / "router-grid", query_embedding=QueryEmbeddingConfig(layer=0), search=grid,
         training=TrainingConfig(epochs=20, ks=(1, 2)), cache_dir=folder / "cache",
     )
-    tried = result.config.search["grid"]
-    assert [(g["pool_size"], g["max_heads"]) for g in tried] == [(4, 1), (8, 3)]
-    best = max(tried, key=lambda g: g["dev_routed_ndcg@10"])
-    assert result.config.search["pool_size"] == best["pool_size"]
-    assert result.config.dev_metrics["routed_no_depth_cost_ndcg@10"] == pytest.approx(best["dev_routed_ndcg@10"])
+    search = FitRecords.of(result.config).search
+    assert [(g.settings.pool_size, g.settings.max_heads) for g in search.grid] == [(4, 1), (8, 3)]
+    best = max(search.grid, key=lambda g: g.dev_ndcg)
+    assert search.chosen == best.settings
+    assert result.config.dev_metrics["routed_no_depth_cost_ndcg@10"] == pytest.approx(best.dev_ndcg)
     assert "Head-search settings tried" in (result.artifact / "README.md").read_text()
 
 

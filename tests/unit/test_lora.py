@@ -23,6 +23,7 @@ from routehead_rag.engine.lora import (
 from routehead_rag.engine.scorer import AttentionScorer
 from routehead_rag.fit.lora import LoraTrainingConfig, train_lora
 from routehead_rag.fit.pipeline import lora_queries, run_fit
+from routehead_rag.fit.records import FitRecords
 from routehead_rag.fit.search import SearchConfig
 from routehead_rag.fit.sources import read_query_log
 from routehead_rag.fit.training import TrainingConfig
@@ -353,14 +354,16 @@ def test_fit_with_adapter_records_it_and_writes_it_only_when_it_wins_on_dev(tmp_
                      cache_dir=tmp_path / "cache", storage_dtype="float32",
                      lora=LoraTrainingConfig(ranks=(2,), learning_rates=(1e-2,), epochs=2))
     config = result.config
-    record = config.training["lora"]
-    assert record["train_queries"] == 16 and record["dev_queries"] == 4  # every train / dev query (caps not reached)
-    assert len(record["runs"][0]["history"]) == 3
-    # epoch 0 is the router without an adapter, scored live: the fit's own dev figure from the cache
+    record = FitRecords.of(config).training.lora
+    # every train / dev query (caps not reached)
+    assert record.train_queries + record.dev_queries == 20 and record.dev_queries == config.dev_metrics["dev_queries"]
+    assert len(record.runs[0].history) == 3
+    # epoch 0 is the router without a LoRA, scored live: the fit's own dev figure from the cache (no level term here)
     mode = config.fusion.mode
-    assert record["base_dev_ndcg@10"] == pytest.approx(config.dev_metrics[f"fusion_{mode}_ndcg@10"], abs=1e-6)
+    if not config.fusion.level_weight:
+        assert record.base_dev_ndcg == pytest.approx(config.dev_metrics[f"fusion_{mode}_ndcg@10"], abs=1e-6)
     files = {p.name for p in result.artifact.iterdir()}
-    if record["dev_ndcg@10"] > record["base_dev_ndcg@10"]:
+    if record.dev_ndcg > record.base_dev_ndcg:
         assert config.lora is not None and {ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME} <= files
     else:
         assert config.lora is None and ADAPTER_WEIGHTS_NAME not in files
