@@ -85,7 +85,7 @@ def test_routed_reranker_scores_with_the_routed_heads(fitted):
     assert [r.index for r in routed_results] == [r.index for r in static_results]
     everything = reranker.scorer.head_scores(query, passages)
     mass = aggregate(everything.debiased, heads).double()  # [passage]
-    for a, b in zip(static_results, routed_results):
+    for a in static_results:
         assert a.score == pytest.approx(float(mass[a.index]), abs=1e-5)  # static heads: the mass itself
     level = config.fusion.level_weight
     if level:  # a router with an attention-level term: z(mass) + level * mass * n, without the first stage
