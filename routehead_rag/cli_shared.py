@@ -248,28 +248,13 @@ def default_cache() -> Path:
 def read_query_batch(path: Path) -> list[dict]:
     """``rerank --queries FILE``: one ``{"query", "documents", "first_stage_scores"?, "id"?}`` per JSONL line;
     a bad line is an error naming it (the documents themselves are checked by the re-ranker)."""
-    import json
+    from .documents import json_line, text_lines
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a file")
     batch = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("query"), str):
-                raise ValueError(f"{path}:{number}: each line needs a string 'query' and a list 'documents'")
-            if not isinstance(record.get("documents"), list):
-                raise ValueError(f"{path}:{number}: 'documents' must be a list of strings or {{'id', 'text', 'meta'}}")
-            unknown = sorted(set(record) - {"query", "documents", "first_stage_scores", "id"})
-            if unknown:
-                raise ValueError(f"{path}:{number}: unknown fields {unknown} (a line holds 'query', 'documents', "
-                                 "'first_stage_scores' and 'id')")
-            batch.append({**record, "line": number})
+    for number, line in text_lines(path):
+        record = json_line(path, number, line, {"query", "documents", "first_stage_scores", "id"},
+                           {"query": str, "documents": list})
+        batch.append({**record, "line": number})
     if not batch:
         raise ValueError(f"{path} holds no queries")
     return batch

@@ -169,8 +169,8 @@ def _dict_document(document: Mapping, index: int) -> tuple[Any, str, Mapping | N
     return document.get("id", index), document["text"], meta
 
 
-def read_documents(path: str | Path) -> list[Any]:
-    """Documents from a file: JSONL lines with ``"text"`` (and optionally ``"id"``), or one passage per line."""
+def text_lines(path: str | Path):
+    """``(line number, line)`` of every non-blank line of a UTF-8 text file; errors name the file (and byte)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} is not a file")
@@ -178,21 +178,33 @@ def read_documents(path: str | Path) -> list[Any]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def json_line(path: str | Path, number: int, line: str, keys: set[str], required: dict[str, type]) -> dict:
+    """One JSONL line as a dict with only ``keys``, each of ``required`` of its type; errors name ``path:number``."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{number}: a line must be a JSON object with {sorted(required)}")
+    for key, kind in required.items():
+        if not isinstance(record.get(key), kind):
+            raise ValueError(f"{path}:{number}: '{key}' must be a {kind.__name__} (a line holds {sorted(keys)})")
+    unknown = sorted(set(record) - keys)
+    if unknown:
+        raise ValueError(f"{path}:{number}: unknown fields {unknown}; a line holds {sorted(keys)}")
+    return record
+
+
+def read_documents(path: str | Path) -> list[Any]:
+    """Documents from a file: JSONL lines with ``"text"`` (and optionally ``"id"`` and ``"meta"``), or one passage
+    per line."""
     documents: list[Any] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, line in text_lines(path):
         if line.lstrip().startswith("{"):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{number}: a JSON line needs a string 'text' field (and optionally 'id' and 'meta')")
-            unknown = sorted(set(record) - _DOCUMENT_KEYS)
-            if unknown:
-                raise ValueError(f"{path}:{number}: unknown fields {unknown}; a line holds 'text', 'id' and 'meta' "
-                                 "(put anything else inside 'meta')")
+            record = json_line(path, number, line, _DOCUMENT_KEYS, {"text": str})
             documents.append({key: record[key] for key in ("id", "text", "meta") if key in record})
         else:
             documents.append(line)

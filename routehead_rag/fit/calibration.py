@@ -207,7 +207,8 @@ def calibrate_router(backbone, sources: Sequence[FitSource], scoring, pooled, da
     heads_of = {key: data.grid.heads(routed[row_of[key]].tolist()) for key in set(parent.values())}
     parts = []
     if lora is None:
-        extracted = extract_sources(backbone, subs, scoring, cache_dir, progress, executor=executor,
+        relabelled = None if progress is None else (lambda _stage, done, total: progress("calibration lists", done, total))
+        extracted = extract_sources(backbone, subs, scoring, cache_dir, relabelled, executor=executor,
                                     storage_dtype=storage_dtype)
         scored = {key: AttentionScorer.aggregate(_scores(extracted.scores[key]), heads_of[parent[key]])
                   for key in extracted.scores}
