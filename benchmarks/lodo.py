@@ -1,8 +1,9 @@
 """Leave one domain out: how each configuration carries to a domain nobody fitted on.
 
 For each of the six fit domains (``PROTOCOL.domains(Role.FIT)``), a router is fitted with ``run_fit`` on
-the other five domains' fit queries (from the cached all-heads extraction), then every query of the
-left-out domain is ranked by ``RouteHeadReranker`` itself (``rerank_set``: what users get) with:
+the other five domains' fit queries (from the cached all-heads extraction), then the left-out domain's
+queries (all, or ``--eval-queries`` of them by hash, split evenly over its sets) are ranked by
+``RouteHeadReranker`` itself (``rerank_set``: what users get) with:
 
 * BM25 (the first stage; the candidates every row re-ranks),
 * dense all-MiniLM-L6-v2 re-ranking the same candidates (cosine),
@@ -15,7 +16,7 @@ left-out domain is ranked by ``RouteHeadReranker`` itself (``rerank_set``: what 
 Paired randomization tests of the shipped configuration against BM25 and against the dense baseline, per
 left-out domain and pooled. Choices are made here and on fit dev data, never on the test sets.
 
-    python benchmarks/lodo.py --dtype bfloat16
+    python benchmarks/lodo.py --dtype bfloat16 --variants "all queries" --eval-queries 150
 
 Writes benchmarks/results/lodo.{json,md,png} (``--name`` to change).
 """
@@ -43,6 +44,7 @@ from routehead_rag.fit.sources import beir_source
 from routehead_rag.fit.training import TrainingConfig
 from routehead_rag.model.backbone import load_backbone
 from routehead_rag.paths import default_cache_dir
+from routehead_rag.router.artifact import read_artifact_config
 
 COMMON = ("BM25", "dense MiniLM", "ICR (all heads)")
 FITTED = ("static top-k", "RouteHead (paper)", "RouteHead + fusion")
@@ -58,11 +60,24 @@ def ndcg_per_query(eval_set, rankings: dict[str, list[str]]) -> dict[str, float]
     return per_query(rankings_to_run(rankings), eval_set.dataset.qrels, "nDCG@10", qids=eval_set.qids)
 
 
-def common_rows(backbone, names: list[str], dense: DenseRetriever, cache: Path, prompt) -> dict[str, dict]:
+def left_out_set(name: str, limit: int | None):
+    """The set's fit queries, or its first ``limit`` by hash of their id (the same hash as :func:`capped`)."""
+    eval_set = prepare_set(name, role=Role.FIT)
+    if limit is None or len(eval_set.qids) <= limit:
+        return eval_set
+    import dataclasses
+    import hashlib
+
+    keep = sorted(eval_set.qids, key=lambda q: hashlib.sha256(f"cap:{q}".encode()).hexdigest())[:limit]
+    return dataclasses.replace(eval_set, qids=[q for q in eval_set.qids if q in set(keep)])
+
+
+def common_rows(backbone, names: list[str], dense: DenseRetriever, cache: Path, prompt,
+                limit: int | None) -> dict[str, dict]:
     """BM25, the dense baseline and ICR: ``{row: {"<set>/<qid>": nDCG@10}}`` over the left-out domain's queries."""
     scores: dict[str, dict] = {row: {} for row in COMMON}
     for name in names:
-        eval_set = prepare_set(name, role=Role.FIT)
+        eval_set = left_out_set(name, limit)
         key = {q: f"{name}/{q}" for q in eval_set.qids}
         for q, value in ndcg_per_query(eval_set, {q: eval_set.candidates[q].doc_ids for q in eval_set.qids}).items():
             scores["BM25"][key[q]] = value
@@ -80,14 +95,12 @@ def common_rows(backbone, names: list[str], dense: DenseRetriever, cache: Path, 
     return scores
 
 
-def fitted_rows(backbone, router: Path, names: list[str], cache: Path) -> dict[str, dict]:
+def fitted_rows(backbone, router: Path, names: list[str], cache: Path, limit: int | None) -> dict[str, dict]:
     """The fold router's rows: its static baseline, its routed heads alone, and fused as fitted."""
-    from routehead_rag.router.artifact import read_artifact_config
-
     config = read_artifact_config(router)
     scores: dict[str, dict] = {row: {} for row in FITTED}
     for name in names:
-        eval_set = prepare_set(name, role=Role.FIT)
+        eval_set = left_out_set(name, limit)
         instruction = instruction_for("auto", name)
         configurations = {
             "static top-k": RouteHeadReranker(model=backbone, heads=list(config.static_heads), prompt=config.scoring.prompt,
@@ -132,7 +145,10 @@ def main() -> int:
     parser.add_argument("--name", default="lodo")
     parser.add_argument("--domains", nargs="*", default=None, help="only these left-out domains (default: all six)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--keep-routers", type=Path, default=None, help="write each fold's router here")
+    parser.add_argument("--keep-routers", type=Path, default=None,
+                        help="write each fold's router here (a fold whose router is already there is not refitted)")
+    parser.add_argument("--eval-queries", type=int, default=None,
+                        help="score at most this many of the left-out domain's queries (by hash; default: all)")
     args = parser.parse_args()
     seeded()
     started = time.time()
@@ -159,16 +175,21 @@ def main() -> int:
                     share = None if limit is None else max(1, limit // len(other_names))
                     training_sources += [capped(sources[n], share) for n in other_names]
                 out = (args.keep_routers or Path(scratch)) / f"{variant.replace(' ', '-')}-without-{domain.replace(' ', '-')}"
-                fitted = run_fit(backbone, training_sources, out, search=SEARCHES, training=TrainingConfig(),
-                                 query_embedding=QueryEmbeddingConfig(layer=backbone.num_layers // 2), cache_dir=cache,
-                                 storage_dtype="float32", report_dir=Path(scratch) / "reports")
+                if args.keep_routers and (out / "config.json").is_file():
+                    artifact, config = out, read_artifact_config(out)  # fitted by an earlier run of this command
+                else:
+                    fitted = run_fit(backbone, training_sources, out, search=SEARCHES, training=TrainingConfig(),
+                                     query_embedding=QueryEmbeddingConfig(layer=backbone.num_layers // 2),
+                                     cache_dir=cache, storage_dtype="float32", report_dir=Path(scratch) / "reports")
+                    artifact, config = fitted.artifact, fitted.config
+                eval_limit = None if args.eval_queries is None else max(1, args.eval_queries // len(names))
                 if scores is None:
-                    scores = common_rows(backbone, names, dense, cache, fitted.config.scoring.prompt)
-                for row, values in fitted_rows(backbone, fitted.artifact, names, cache).items():
+                    scores = common_rows(backbone, names, dense, cache, config.scoring.prompt, eval_limit)
+                for row, values in fitted_rows(backbone, artifact, names, cache, eval_limit).items():
                     scores[f"{row} [{variant}]"] = values
                 fits[variant] = {"fit_queries": sum(len(s.candidates) for s in training_sources),
-                                 "k": fitted.config.selection.k, "fusion": fitted.config.fusion.model_dump(),
-                                 "dev_metrics": fitted.config.dev_metrics}
+                                 "k": config.selection.k, "fusion": config.fusion.model_dump(),
+                                 "dev_metrics": config.dev_metrics}
             keys = list(scores["BM25"])
             shipped = f"RouteHead + fusion [{args.variants[0]}]"
             folds[domain] = {"left_out_sets": names, "fits": fits, "seconds": round(time.time() - fold_start),
@@ -182,7 +203,9 @@ def main() -> int:
     result = {
         "command": "python benchmarks/lodo.py --dtype " + args.dtype
         + (f" --variants {' '.join(repr(v) for v in args.variants)}" if args.variants != list(VARIANTS) else "")
-        + (f" --name {args.name}" if args.name != "lodo" else ""),
+        + (f" --name {args.name}" if args.name != "lodo" else "")
+        + (f" --eval-queries {args.eval_queries}" if args.eval_queries is not None else ""),
+        "eval_queries": args.eval_queries,
         "machine": machine(), "seconds": round(time.time() - started), "rows": rows, "shipped_row": shipped,
         "variants": {v: VARIANTS[v][0] for v in args.variants}, "searches": [s.model_dump() for s in SEARCHES],
         "folds": folds, "pooled": summarise(pooled, keys, shipped),

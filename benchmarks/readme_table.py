@@ -27,7 +27,9 @@ def table(results: Path = RESULTS) -> str:
     rows, shipped = tests["rows"], tests["shipped_row"]
     cross = tests["averages"]["cross-domain-test"]
     lines = [
-        "nDCG@10 on the protocol's test sets (never used for a choice), BM25 top-20 candidates, every row ranked by "
+        "nDCG@10 on the protocol's test sets (never used for a choice"
+        + (f"; the first {tests['max_queries']} queries of each" if tests.get("max_queries") else "")
+        + "), BM25 top-20 candidates, every row ranked by "
         f"`RouteHeadReranker` with the shipped router ({tests['router']}); **{shipped}** is what the package ranks with. "
         "p: paired randomization tests of the shipped configuration.",
         "",
@@ -51,8 +53,9 @@ def table(results: Path = RESULTS) -> str:
     if latency:
         t = latency["median_seconds"]
         lines += ["", f"Time per query ({latency['dataset']}, 20 candidates, {tests['machine'].get('cpu', 'CPU')}, "
-                  f"{tests['machine'].get('torch_threads')} threads): shipped {t['shipped']:.2f} s, without the LoRA "
-                  f"{t['no LoRA']:.2f} s, every head (ICR) {t['ICR (all heads)']:.2f} s, dense MiniLM "
+                  f"{tests['machine'].get('torch_threads')} threads): shipped {t['shipped']:.2f} s, "
+                  + (f"without the LoRA {t['no LoRA']:.2f} s, " if "no LoRA" in t else "")
+                  + f"every head (ICR) {t['ICR (all heads)']:.2f} s, dense MiniLM "
                   f"{t['dense MiniLM']:.3f} s. Cross-domain average: shipped {cross[shipped]:.3f}, BM25 {cross['BM25']:.3f}, "
                   f"dense MiniLM {cross['dense MiniLM']:.3f}."]
     lines += ["", f"![quality against time per query](benchmarks/results/{PLOT})", "",

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -83,11 +85,13 @@ def false_keeps(eval_set, reranker, count: int) -> dict:
     return {"lists": lists, "lists_with_a_keep": kept / max(lists, 1), "passages_kept": kept_passages / max(passages, 1)}
 
 
-def latency(backbone, router, eval_set, count: int, dense: DenseRetriever) -> dict:
-    """Seconds per query of ``rank`` with and without the LoRA, ICR (every head) and the dense baseline, interleaved."""
-    rerankers = {"shipped": RouteHeadReranker(model=backbone, heads=router),
-                 "no LoRA": RouteHeadReranker(model=backbone, heads=router, lora=False),
-                 "ICR (all heads)": RouteHeadReranker(model=backbone, heads="all")}
+def latency(backbone, router, eval_set, count: int, dense: DenseRetriever, has_lora: bool) -> dict:
+    """Seconds per query of ``rank``: the shipped router (and without its LoRA, when it has one), ICR (every head)
+    and the dense baseline, interleaved."""
+    rerankers = {"shipped": RouteHeadReranker(model=backbone, heads=router)}
+    if has_lora:
+        rerankers["no LoRA"] = RouteHeadReranker(model=backbone, heads=router, lora=False)
+    rerankers["ICR (all heads)"] = RouteHeadReranker(model=backbone, heads="all")
     inputs = [(eval_set.dataset.queries[q], eval_set.documents(q), eval_set.candidates[q].scores)
               for q in eval_set.qids[:count]]
     for reranker in rerankers.values():
@@ -102,9 +106,9 @@ def latency(backbone, router, eval_set, count: int, dense: DenseRetriever) -> di
         begun = time.perf_counter()
         dense.rerank(query, [t for _, t in documents])
         times["dense MiniLM"].append(time.perf_counter() - begun)
-    ratios = [a / b for a, b in zip(times["shipped"], times["no LoRA"])]
+    ratios = [a / b for a, b in zip(times["shipped"], times["no LoRA"])] if has_lora else None
     return {"dataset": eval_set.name, "queries": len(inputs), "median_seconds": {k: statistics.median(v) for k, v in times.items()},
-            "median_ratio": statistics.median(ratios)}
+            "median_ratio": statistics.median(ratios) if ratios else None}
 
 
 def main() -> int:
@@ -183,14 +187,15 @@ def main() -> int:
             sets.append(record)
             console.print(entry.name, {k: round(v, 4) for k, v in record["ndcg@10"].items()})
     trec = prepare_set("trec-dl-2020", role=Role.CROSS_DOMAIN_TEST)
-    timing = latency(backbone, args.router, trec, args.latency_queries, dense)
+    timing = latency(backbone, args.router, trec, args.latency_queries, dense, has_lora)
     rows = list(sets[0]["ndcg@10"])
     averages = {
         scope: {row: statistics.mean(s["ndcg@10"][row] for s in sets if scope == "all" or s["role"] == scope)
                 for row in rows}
         for scope in ("all", Role.CROSS_DOMAIN_TEST.value)
     }
-    result = {"command": f"python benchmarks/test_sets.py --dtype {args.dtype}", "router": portable_path(args.router),
+    result = {"command": shlex.join(["python", "benchmarks/test_sets.py", *sys.argv[1:]]), "max_queries": args.max_queries,
+              "router": portable_path(args.router),
               "lora": None if config.lora is None else config.lora.model_dump(mode="json"),
               "machine": machine(), "seconds": round(time.time() - started), "rows": rows, "shipped_row": shipped_row,
               "sets": sets, "averages": averages, "latency": timing}
@@ -242,7 +247,8 @@ def write_markdown(result: dict, path: Path) -> None:
         t = result["latency"]
         lines += ["", f"Latency ({t['dataset']}, {t['queries']} queries, `rank` interleaved): "
                   + ", ".join(f"{k} {v:.3f} s" for k, v in t["median_seconds"].items())
-                  + f"; median ratio with/without the LoRA {t['median_ratio']:.3f}x."]
+                  + ("" if t["median_ratio"] is None else f"; median ratio with/without the LoRA {t['median_ratio']:.3f}x")
+                  + "."]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

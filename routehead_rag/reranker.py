@@ -325,6 +325,12 @@ class RouteHeadReranker:
             elif recipe is None:
                 recipe = self.resolved_strategy.route(scorer.backbone, query)
         scale = self.options.scale_score if scale_score is None else scale_score
+        fuse = self.options.fuse_first_stage
+        if (scale and recipe is not None and not recipe.can_scale(fuse)
+                and (recipe.calibration is not None or recipe.calibration_unfused is not None)):
+            raise ValueError(  # a per-call scale_score=True the option check at warm-up did not see
+                f"the router has probabilities for {'unfused' if fuse else 'fused'} scores only: with "
+                f"fuse_first_stage={fuse} pass scale_score=False, or refit it (routehead-rag fit calibrates both)")
         return _Request(query, candidates, first_stage, recipe, texts, owner, spans, top_k, score_threshold, scale,
                         weights)
 
@@ -356,8 +362,11 @@ class RouteHeadReranker:
     def _final(self, request: _Request, head_scores: HeadScores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(attention, first-stage signal, final score)``, each ``[text]``: the query's recipe on its scored texts."""
         recipe = request.recipe
-        given = None if request.first_stage is None else [request.first_stage[i] for i in request.owner]
-        signal = first_stage_signal(len(request.texts), given if given is not None else [-float(i) for i in request.owner])
+        owners = list(dict.fromkeys(request.owner))  # the documents scored, in order (a document's chunks: one rank)
+        given = None if request.first_stage is None else [request.first_stage[i] for i in owners]
+        ranked = first_stage_signal(len(owners), given if given is not None else [-float(i) for i in owners])
+        position = {owner: k for k, owner in enumerate(owners)}
+        signal = ranked[[position[owner] for owner in request.owner]]  # [text] each chunk its document's signal
         attention = recipe.attention(head_scores)  # [text]
         return attention, signal, recipe.final_scores(attention, signal, fuse=self.options.fuse_first_stage,
                                                       scale=request.scale_score)

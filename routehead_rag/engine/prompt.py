@@ -243,19 +243,30 @@ class PromptBuilder:
 
     def split_passage(self, text: str, budget: int) -> list[tuple[int, int]]:
         """Character spans ``[(start, end), ...]`` of ``text`` that each hold at most ``budget`` tokens, in order and
-        covering every token (chunk mode); one span for a text that fits. Needs a fast tokenizer (offsets)."""
+        covering every token (chunk mode); one span for a text that fits. Needs a fast tokenizer (offsets).
+
+        A span is counted as it is scored (:meth:`cut_passage_counted`: whitespace normalised, which can change
+        the tokens at a chunk's edges), so no chunk is cut."""
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError("chunk_long_documents needs a fast tokenizer (with offset mapping); this one is not")
         offsets = self.tokenizer(encodable(text), add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        if len(offsets) <= budget:
-            return [(0, len(text))]
-        spans = []
-        for start in range(0, len(offsets), budget):
-            piece = offsets[start : start + budget]
-            begin = 0 if start == 0 else piece[0][0]
-            end = len(text) if start + budget >= len(offsets) else offsets[start + budget][0]
+
+        def fits(begin: int, end: int) -> bool:
+            ids, whole = self.cut_passage_counted(text[begin:end])
+            return whole is None and len(ids) <= budget
+
+        spans: list[tuple[int, int]] = []
+        start = begin = 0
+        while True:
+            stop = min(start + budget, len(offsets))
+            end = len(text) if stop >= len(offsets) else offsets[stop][0]
+            while stop > start + 1 and not fits(begin, end):  # a token fewer until it fits as scored
+                stop -= 1
+                end = offsets[stop][0]
             spans.append((begin, end))
-        return spans
+            if stop >= len(offsets):
+                return spans
+            start, begin = stop, end
 
     def fixed_token_count(self, query: str) -> int:
         """Tokens of everything but the passages, for the longer of the real and content-free query."""
