@@ -281,7 +281,8 @@ class RouteHeadReranker:
             lora=pending[0].recipe.lora if pending else None,
         )
         by_request = {id(r): s for r, s in zip(pending, scored)}
-        return [self._finish(r, by_request.get(id(r))) for r in requests]
+        self._warn_cut([(s, r) for r, s in zip(pending, scored)])  # one warning for the whole call
+        return [self._finish(r, by_request.get(id(r)), warn=False) for r in requests]
 
     def rank_scored(self, query: str, documents: Iterable[Any], head_scores: HeadScores, top_k: int | None = None,
                     score_threshold: float | None = None, first_stage_scores: Sequence[float | None] | None = None,
@@ -334,13 +335,14 @@ class RouteHeadReranker:
         return _Request(query, candidates, first_stage, recipe, texts, owner, spans, top_k, score_threshold, scale,
                         weights)
 
-    def _finish(self, request: _Request, head_scores: HeadScores | None) -> RankedResults:
+    def _finish(self, request: _Request, head_scores: HeadScores | None, warn: bool = True) -> RankedResults:
         """The recipe's final scores (a document in chunks scores as its best chunk), then the order, the
         threshold and the cut."""
         scores = {c.index: EMPTY_PASSAGE_SCORE for c in request.candidates}
         best_span: dict[int, tuple[int, int] | None] = {}
         if head_scores is not None:
-            self._warn_cut(head_scores, request)
+            if warn:
+                self._warn_cut([(head_scores, request)])
             final = self._final(request, head_scores)[2]
             for index, span, score in zip(request.owner, request.spans, final.tolist()):
                 score = float(score) if math.isfinite(score) else EMPTY_PASSAGE_SCORE
@@ -371,17 +373,19 @@ class RouteHeadReranker:
         return attention, signal, recipe.final_scores(attention, signal, fuse=self.options.fuse_first_stage,
                                                       scale=request.scale_score)
 
-    def _warn_cut(self, head_scores: HeadScores, request: _Request) -> None:
-        """One WARNING per call when passages were longer than the passage budget (through ``logging``)."""
-        if not head_scores.cut:
+    def _warn_cut(self, scored: list[tuple[HeadScores, _Request]]) -> None:
+        """One WARNING per call (``rank``, ``explain`` or a whole ``rank_batch``) when passages were longer than
+        the passage budget (through ``logging``)."""
+        lengths = [length for head_scores, _ in scored for length in head_scores.cut.values()]
+        if not lengths:
             return
         prompt = self.scorer.config.prompt
         budget = (f"{prompt.max_passage_tokens} tokens" if prompt.max_passage_tokens is not None
                   else f"{prompt.max_passage_words} words")
-        longest = max(head_scores.cut.values())
         logger.warning(
-            "%d of %d passages were longer than the passage budget (%s; the longest had %d tokens) and were cut to "
+            "%d of %d passages%s were longer than the passage budget (%s; the longest had %d tokens) and were cut to "
             "it: raise max_passage_tokens, or set chunk_long_documents=True to score every part",
-            len(head_scores.cut), len(request.texts), budget, longest,
+            len(lengths), sum(len(request.texts) for _, request in scored),
+            f" of {len(scored)} queries" if len(scored) > 1 else "", budget, max(lengths),
         )
 

@@ -160,6 +160,16 @@ def test_one_warning_per_call_however_many_passages_are_cut_and_it_can_be_silenc
     assert cut_records(caplog) == []
 
 
+def test_rank_batch_warns_once_for_the_whole_call(shared, caplog):
+    reranker = make(shared, heads="all", max_passage_tokens=BUDGET)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        batch = reranker.rank_batch([QUERY, QUERY, QUERY], [[LONG, DOCS[0]], DOCS, [LONGER, LONG, DOCS[1]]])
+    (record,) = cut_records(caplog)
+    assert "3 of 8 passages of 3 queries" in record.getMessage() and f"({BUDGET} tokens;" in record.getMessage()
+    one_by_one = [reranker.rank(QUERY, d) for d in ([LONG, DOCS[0]], DOCS, [LONGER, LONG, DOCS[1]])]
+    assert [[r.id for r in b] for b in batch] == [[r.id for r in o] for o in one_by_one]
+
+
 def test_the_default_budget_cuts_nothing_short_and_logs_nothing(shared, caplog):
     with caplog.at_level(logging.DEBUG, logger="routehead_rag"):
         make(shared, heads="all").rank(QUERY, DOCS)
