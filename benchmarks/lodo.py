@@ -226,8 +226,10 @@ def write_markdown(result: dict, path: Path) -> None:
         "# Leave one domain out",
         "",
         f"`{result['command']}` ({result['seconds']} s). For each fit domain, routers fitted on the other five (search "
-        "grid K x P = 32/64 x 4/8, the fit's own dev choices of k, depth cost, fusion and calibration), then every "
-        "query of the left-out domain ranked by `RouteHeadReranker` (BM25 top-20 candidates). nDCG@10; p: paired "
+        "grid K x P = 32/64 x 4/8, the fit's own dev choices of k, depth cost, fusion and calibration), then "
+        + ("every query of the left-out domain" if result.get("eval_queries") is None else
+           f"at most {result['eval_queries']} queries of the left-out domain (by hash of the id, split evenly over its sets)")
+        + " ranked by `RouteHeadReranker` (BM25 top-20 candidates). nDCG@10; p: paired "
         f"randomization tests of {result['shipped_row']}. Variants (the choice each figure supports):",
         "",
         *[f"* **{name}**: {what}" for name, what in result["variants"].items()],
