@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from routehead_rag import RouteHeadReranker
+from routehead_rag.engine.lora import LoraConfig
 from routehead_rag.router import artifact
 from routehead_rag.router.artifact import (
     RouterArtifactError,
@@ -169,6 +170,64 @@ def test_the_shipped_router_is_intact():
 # -- second round: the LoRA's PEFT files, finite numbers everywhere ------------------------------
 
 SHIPPED = artifact.SHIPPED_ROUTERS / "smollm2-135m"
+SMOLLM2_LORA = LoraConfig(
+    rank=8, alpha=16.0, scope="query", layers=tuple(range(23)),
+    targets=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+)
+"""A LoRA of SmolLM2-135M's real projections: every projection of layers 0..22, rank 8 (the LoRA the router shipped
+with before its refit). The shipped router may carry none, so the tests that need one build it
+(:func:`with_smollm2_lora`); the layers and targets are checked against transformers' Llama there."""
+
+
+def smollm2_config_json() -> dict:
+    """The shipped ``config.json`` with :data:`SMOLLM2_LORA` as its ``lora`` (whether or not it ships one)."""
+    raw = json.loads((SHIPPED / "config.json").read_text())
+    raw["lora"] = SMOLLM2_LORA.model_dump(mode="json")
+    return raw
+
+
+def smollm2_model():
+    """SmolLM2-135M with transformers' own Llama code on the meta device (shapes, no memory): hidden 576, MLP
+    1536, 9 heads and 3 KV heads of 64, 30 layers (its published config)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152)
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def smollm2_decoder():
+    """SmolLM2-135M's decoder on the meta device (see :func:`smollm2_model`)."""
+    return smollm2_model().model
+
+
+def with_smollm2_lora(folder):
+    """The shipped router (its weights, config and card) with a random non-zero :data:`SMOLLM2_LORA` added, written
+    to ``folder`` by the package's own :func:`~routehead_rag.router.artifact.save_artifact` (PEFT's layout, the
+    backbone fingerprint in the weights' metadata, every file recorded in config.json)."""
+    from routehead_rag.engine.lora import Lora, decoder_path, lora_targets
+    from routehead_rag.router.artifact import save_artifact
+
+    model = smollm2_model()
+    layers, targets = lora_targets(model.model, max(SMOLLM2_LORA.layers))
+    assert (layers, targets) == (SMOLLM2_LORA.layers, SMOLLM2_LORA.targets)  # the real model's projections
+    assert decoder_path(model, model.model) == SMOLLM2_LORA.decoder_path
+    torch.manual_seed(5)
+    lora = Lora.for_decoder(model.model, SMOLLM2_LORA)  # A [8, in], B [out, 8] of SmolLM2's projections
+    with torch.no_grad():
+        for b in lora.lora_B.values():
+            b.normal_(0.0, 0.02)  # a trained LoRA's stand-in: B = 0 would be the base model exactly
+    router, config = load_artifact(SHIPPED)
+    card = (SHIPPED / "README.md").read_text(encoding="utf-8")
+    return save_artifact(folder, router, config.model_copy(update={"lora": SMOLLM2_LORA}), card, lora)
+
+
+@pytest.fixture(scope="module")
+def smollm2_lora_router(tmp_path_factory):
+    """The shipped router with a LoRA of SmolLM2-135M's real shapes (:func:`with_smollm2_lora`), built once."""
+    return with_smollm2_lora(tmp_path_factory.mktemp("smollm2") / "smollm2-135m")
 
 
 def rerecord(folder, name):
@@ -199,17 +258,18 @@ def lora_router(tmp_path_factory):
     return backbone, handmade_router(backbone, tmp_path_factory.mktemp("lora") / "router", lora=lora)
 
 
-@pytest.fixture(params=["tiny", "shipped"])
-def lora_copy(request, lora_router, tmp_path):
-    """A copy of a router with a LoRA: the tiny one (ranked through), or the shipped one (loaded, no model)."""
-    source = lora_router[1] if request.param == "tiny" else SHIPPED
+@pytest.fixture(params=["tiny", "smollm2-shapes"])
+def lora_copy(request, lora_router, smollm2_lora_router, tmp_path):
+    """A copy of a router with a LoRA: the tiny one (ranked through), or the shipped one with a LoRA of SmolLM2-135M's
+    real shapes (loaded, no model)."""
+    source = lora_router[1] if request.param == "tiny" else smollm2_lora_router
     shutil.copytree(source, tmp_path / "router")
     return request.param, tmp_path / "router"
 
 
 def resolve(kind, folder, lora_router):
-    """What loading does: for the tiny router, a re-ranker that warms up (and would rank); for the shipped one,
-    the artifact's own loaders (its backbone is not loaded in unit tests)."""
+    """What loading does: for the tiny router, a re-ranker that warms up (and would rank); for the shipped one
+    with SmolLM2's LoRA, the artifact's own loaders (its backbone is not loaded in unit tests)."""
     if kind == "tiny":
         backbone = lora_router[0]
         reranker = RouteHeadReranker(model=backbone.model, tokenizer=backbone.tokenizer, heads=folder)
@@ -305,17 +365,6 @@ def test_lora_weights_of_the_wrong_shape_are_an_error_at_load_not_at_rank(lora_r
         reranker.warm_up()
 
 
-def smollm2_decoder():
-    """SmolLM2-135M's decoder with transformers' own Llama code on the meta device (shapes, no memory): hidden
-    576, MLP 1536, 9 heads and 3 KV heads of 64, 30 layers (its published config)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, head_dim=64, vocab_size=49152)
-    with torch.device("meta"):
-        return LlamaForCausalLM(config).model
-
-
 @pytest.mark.parametrize(
     ("wrong", "message"),
     [
@@ -323,13 +372,16 @@ def smollm2_decoder():
         ({"self_attn.k_proj.lora_B.weight": (576, 8)}, r"k_proj.lora_B.weight has shape \[576, 8\].* must be \[192, 8\]"),
     ],
 )
-def test_the_shipped_lora_is_checked_against_the_backbones_projections(tmp_path, wrong, message):
+def test_a_smollm2_lora_is_checked_against_the_backbones_projections(smollm2_lora_router, tmp_path, wrong,
+                                                                    message):
+    """A LoRA on the shipped router, of SmolLM2-135M's real shapes, read back and checked against its projections."""
     from routehead_rag.engine.lora import check_fits
 
     decoder = smollm2_decoder()
-    check_fits(decoder, artifact.load_lora(SHIPPED, read_artifact_config(SHIPPED)))  # the intact one fits
+    source = smollm2_lora_router
+    check_fits(decoder, artifact.load_lora(source, read_artifact_config(source)))  # the intact one fits
     folder = tmp_path / "router"
-    shutil.copytree(SHIPPED, folder)
+    shutil.copytree(source, folder)
     misshape(folder, wrong)
     lora = artifact.load_lora(folder, read_artifact_config(folder))
     with pytest.raises(ValueError, match=message):
@@ -360,15 +412,17 @@ def float_leaves(value, path=()):
         yield from float_leaves(item, (*path, key))
 
 
-SHIPPED_FLOATS = [path for path, _ in float_leaves(json.loads((SHIPPED / "config.json").read_text()))]
+SHIPPED_FLOATS = [path for path, _ in float_leaves(smollm2_config_json())]
 BAD_NUMBERS = [float("nan"), float("inf"), float("-inf"), "1e400"]
 
 
 @pytest.mark.parametrize("path", SHIPPED_FLOATS, ids=[".".join(map(str, p)) for p in SHIPPED_FLOATS])
 def test_every_number_in_config_json_must_be_finite(tmp_path, path):
     """NaN, Infinity and 1e400 in any float of the shipped config.json (calibration.slope and .intercept,
-    fusion.weight, lora.alpha, selection.*, dev_metrics, search, training, ...) are refused, naming the field."""
-    text = (SHIPPED / "config.json").read_text()
+    fusion.weight, selection.*, dev_metrics, search, training, ...; with SmolLM2's LoRA as its lora, so lora.alpha
+    too, whether or not the router ships one) are refused, naming the field."""
+    assert ("lora", "alpha") in SHIPPED_FLOATS
+    text = json.dumps(smollm2_config_json())
     for number, bad in enumerate(BAD_NUMBERS):
         raw = json.loads(text)
         holder = raw
@@ -419,13 +473,14 @@ def test_every_float_field_of_every_config_model_refuses_nan_and_infinity():
     lambda c: c["fusion"].update(weight=float("inf")),
     lambda c: c["lora"].update(alpha=float("inf")),
 ], ids=["slope-inf", "intercept-nan", "fusion-weight-inf", "lora-alpha-inf"])
-def test_a_shipped_router_with_a_non_finite_number_is_an_error_under_heads_auto(lora_router, tmp_path, monkeypatch,
-                                                                                change):
-    """The shipped router found by heads="auto" with calibration.intercept NaN used to rank everything blank."""
+def test_a_shipped_router_with_a_non_finite_number_is_an_error_under_heads_auto(lora_router, smollm2_lora_router,
+                                                                                tmp_path, monkeypatch, change):
+    """The shipped router found by heads="auto" with calibration.intercept NaN used to rank everything blank. (The
+    shipped router with SmolLM2's LoRA added, so that its lora.alpha can be damaged too.)"""
     from routehead_rag.router.artifact import shipped_router_for
 
     backbone, _ = lora_router
-    shutil.copytree(SHIPPED, tmp_path / "routers" / "smollm2-135m")
+    shutil.copytree(smollm2_lora_router, tmp_path / "routers" / "smollm2-135m")
     monkeypatch.setattr(artifact, "SHIPPED_ROUTERS", tmp_path / "routers")
     shipped_router_for(backbone.fingerprint())  # intact: no error (and no router for the tiny backbone)
     edit_config(tmp_path / "routers" / "smollm2-135m", change)
@@ -438,7 +493,7 @@ def test_a_shipped_router_with_a_non_finite_number_is_an_error_under_heads_auto(
 
 def test_a_format_2_config_with_an_infinite_query_adapter_alpha_is_refused(tmp_path):
     """The issue's `query_adapter.alpha: Infinity` (format 2's name for the LoRA) changed the scores."""
-    raw = json.loads((SHIPPED / "config.json").read_text())
+    raw = smollm2_config_json()  # the shipped config.json with SmolLM2's LoRA
     adapter = raw.pop("lora")
     del adapter["scope"]
     raw.update(format=2, query_adapter={**adapter, "alpha": float("inf")})
@@ -450,4 +505,4 @@ def test_a_format_2_config_with_an_infinite_query_adapter_alpha_is_refused(tmp_p
         read_artifact_config(tmp_path)
     raw["query_adapter"]["alpha"] = 16.0
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    assert read_artifact_config(tmp_path).lora == read_artifact_config(SHIPPED).lora
+    assert read_artifact_config(tmp_path).lora == SMOLLM2_LORA
