@@ -239,10 +239,9 @@ def test_reranker_uses_the_adapter_and_can_leave_it_off(routers):
         assert [r.score for r in got] == pytest.approx([r.score for r in want], abs=1e-5)
 
 
-def test_shared_generator_logits_unchanged_while_another_thread_ranks_with_the_adapter(routers):
-    backbone, _, adapted, _ = routers
-    model, tokenizer = backbone.model, backbone.tokenizer
-    reranker = RouteHeadReranker(model=model, tokenizer=tokenizer, heads=adapted)
+def generator_logits_unchanged_while_ranking(model, tokenizer, reranker):
+    """The generator's logits stay bitwise the same on this thread while another thread ranks with ``reranker``;
+    returns the generator's input ids and logits for the caller's own checks afterwards."""
     ids = torch.tensor([tokenizer.encode("the moon pulls the sea and the tides follow")])
     with torch.no_grad():
         expected = model(ids).logits
@@ -266,6 +265,14 @@ def test_shared_generator_logits_unchanged_while_another_thread_ranks_with_the_a
         stop.set()
         thread.join()
     assert not errors and count[0] > 0
+    return ids, expected
+
+
+def test_shared_generator_logits_unchanged_while_another_thread_ranks_with_the_adapter(routers):
+    backbone, _, adapted, _ = routers
+    model, tokenizer = backbone.model, backbone.tokenizer
+    reranker = RouteHeadReranker(model=model, tokenizer=tokenizer, heads=adapted)
+    ids, expected = generator_logits_unchanged_while_ranking(model, tokenizer, reranker)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected)
     assert all(not m._forward_hooks for m in model.modules())
@@ -522,29 +529,7 @@ def test_shared_generator_logits_unchanged_while_another_thread_ranks_with_a_pro
     save_artifact(tmp_path / "prompt", router, config.model_copy(update={"lora": lora.config}), "card", lora)
     model, tokenizer = backbone.model, backbone.tokenizer
     reranker = RouteHeadReranker(model=model, tokenizer=tokenizer, heads=tmp_path / "prompt")
-    ids = torch.tensor([tokenizer.encode("the moon pulls the sea and the tides follow")])
-    with torch.no_grad():
-        expected = model(ids).logits
-    stop, errors, count = threading.Event(), [], [0]
-
-    def rank_loop():
-        try:
-            while not stop.is_set():
-                reranker.rank("sea", DOCS)
-                count[0] += 1
-        except Exception as err:  # surfaced below
-            errors.append(err)
-
-    thread = threading.Thread(target=rank_loop)
-    thread.start()
-    try:
-        for _ in range(30):
-            with torch.no_grad():
-                assert torch.equal(model(ids).logits, expected)
-    finally:
-        stop.set()
-        thread.join()
-    assert not errors and count[0] > 0
+    generator_logits_unchanged_while_ranking(model, tokenizer, reranker)
     assert all(not m._forward_hooks for m in model.modules())
 
 
