@@ -22,17 +22,10 @@ START, END = "<!-- benchmark-table:start -->", "<!-- benchmark-table:end -->"
 PLOT = "quality_vs_time.png"
 
 
-def table(results: Path = RESULTS) -> str:
-    tests = json.loads((results / "test_sets.json").read_text())
+def quality_table(tests: dict) -> list[str]:
+    """The test sets' nDCG@10 table (markdown lines) of a ``test_sets.json`` result: the README's and test_sets.md's."""
     rows, shipped = tests["rows"], tests["shipped_row"]
-    cross = tests["averages"]["cross-domain-test"]
     lines = [
-        "nDCG@10 on the protocol's test sets (never used for a choice"
-        + (f"; the first {tests['max_queries']} queries of each" if tests.get("max_queries") else "")
-        + "), BM25 top-20 candidates, every row ranked by "
-        f"`RouteHeadReranker` with the shipped router ({tests['router']}); **{shipped}** is what the package ranks with. "
-        "p: paired randomization tests of the shipped configuration.",
-        "",
         "| set | queries | " + " | ".join(rows) + " | p vs BM25 | p vs dense |",
         "|---|---|" + "---|" * len(rows) + "---|---|",
     ]
@@ -42,6 +35,22 @@ def table(results: Path = RESULTS) -> str:
                      + f" | {s['p shipped vs BM25']:.3f} | {s['p shipped vs dense']:.3f} |")
     for scope, label in (("all", "average, all test sets"), ("cross-domain-test", "average, cross-domain")):
         lines.append(f"| **{label}** | | " + " | ".join(f"{tests['averages'][scope][r]:.3f}" for r in rows) + " | | |")
+    return lines
+
+
+def table(results: Path = RESULTS) -> str:
+    tests = json.loads((results / "test_sets.json").read_text())
+    shipped = tests["shipped_row"]
+    cross = tests["averages"]["cross-domain-test"]
+    lines = [
+        "nDCG@10 on the protocol's test sets (never used for a choice"
+        + (f"; the first {tests['max_queries']} queries of each" if tests.get("max_queries") else "")
+        + "), BM25 top-20 candidates, every row ranked by "
+        f"`RouteHeadReranker` with the shipped router ({tests['router']}); **{shipped}** is what the package ranks with. "
+        "p: paired randomization tests of the shipped configuration.",
+        "",
+        *quality_table(tests),
+    ]
     lodo_path = results / "lodo.json"
     if lodo_path.is_file():
         lodo = json.loads(lodo_path.read_text())

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, console, machine, machine_line, seeded
+from readme_table import quality_table
 
 from routehead_rag import RouteHeadReranker
 from routehead_rag.data.first_stage import DenseRetriever
@@ -205,21 +206,13 @@ def main() -> int:
 
 
 def write_markdown(result: dict, path: Path) -> None:
-    rows, shipped = result["rows"], result["shipped_row"]
     lines = [
         "# The protocol test sets", "",
         f"`{result['command']}` ({result['seconds']} s). Router `{result['router']}`. nDCG@10, BM25 top-20 candidates, "
         "every row ranked by `RouteHeadReranker`. p: paired randomization tests of the shipped configuration. No "
         "choice was made on these sets.", "", machine_line(result), "",
-        "| set | queries | " + " | ".join(rows) + " | p vs BM25 | p vs dense |",
-        "|---|---|" + "---|" * len(rows) + "---|---|",
+        *quality_table(result),
     ]
-    for s in result["sets"]:
-        cells = [f"**{s['ndcg@10'][r]:.3f}**" if r == shipped else f"{s['ndcg@10'][r]:.3f}" for r in rows]
-        lines.append(f"| {s['dataset']} ({s['role']}) | {s['queries']} | " + " | ".join(cells)
-                     + f" | {s['p shipped vs BM25']:.3f} | {s['p shipped vs dense']:.3f} |")
-    for scope, label in (("all", "average, all test sets"), ("cross-domain-test", "average, cross-domain")):
-        lines.append(f"| **{label}** | | " + " | ".join(f"{result['averages'][scope][r]:.3f}" for r in rows) + " | | |")
     if any("dense_first_stage" in s for s in result["sets"]):
         lines += ["", "## A dense first stage (all-MiniLM-L6-v2 top 20 from the corpus)", "",
                   "| set | dense first stage | shipped, fused with dense | shipped, no fusion | p fused vs dense |",
