@@ -10,8 +10,11 @@ queries (all, or ``--eval-queries`` of them by hash, split evenly over its sets)
 * ICR (every head),
 * static top-k (the fold's static baseline heads, chosen on its fit data),
 * RouteHead (paper): the fold's router, routed heads alone (no fusion),
-* RouteHead + fusion: the fold's router as fitted (fusion and calibration on dev), the shipped configuration
-  without a LoRA.
+* RouteHead + fusion: the fold's router fused with the first stage as fitted on dev, without its bi-encoder
+  (what shipped before the bi-encoder),
+* RouteHead + fusion + MiniLM: the fold's router as fitted, with the all-MiniLM-L6-v2 cosine at the weight
+  ``routehead_rag.bi_encoder.DEFAULT_WEIGHT`` (chosen by ``benchmarks/bi_encoder_weight.py``, itself by leaving
+  domains out): the shipped configuration.
 
 Paired randomization tests of the shipped configuration against BM25 and against the dense baseline, per
 left-out domain and pooled. Choices are made here and on fit dev data, never on the test sets.
@@ -33,6 +36,7 @@ from pathlib import Path
 from common import RESULTS, console, machine, machine_line, seeded
 
 from routehead_rag import RouteHeadReranker
+from routehead_rag.bi_encoder import CHOSEN_BY, DEFAULT_WEIGHT, BiEncoderConfig
 from routehead_rag.data.first_stage import DenseRetriever
 from routehead_rag.data.protocol import PROTOCOL, Role, instruction_for
 from routehead_rag.engine.embedding import QueryEmbeddingConfig
@@ -47,7 +51,8 @@ from routehead_rag.paths import default_cache_dir
 from routehead_rag.router.artifact import read_artifact_config
 
 COMMON = ("BM25", "dense MiniLM", "ICR (all heads)")
-FITTED = ("static top-k", "RouteHead (paper)", "RouteHead + fusion")
+FITTED = ("static top-k", "RouteHead (paper)", "RouteHead + fusion", "RouteHead + fusion + MiniLM")
+SHIPPED = "RouteHead + fusion + MiniLM"
 SEARCHES = [SearchConfig(pool_size=p, max_heads=h) for p in (32, 64) for h in (4, 8)]
 VARIANTS = {
     # name: (what it changes, queries per domain at most: None = all)
@@ -106,8 +111,10 @@ def fitted_rows(backbone, router: Path, names: list[str], cache: Path, limit: in
             "static top-k": RouteHeadReranker(model=backbone, heads=list(config.static_heads), prompt=config.scoring.prompt,
                                               instruction=instruction),
             "RouteHead (paper)": RouteHeadReranker(model=backbone, heads=router, instruction=instruction,
-                                                   fuse_first_stage=False, scale_score=False),
-            "RouteHead + fusion": RouteHeadReranker(model=backbone, heads=router, instruction=instruction),
+                                                   fuse_first_stage=False, scale_score=False, bi_encoder=False),
+            "RouteHead + fusion": RouteHeadReranker(model=backbone, heads=router, instruction=instruction,
+                                                    bi_encoder=False, scale_score=config.bi_encoder is None),
+            SHIPPED: RouteHeadReranker(model=backbone, heads=router, instruction=instruction),
         }
         for row, reranker in configurations.items():
             ranked = rerank_set(eval_set, reranker, cache)
@@ -180,7 +187,8 @@ def main() -> int:
                 else:
                     fitted = run_fit(backbone, training_sources, out, search=SEARCHES, training=TrainingConfig(),
                                      query_embedding=QueryEmbeddingConfig(layer=backbone.num_layers // 2),
-                                     cache_dir=cache, storage_dtype="float32", report_dir=Path(scratch) / "reports")
+                                     cache_dir=cache, storage_dtype="float32", report_dir=Path(scratch) / "reports",
+                                     bi_encoder=BiEncoderConfig(weight=DEFAULT_WEIGHT, chosen_by=CHOSEN_BY))
                     artifact, config = fitted.artifact, fitted.config
                 eval_limit = None if args.eval_queries is None else max(1, args.eval_queries // len(names))
                 if scores is None:
@@ -189,9 +197,10 @@ def main() -> int:
                     scores[f"{row} [{variant}]"] = values
                 fits[variant] = {"fit_queries": sum(len(s.candidates) for s in training_sources),
                                  "k": config.selection.k, "fusion": config.fusion.model_dump(),
+                                 "bi_encoder": None if config.bi_encoder is None else config.bi_encoder.model_dump(),
                                  "dev_metrics": config.dev_metrics}
             keys = list(scores["BM25"])
-            shipped = f"RouteHead + fusion [{args.variants[0]}]"
+            shipped = f"{SHIPPED} [{args.variants[0]}]"
             folds[domain] = {"left_out_sets": names, "fits": fits, "seconds": round(time.time() - fold_start),
                              **summarise(scores, keys, shipped), "per_query": scores}
             for row, values in scores.items():
@@ -199,7 +208,7 @@ def main() -> int:
             console.print(domain, {row: round(folds[domain][row], 4) for row in scores})
     rows = list(pooled)
     keys = list(pooled["BM25"])
-    shipped = f"RouteHead + fusion [{args.variants[0]}]"
+    shipped = f"{SHIPPED} [{args.variants[0]}]"
     result = {
         "command": "python benchmarks/lodo.py --dtype " + args.dtype
         + (f" --variants {' '.join(repr(v) for v in args.variants)}" if args.variants != list(VARIANTS) else "")
@@ -211,7 +220,7 @@ def main() -> int:
         "folds": folds, "pooled": summarise(pooled, keys, shipped),
         "macro": {row: statistics.mean(folds[d][row] for d in folds) for row in rows},
         "variant_tests": {v: {f"p vs {args.variants[0]}": paired_randomization_test(
-            [pooled[f"RouteHead + fusion [{v}]"][k] for k in keys], [pooled[shipped][k] for k in keys])}
+            [pooled[f"{SHIPPED} [{v}]"][k] for k in keys], [pooled[shipped][k] for k in keys])}
             for v in args.variants[1:]},
     }
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -248,7 +257,7 @@ def write_markdown(result: dict, path: Path) -> None:
                  + f" | {pooled['p vs BM25']:.3f} | {pooled['p vs dense']:.3f} |")
     for variant, tests in result["variant_tests"].items():
         for name, p in tests.items():
-            lines.append(f"\nRouteHead + fusion [{variant}] {name} (pooled queries): p = {p:.3f}.")
+            lines.append(f"\n{SHIPPED} [{variant}] {name} (pooled queries): p = {p:.3f}.")
     lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
 

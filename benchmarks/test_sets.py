@@ -4,8 +4,9 @@ Per test set (``PROTOCOL`` in-domain and cross-domain tests; never used for a ch
 
 * BM25 (the first stage), dense all-MiniLM-L6-v2 re-ranking the same candidates;
 * ICR (every head), static top-k (the shipped router's static baseline);
-* RouteHead (paper): the shipped router's routed heads alone; RouteHead + fusion: fused and calibrated, no LoRA;
-* the shipped configuration (router + fusion + its LoRA, when it has one), scored live;
+* RouteHead (paper): the shipped router's routed heads alone; RouteHead + fusion: fused, without its bi-encoder
+  and LoRA (what shipped before the bi-encoder); RouteHead + fusion + MiniLM: with the router's bi-encoder, no LoRA;
+* the shipped configuration (router + fusion + bi-encoder + its LoRA, when it has one), scored live;
 
 with paired randomization tests of the shipped configuration against BM25 and the dense baseline. Then, per set:
 
@@ -15,7 +16,8 @@ with paired randomization tests of the shipped configuration against BM25 and th
   precision and recall of the passages kept at ``score_threshold=0.5``, and on lists with every relevant passage
   removed (the first ``--no-relevant-queries`` queries), the share of lists where a passage is kept anyway.
 
-Latency: ``rank`` per query with and without the LoRA, interleaved on trec-dl-2020.
+Latency: ``rank`` per query, shipped, without the LoRA (when it has one), without the bi-encoder (the routed
+path alone), every head, and the dense baseline, interleaved on trec-dl-2020.
 
     python benchmarks/test_sets.py --dtype bfloat16
 
@@ -86,12 +88,15 @@ def false_keeps(eval_set, reranker, count: int) -> dict:
     return {"lists": lists, "lists_with_a_keep": kept / max(lists, 1), "passages_kept": kept_passages / max(passages, 1)}
 
 
-def latency(backbone, router, eval_set, count: int, dense: DenseRetriever, has_lora: bool) -> dict:
-    """Seconds per query of ``rank``: the shipped router (and without its LoRA, when it has one), ICR (every head)
-    and the dense baseline, interleaved."""
+def latency(backbone, router, eval_set, count: int, dense: DenseRetriever, has_lora: bool, has_bi_encoder: bool) -> dict:
+    """Seconds per query of ``rank``: the shipped router (and without its LoRA, when it has one; without its
+    bi-encoder and LoRA: the routed path alone), ICR (every head) and the dense baseline, interleaved."""
     rerankers = {"shipped": RouteHeadReranker(model=backbone, heads=router)}
     if has_lora:
         rerankers["no LoRA"] = RouteHeadReranker(model=backbone, heads=router, lora=False)
+    if has_bi_encoder:
+        rerankers["routed path alone"] = RouteHeadReranker(model=backbone, heads=router, lora=False, bi_encoder=False,
+                                                           scale_score=False)
     rerankers["ICR (all heads)"] = RouteHeadReranker(model=backbone, heads="all")
     inputs = [(eval_set.dataset.queries[q], eval_set.documents(q), eval_set.candidates[q].scores)
               for q in eval_set.qids[:count]]
@@ -108,8 +113,10 @@ def latency(backbone, router, eval_set, count: int, dense: DenseRetriever, has_l
         dense.rerank(query, [t for _, t in documents])
         times["dense MiniLM"].append(time.perf_counter() - begun)
     ratios = [a / b for a, b in zip(times["shipped"], times["no LoRA"])] if has_lora else None
+    alone = [a / b for a, b in zip(times["shipped"], times["routed path alone"])] if has_bi_encoder else None
     return {"dataset": eval_set.name, "queries": len(inputs), "median_seconds": {k: statistics.median(v) for k, v in times.items()},
-            "median_ratio": statistics.median(ratios) if ratios else None}
+            "median_ratio": statistics.median(ratios) if ratios else None,
+            "median_ratio_to_routed_path": statistics.median(alone) if alone else None}
 
 
 def main() -> int:
@@ -128,6 +135,8 @@ def main() -> int:
     cache = default_cache_dir()
     config = read_artifact_config(args.router)
     has_lora = config.lora is not None
+    has_bi_encoder = config.bi_encoder is not None
+    fitted = "RouteHead + fusion + MiniLM" if has_bi_encoder else "RouteHead + fusion"  # the router as fitted, no LoRA
     dense = DenseRetriever()
     sets = []
     for role in (Role.IN_DOMAIN_TEST, Role.CROSS_DOMAIN_TEST):
@@ -150,18 +159,20 @@ def main() -> int:
             configurations = {
                 "ICR (all heads)": make("all", prompt=prompt),
                 f"static top-{len(config.static_heads)}": make(list(config.static_heads), prompt=prompt),
-                "RouteHead (paper)": make(lora=False, fuse_first_stage=False, scale_score=False),
-                "RouteHead + fusion": make(lora=False),
+                "RouteHead (paper)": make(lora=False, fuse_first_stage=False, scale_score=False, bi_encoder=False),
+                "RouteHead + fusion": make(lora=False, bi_encoder=False, scale_score=not has_bi_encoder),
             }
+            if has_bi_encoder:
+                configurations[fitted] = make(lora=False)
             if has_lora:
                 configurations[SHIPPED] = make()
             ranked_shipped = None
             for row, reranker in configurations.items():
                 ranked = rerank_set(eval_set, reranker, cache)
                 rankings[row] = {q: r.ids() for q, r in ranked.rankings.items()}
-                if row == (SHIPPED if has_lora else "RouteHead + fusion"):
+                if row == (SHIPPED if has_lora else fitted):
                     ranked_shipped, shipped_reranker = ranked, reranker
-            shipped_row = SHIPPED if has_lora else "RouteHead + fusion"
+            shipped_row = SHIPPED if has_lora else fitted
             per = {row: ndcg_of(eval_set, r) for row, r in rankings.items()}
             values = {row: [per[row][q] for q in eval_set.qids] for row in rankings}
             record = {"dataset": entry.name, "role": role.value, "queries": len(eval_set.qids),
@@ -188,7 +199,7 @@ def main() -> int:
             sets.append(record)
             console.print(entry.name, {k: round(v, 4) for k, v in record["ndcg@10"].items()})
     trec = prepare_set("trec-dl-2020", role=Role.CROSS_DOMAIN_TEST)
-    timing = latency(backbone, args.router, trec, args.latency_queries, dense, has_lora)
+    timing = latency(backbone, args.router, trec, args.latency_queries, dense, has_lora, has_bi_encoder)
     rows = list(sets[0]["ndcg@10"])
     averages = {
         scope: {row: statistics.mean(s["ndcg@10"][row] for s in sets if scope == "all" or s["role"] == scope)
@@ -241,6 +252,8 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += ["", f"Latency ({t['dataset']}, {t['queries']} queries, `rank` interleaved): "
                   + ", ".join(f"{k} {v:.3f} s" for k, v in t["median_seconds"].items())
                   + ("" if t["median_ratio"] is None else f"; median ratio with/without the LoRA {t['median_ratio']:.3f}x")
+                  + ("" if t.get("median_ratio_to_routed_path") is None else
+                     f"; median ratio shipped / routed path alone {t['median_ratio_to_routed_path']:.3f}x")
                   + "."]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

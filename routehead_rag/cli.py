@@ -184,13 +184,15 @@ def evaluate_command(
     device: Device = None,
     top_k: Candidates = 20,
     first_stage: str = typer.Option("bm25", help="Where the candidates come from: bm25, or dense (the packaged "
-                                    "all-MiniLM-L6-v2 bi-encoder; the 'dense' extra)."),
+                                    "all-MiniLM-L6-v2 bi-encoder)."),
     max_queries: MaxQueries = None,
     split: str = typer.Option("test", help="qrels split: test or train."),
     max_passage_tokens: MaxPassageTokens = None,
     fuse_first_stage: bool = typer.Option(True, help="Fuse with the first stage where the router was fitted with fusion."),
     scale_score: bool = typer.Option(True, help="Probabilities where the router has a calibration."),
     lora: bool = typer.Option(True, help="Score with the router's LoRA where it has one."),
+    bi_encoder: bool = typer.Option(True, help="Add the router's bi-encoder cosine where it has one (the shipped router: "
+                                    "all-MiniLM-L6-v2); --no-bi-encoder needs --no-scale-score."),
     output: Optional[Path] = typer.Option(None, help="Write the metrics as JSON here."),
     run_output: Optional[Path] = typer.Option(
         None, help="Write the ranking scored as a TREC run file (qid Q0 docid rank score tag)."
@@ -234,8 +236,8 @@ def evaluate_command(
             prompt = RoutedHeads.from_folder(router).scoring.prompt if strategy is Strategy.static and router else None
             options = RerankerOptions.of(
                 instruction=instruction_for(instruction.value, eval_set.name), max_passage_tokens=max_passage_tokens,
-                fuse_first_stage=fuse_first_stage, scale_score=scale_score, lora=lora, dtype=dtype, device=device,
-                prompt=prompt)
+                fuse_first_stage=fuse_first_stage, scale_score=scale_score, lora=lora, bi_encoder=bi_encoder,
+                dtype=dtype, device=device, prompt=prompt)
             from .strategy import check_against_model, parse_strategy
 
             prepare_model(model, quiet)

@@ -49,8 +49,10 @@ def print_explanation(explanation: Explanation, console: Console, top_spans: int
         console.print(f"[bold]#{document.rank}[/bold] {escape(str(document.id))}  score {document.score:+.4f}",
                       highlight=False)
         parts = f"  attention {passage.attention:+.4f}"
-        if passage.fused != passage.attention:  # fused with the first stage (or standardised): its two parts
+        if passage.fused != passage.attention:  # fused with the first stage or the bi-encoder: its parts
             parts += f" · fused {passage.fused:+.3f} = {passage.attention_part:+.3f} + first stage {passage.first_stage_part:+.3f}"
+            if passage.bi_encoder_part:
+                parts += f" + bi-encoder {passage.bi_encoder_part:+.3f}"
         if passage.probability is not None:
             parts += f" · probability {passage.probability:.3f}"
         console.print(escape(parts + f" · first-stage rank {passage.first_stage_rank}"), style="dim", highlight=False)

@@ -170,9 +170,17 @@ def fit(
     lora_mlp: bool = typer.Option(True, "--lora-mlp/--no-lora-mlp", "--adapter-mlp/--no-adapter-mlp",
                                   help="Adapt the MLP projections too (off: the attention projections only)."),
     lora_batch_queries: int = typer.Option(1, help="Train queries per LoRA optimizer step (their mean loss)."),
+    bi_encoder: str = typer.Option(
+        "all-MiniLM-L6-v2", help="The bi-encoder whose cosine the router adds to its score: 'all-MiniLM-L6-v2' (packaged, "
+        "offline), a sentence-transformers folder or id, or 'none' (attention alone)."
+    ),
+    bi_encoder_weight: float = typer.Option(
+        40.0, help="What one unit of the bi-encoder's cosine adds (the attention part is a z-score); 40 was chosen for "
+        "all-MiniLM-L6-v2 by leaving each fit domain out (benchmarks/results/bi_encoder_weight.md)."
+    ),
     teacher: Optional[str] = typer.Option(
         None, help="Label the data with a local sentence-transformers model instead of its judgments (a bi-encoder or "
-        "cross-encoder folder, or 'minilm' for the packaged all-MiniLM-L6-v2; needs the 'dense' extra): for query "
+        "cross-encoder folder, or 'minilm' for the packaged all-MiniLM-L6-v2): for query "
         "logs without relevance labels. Graded labels: the teacher's best candidate 2, the next two 1."
     ),
     ray: Ray = None,
@@ -225,6 +233,11 @@ def fit(
                 scope=lora_scope, train_queries=lora_train_queries or None, dev_queries=lora_dev_queries or None,
                 batch_queries=lora_batch_queries, seed=seed)
         scoring = ScoringConfig().with_instruction("relevance" if instruction is Instruction.auto else instruction.value)
+        from .bi_encoder import CHOSEN_BY, DEFAULT_WEIGHT, BiEncoderConfig
+
+        bi_encoder_config = None if bi_encoder.strip().lower() == "none" else BiEncoderConfig(
+            model=bi_encoder, weight=bi_encoder_weight,
+            chosen_by=CHOSEN_BY if bi_encoder_weight == DEFAULT_WEIGHT else "given (--bi-encoder-weight)")
         from .fit.sources import sources_from_arguments
 
         sources = sources_from_arguments(data, top_k, max_queries, instruction.value)
@@ -256,7 +269,7 @@ def fit(
             backbone, sources, out, scoring=scoring, query_embedding=embedding, search=searches, training=training,
             cache_dir=cache_dir or default_cache_dir(), command=_command(), progress=report, report_dir=report_dir,
             fusion=fuse_first_stage, calibrate=scale_score, executor=ray_executor(ray, ray_workers, model, backbone),
-            storage_dtype=storage_dtype, lora=lora_training,
+            storage_dtype=storage_dtype, lora=lora_training, bi_encoder=bi_encoder_config,
         )
     if not quiet:
         console().print(escape(f"wrote {result.artifact} (report {result.report}, heatmap {result.heatmap})"))

@@ -8,6 +8,7 @@ The scoring pass already holds the explanation; ``explain`` keeps it instead of 
     passage = explanation.passages[0]                  # best first, one per ranked document
     passage.contributions                              # {Head: its debiased mass}: they add up to passage.attention
     passage.attention_part, passage.first_stage_part   # fusion: fused = attention_part + first_stage_part
+    passage.bi_encoder_part                            #   + bi_encoder_part (the bi-encoder's v * cosine)
     passage.probability                                # calibration: the probability the fused score maps to
     passage.top_spans(5)                               # the words attended most: offsets into the caller's text
     explanation.to_html()                              # a page (rendered in Jupyter): passages, words, heads
@@ -19,8 +20,9 @@ A passage's score is built in three steps (:mod:`routehead_rag.recipe`), each sh
    masking on, the masking's own share is ``outlier_masking``). The same mass, per token, lies on the
    passage's words (``spans``: after the content-free subtraction, summed over the chosen heads), and a little
    on its ``[i]`` label (``label_weight``).
-2. **fusion**: ``fused = attention_part + first_stage_part``: what the attention brings after standardising
-   over the list, and what the first stage brings (``w * z(first-stage rank)``; 0 without fusion).
+2. **fusion**: ``fused = attention_part + first_stage_part + bi_encoder_part``: what the attention brings after
+   standardising over the list, what the first stage brings (``w * z(first-stage rank)``; 0 without fusion) and
+   what the router's bi-encoder brings (``v * cosine``; 0 without one).
 3. **calibration**: ``probability``, the fused score mapped to a probability of relevance (``None`` without).
 
 The cost over :meth:`~RouteHeadReranker.rank` is a slice of a sum the scoring pass makes anyway and, for the
@@ -73,11 +75,12 @@ class PassageExplanation:
     label_weight: float | None  # the share of the passage's "[i]" label in the head sum (the words hold the rest)
     attention_part: float | None  # the attention's part of the fused score (the attention itself without fusion)
     first_stage_part: float | None  # w * z(first-stage rank): the first stage's part (0 without fusion)
-    fused: float | None  # attention_part + first_stage_part: the score before calibration
+    fused: float | None  # attention_part + first_stage_part + bi_encoder_part: the score before calibration
     probability: float | None  # the calibrated probability (the final score), None without calibration
     first_stage_rank: int | None  # the document's rank in the first stage (1: its best)
     spans: tuple[AttendedSpan, ...] | None = None  # the passage's words in text order; None: not computed
     scored_end: int | None = None  # where reading stopped in the text when the passage was cut; None: read whole
+    bi_encoder_part: float | None = None  # v * cosine: the router's bi-encoder's part (0 without one)
 
     @property
     def text(self) -> str:
@@ -97,6 +100,7 @@ class PassageExplanation:
             "outlier_masking": self.outlier_masking, "label_weight": self.label_weight,
             "attention_part": self.attention_part, "first_stage_part": self.first_stage_part, "fused": self.fused,
             "probability": self.probability, "first_stage_rank": self.first_stage_rank,
+            "bi_encoder_part": self.bi_encoder_part,
             "spans": None if self.spans is None else [
                 {"start": s.start, "end": s.end, "weight": s.weight, "text": document.text[s.start : s.end]}
                 for s in self.spans],
@@ -178,11 +182,13 @@ def explain_scored(reranker: Any, request: Any, head_scores: Any, attended: int 
         return Explanation(request.query, ranking, strategy.name, strategy.describe(), (), None, False,
                            tuple(_blank(r) for r in ranking))
     strategy = reranker.resolved_strategy  # "auto" decided
-    attention, signal, final = reranker._final(request, head_scores)  # [text] each
+    attention, signal, cosine, final = reranker._final(request, head_scores)  # [text] each (cosine: or None)
     fuse = reranker.options.fuse_first_stage
-    fused = recipe.final_scores(attention, signal, fuse=fuse, scale=False)  # [text] before calibration
-    # a constant first stage standardises to 0: what is left of the fused score is the attention's own part
-    own = recipe.final_scores(attention, torch.zeros_like(signal), fuse=fuse, scale=False)  # [text]
+    fused = recipe.final_scores(attention, signal, fuse=fuse, scale=False, cosine=cosine)  # [text] before calibration
+    # a constant first stage standardises to 0 and a zero cosine adds nothing: what is left is the attention's part
+    own = recipe.final_scores(attention, torch.zeros_like(signal), fuse=fuse, scale=False,
+                              cosine=None if cosine is None else torch.zeros_like(cosine))  # [text]
+    with_cosine = recipe.final_scores(attention, torch.zeros_like(signal), fuse=fuse, scale=False, cosine=cosine)
     calibrated = request.scale_score and not torch.equal(final, fused)  # calibration applied: it moved the scores
     fusion_weight = recipe.fusion_weight if fuse and not torch.equal(fused, attention.double()) else None
     debiased = head_scores.debiased  # [layer, head, text]
@@ -212,8 +218,8 @@ def explain_scored(reranker: Any, request: Any, head_scores: Any, attended: int 
         probability = float(final[i]) if calibrated else None
         passages.append(PassageExplanation(
             document, float(attention[i]), contributions, masking,
-            head_sum - float(tokens.sum()), float(own[i]), float(fused[i] - own[i]), float(fused[i]), probability,
-            first_stage_rank[document.index], spans, scored_end))
+            head_sum - float(tokens.sum()), float(own[i]), float(fused[i] - with_cosine[i]), float(fused[i]),
+            probability, first_stage_rank[document.index], spans, scored_end, float(with_cosine[i] - own[i])))
     return Explanation(request.query, ranking, strategy.name, strategy.describe(), chosen, fusion_weight, calibrated,
                        tuple(passages))
 

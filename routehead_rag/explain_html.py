@@ -104,8 +104,10 @@ def _parts(p: Any) -> str:
     text = f"attention {p.attention:+.4f} = {shown}"
     if p.outlier_masking:
         text += f" {p.outlier_masking:+.4f} (outlier masking)"
-    if p.fused != p.attention:  # fused with the first stage (or standardised): its two parts
+    if p.fused != p.attention:  # fused with the first stage or the bi-encoder (or standardised): its parts
         text += f" · fused {p.fused:+.3f} = attention {p.attention_part:+.3f} + first stage {p.first_stage_part:+.3f}"
+        if p.bi_encoder_part:
+            text += f" + bi-encoder {p.bi_encoder_part:+.3f}"
     if p.probability is not None:
         text += f" · probability {p.probability:.3f}"
     return text + f" · first-stage rank {p.first_stage_rank}"

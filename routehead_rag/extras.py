@@ -12,7 +12,6 @@ from types import ModuleType
 EXTRAS: dict[str, dict[str, str]] = {
     # extra -> {import name: what needs it}
     "fit": {"bm25s": "BM25 first-stage retrieval", "ir_measures": "evaluation metrics", "matplotlib": "fit plots"},
-    "dense": {"sentence_transformers": "the dense MiniLM baseline"},
     "peft": {"peft": "PEFT adapters"},
     "ray": {"ray": "distributed extraction (--ray)"},
 }

@@ -9,7 +9,7 @@ each framework's own settings (``top_k``/``top_n``, meta fields, ...).
 The one rule for scoring settings (:func:`scoring_config`): a router brings the settings it was
 fitted with (prompt wording and layout, passage budget, content-free subtraction, outlier masking);
 an option left ``None`` takes the router's value (or the default without a router), an option given
-overrides it. ``fuse_first_stage``, ``scale_score`` and ``lora`` switch off what a router adds.
+overrides it. ``fuse_first_stage``, ``scale_score``, ``lora`` and ``bi_encoder`` switch off what a router adds.
 """
 
 from __future__ import annotations
@@ -65,6 +65,10 @@ class OptionFields(BaseModel):
         True, description="with a router fitted with a calibration: scores are probabilities of relevance",
     )
     lora: bool = Field(True, description="with a router fitted with a LoRA: score with it (False: the base model)")
+    bi_encoder: bool = Field(
+        True, description="with a router fitted with a bi-encoder (the shipped one: all-MiniLM-L6-v2): add its cosine "
+        "to the score (False: attention alone, unscaled: pass scale_score=False)",
+    )
     dtype: str = Field(
         "auto", description="for a model loaded by name: 'auto' (bfloat16 on CUDA and on CPUs with native bfloat16, "
         "float32 otherwise, also on Apple's mps), 'float32', 'bfloat16' or 'float16'",

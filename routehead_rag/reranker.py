@@ -6,6 +6,7 @@ A walk of one query, each layer crossed once, downward::
       -> strategy.route(backbone, query)         the query's ScoringRecipe (heads, fusion weight, calibration, LoRA)
       -> scorer.head_scores(...)                 engine/scorer.py: [layer, head, passage] from the attention rows
       -> recipe.attention(...)                   recipe.py: [passage] the heads' debiased mass
+      -> bi_encoder.cosines(...)                 bi_encoder.py: [passage] where the router adds a bi-encoder
       -> recipe.final_scores(...)                recipe.py: fused with the first stage, calibrated: THE formula
       -> order, threshold, top_k                 here
 """
@@ -169,6 +170,11 @@ class RouteHeadReranker:
                 raise ValueError(
                     f"the router at {resolved.folder} has probabilities for fused scores only: with "
                     "fuse_first_stage=False pass scale_score=False, or refit it (routehead-rag fit calibrates both)")
+            if (isinstance(resolved, RoutedHeads) and options.scale_score and not options.bi_encoder
+                    and resolved.config.bi_encoder is not None and resolved.config.calibration is not None):
+                raise ValueError(
+                    f"the router at {resolved.folder} has probabilities for scores with its bi-encoder "
+                    f"({resolved.config.bi_encoder.model}) only: with bi_encoder=False pass scale_score=False")
             config = self.config
             if isinstance(self.strategy, AutoHeads) and resolved.scoring is not None:
                 config = scoring_config(resolved.scoring, options)  # "auto" found a shipped router: its settings
@@ -332,6 +338,9 @@ class RouteHeadReranker:
             raise ValueError(  # a per-call scale_score=True the option check at warm-up did not see
                 f"the router has probabilities for {'unfused' if fuse else 'fused'} scores only: with "
                 f"fuse_first_stage={fuse} pass scale_score=False, or refit it (routehead-rag fit calibrates both)")
+        if scale and recipe is not None and recipe.bi_encoder is not None and not self.options.bi_encoder:
+            raise ValueError(f"the router has probabilities for scores with its bi-encoder ({recipe.bi_encoder.model}) "
+                             "only: with bi_encoder=False pass scale_score=False")
         return _Request(query, candidates, first_stage, recipe, texts, owner, spans, top_k, score_threshold, scale,
                         weights)
 
@@ -343,7 +352,7 @@ class RouteHeadReranker:
         if head_scores is not None:
             if warn:
                 self._warn_cut([(head_scores, request)])
-            final = self._final(request, head_scores)[2]
+            final = self._final(request, head_scores)[3]
             for index, span, score in zip(request.owner, request.spans, final.tolist()):
                 score = float(score) if math.isfinite(score) else EMPTY_PASSAGE_SCORE
                 if index not in best_span or score > scores[index]:
@@ -361,8 +370,10 @@ class RouteHeadReranker:
         ]
         return RankedResults(request.query, results)
 
-    def _final(self, request: _Request, head_scores: HeadScores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(attention, first-stage signal, final score)``, each ``[text]``: the query's recipe on its scored texts."""
+    def _final(self, request: _Request, head_scores: HeadScores
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(attention, first-stage signal, bi-encoder cosine or None, final score)``, each ``[text]``: the query's
+        recipe on its scored texts (the bi-encoder reads the same texts, up to its own length limit)."""
         recipe = request.recipe
         owners = list(dict.fromkeys(request.owner))  # the documents scored, in order (a document's chunks: one rank)
         given = None if request.first_stage is None else [request.first_stage[i] for i in owners]
@@ -370,8 +381,13 @@ class RouteHeadReranker:
         position = {owner: k for k, owner in enumerate(owners)}
         signal = ranked[[position[owner] for owner in request.owner]]  # [text] each chunk its document's signal
         attention = recipe.attention(head_scores)  # [text]
-        return attention, signal, recipe.final_scores(attention, signal, fuse=self.options.fuse_first_stage,
-                                                      scale=request.scale_score)
+        cosine = None
+        if recipe.bi_encoder is not None and self.options.bi_encoder:
+            from .bi_encoder import load_bi_encoder
+
+            cosine = load_bi_encoder(recipe.bi_encoder.model, self.options.device).cosines(request.query, request.texts)
+        return attention, signal, cosine, recipe.final_scores(attention, signal, fuse=self.options.fuse_first_stage,
+                                                              scale=request.scale_score, cosine=cosine)
 
     def _warn_cut(self, scored: list[tuple[HeadScores, _Request]]) -> None:
         """One WARNING per call (``rank``, ``explain`` or a whole ``rank_batch``) when passages were longer than

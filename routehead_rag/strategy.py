@@ -217,7 +217,7 @@ class RoutedHeads(HeadStrategy):
                 weight = float(self.router.fusion_weights(embedding.reshape(1, -1))[0])
         heads = tuple(self.router.select(embedding, self.config.selection))
         return ScoringRecipe(heads, weight, self.config.calibration, self.lora, fusion.level_weight,
-                             self.config.calibration_unfused)
+                             self.config.calibration_unfused, self.config.bi_encoder)
 
     def describe(self) -> str:
         lora = self.config.lora if self.lora is not None or self.lora_merged or self.router is None else None

@@ -2,5 +2,5 @@
 evaluation protocol (:mod:`.protocol`), candidate lists (:mod:`.candidates`) and first stages
 (:mod:`.first_stage`: BM25, dense). ``eval`` and ``fit`` both stand on it.
 
-BM25 needs the ``fit`` extra (bm25s), the dense first stage the ``dense`` extra (sentence-transformers).
+BM25 needs the ``fit`` extra (bm25s), the dense first stage sentence-transformers (a core dependency).
 """

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 from .beir import BeirDataset, CandidateSource
 from .protocol import PROTOCOL
 
-if TYPE_CHECKING:  # bm25s (the 'fit' extra) and sentence-transformers (the 'dense' extra) load when needed
+if TYPE_CHECKING:  # bm25s (the 'fit' extra) and sentence-transformers load when needed
     from .first_stage import Bm25Index, DenseRetriever
 
 FirstStageKind = Literal["bm25", "dense"]

@@ -20,7 +20,7 @@ from .beir_files import Document
 bm25s = require("bm25s", "fit")
 
 if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
+    from ..bi_encoder import BiEncoder
 
 __all__ = [
     "DENSE_INSTALL",
@@ -171,29 +171,24 @@ class DenseRetriever:
         self.model_path = Path(model_path) if model_path is not None else None
         self.device = device
         self.batch_size = batch_size
-        self._model: SentenceTransformer | None = None
+        self._model: BiEncoder | None = None
         self._corpora: dict[tuple[int, int], tuple[Mapping, list[str], np.ndarray]] = {}  # encoded corpora
 
     def warm_up(self) -> None:
         if self._model is not None:
             return
+        from ..bi_encoder import BiEncoder
+
         path = self.model_path if self.model_path is not None else packaged_minilm_path()
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no model folder here")
-        SentenceTransformer = require("sentence_transformers", "dense").SentenceTransformer
-        self._model = SentenceTransformer(str(path), device=self.device, local_files_only=True)
+        self._model = BiEncoder(str(path), self.device, self.batch_size)  # the re-ranker's bi-encoder code
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised embeddings. # [text, dim]"""
         self.warm_up()
         assert self._model is not None
-        return self._model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
+        return self._model.encode(texts).numpy()
 
     def rerank(self, query: str, passages: Sequence[str]) -> list[float]:
         """Cosine similarity of each passage to the query, in passage order."""

@@ -275,7 +275,8 @@ def evaluate_on_set(
         "queries": len(eval_set.qids),
         "top_k": eval_set.top_k,
         "options": None if options is None else {
-            k: options.model_dump()[k] for k in ("fuse_first_stage", "scale_score", "lora", "chunk_long_documents")},
+            k: options.model_dump()[k] for k in ("fuse_first_stage", "scale_score", "lora", "bi_encoder",
+                                                "chunk_long_documents")},
         "model": backbone.name if backbone is not None else None,
         "dtype": str(backbone.dtype).removeprefix("torch.") if backbone is not None else None,
         **set_metrics(eval_set, run),

@@ -1,6 +1,7 @@
 """Every fit query's per-head scores, pooled across its sources (training side): one cached all-heads
 extraction per query (:mod:`routehead_rag.offline.extraction`), in each source's prompt wording, with what the
-fit needs beside them (candidates, grades, first-stage signal, train/dev groups)."""
+fit needs beside them (candidates, grades, first-stage signal, train/dev groups) and, for a router with a
+bi-encoder, its cosines (:func:`passage_cosines`)."""
 
 from __future__ import annotations
 
@@ -117,3 +118,22 @@ def extract_sources(
     if sink is None:  # candidates order, whatever order the extractions arrived in
         pooled.scores = {key: arrived.pop(key) for key in pooled.doc_ids}
     return pooled
+
+
+def passage_cosines(bi_encoder, sources: Sequence[FitSource], pooled: PooledExtractions, data: LabelledSet,
+                    rows: Sequence[int], progress=None) -> torch.Tensor:
+    """``[query, passage]`` float64: the bi-encoder's cosine of each candidate with its query, for the ``rows`` of
+    ``data`` (0 elsewhere and in padding). ``bi_encoder``: a :class:`~routehead_rag.bi_encoder.BiEncoderConfig`."""
+    from ..bi_encoder import load_bi_encoder
+
+    encoder = load_bi_encoder(bi_encoder.model)
+    source_of = {source.name: source for source in sources}
+    out = torch.zeros(data.gains.shape, dtype=torch.float64)
+    for done, row in enumerate(rows, start=1):
+        key = data.qids[row]
+        name, qid = key.split("/", 1)
+        ids = pooled.doc_ids[key]
+        out[row, : len(ids)] = encoder.cosines(pooled.texts[key], source_of[name].passages(qid, ids))
+        if progress is not None:
+            progress("bi-encoder", done, len(rows))
+    return out

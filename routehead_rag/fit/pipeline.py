@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..bi_encoder import BiEncoderConfig
 from ..engine.embedding import QueryEmbeddingConfig, embed_query
 from ..engine.lora import Lora, lora_digest
 from ..engine.scorer import AttentionScorer, ScoringConfig
@@ -24,10 +25,11 @@ from ..fusion import FusionConfig
 from ..heads import Head
 from ..measures import batched_ndcg
 from ..offline.extraction import storage_dtype_of
+from ..recipe import final_scores
 from ..router.artifact import RouterArtifactConfig, save_artifact
 from ..router.model import SelectionConfig
 from .calibration import calibrate_router
-from .extract import PooledExtractions, extract_sources
+from .extract import PooledExtractions, extract_sources, passage_cosines
 from .fusion_fit import fit_fusion, query_weights
 from .labelled import LabelledSetBuilder, rank_heads, scratch_tensor
 from .lora import LoraQuery, LoraTrainingConfig, train_lora
@@ -113,6 +115,7 @@ def run_fit(
     storage_dtype: str = "float16",
     lora: LoraTrainingConfig | None = None,
     extraction_lora: Lora | None = None,
+    bi_encoder: BiEncoderConfig | None = None,
 ) -> FitResult:
     """Fit a router on ``sources`` and write the artifact and its fit report to ``out``.
 
@@ -133,6 +136,10 @@ def run_fit(
     the router on dev; the calibration is then refitted on its dev scores. ``extraction_lora`` instead
     fits the router on scores made with a given LoRA (e.g. a previous fit's) and ships that LoRA with
     it, so the router is chosen for the scores it will be used with.
+
+    ``bi_encoder`` adds a bi-encoder's cosine at its given weight (:mod:`routehead_rag.bi_encoder`; the weight is
+    chosen across domains, ``benchmarks/bi_encoder_weight.py``, not on this fit's dev): the level term and both
+    calibrations are fitted with it, and the dev metrics report the routed heads with it.
     """
     if lora is not None and extraction_lora is not None:
         raise ValueError("pass lora (train a LoRA for the router) or extraction_lora (fit the router on scores made "
@@ -191,6 +198,13 @@ def run_fit(
     fusion_config = fusion_config.model_copy(
         update={"first_stages": tuple(sorted({s.first_stage_kind or "order" for s in sources}))})
     weights = query_weights(router, fusion_config, embeddings)  # [query] or None
+    cosines, bi_encoder_dev = None, {}  # [query, passage] the bi-encoder's, on the dev rows
+    if bi_encoder is not None:
+        cosines = passage_cosines(bi_encoder, sources, pooled, data, dev_rows.tolist(), report)
+        with_cosine = final_scores(data.sum_heads(routed[dev_rows], dev_rows), None, None, None, data.valid[dev_rows],
+                                   cosine=cosines[dev_rows], cosine_weight=bi_encoder.weight)
+        bi_encoder_dev["bi_encoder_routed_ndcg@10"] = float(batched_ndcg(
+            with_cosine, data.gains[dev_rows], data.valid[dev_rows], data.ideal_dcg[dev_rows], search.depth).mean())
     calibration_kwargs = dict(cache_dir=cache_dir, progress=report, executor=executor, storage_dtype=storage_dtype,
                               seed=training.seed)
     calibration = calibration_unfused = None
@@ -198,7 +212,7 @@ def run_fit(
     if calibrate:
         level, calibration, calibration_unfused, calibration_dev = calibrate_router(
             backbone, sources, scoring, pooled, data, routed, weights, dev_rows.tolist(), lora=extraction_lora,
-            **calibration_kwargs)
+            cosines=cosines, bi_encoder=bi_encoder, **calibration_kwargs)
         fusion_config = fusion_config.model_copy(update={"level_weight": level})
     report("fusion + calibration", 1, 1)
     lora_fit, lora_record, lora_dev = None, None, {}
@@ -219,7 +233,8 @@ def run_fit(
             rows = {key: row for row, key in enumerate(data.qids)}
             level, calibration, calibration_unfused, calibration_dev = calibrate_router(
                 backbone, sources, scoring, pooled, data, routed, weights, [rows[k] for k in dev_keys],
-                lora=lora_fit.lora, full_attention=lora_fit.dev_attention, **calibration_kwargs)
+                lora=lora_fit.lora, full_attention=lora_fit.dev_attention, cosines=cosines, bi_encoder=bi_encoder,
+                **calibration_kwargs)
             fusion_config = fusion_config.model_copy(update={"level_weight": level})
     shipped_lora = lora_fit.lora if lora_fit is not None else extraction_lora
     counts = torch.zeros(data.num_layers * data.num_heads)
@@ -251,6 +266,7 @@ def run_fit(
             "train_queries": float(len(trained.train_rows)),
             "dev_queries": float(len(trained.dev_rows)),
             **{f"fusion_{mode}_ndcg@10": value for mode, value in fusion_dev.items()},
+            **bi_encoder_dev,
             **{f"calibration_{name}": value for name, value in calibration_dev.items()},
             **lora_dev,
         },
@@ -258,6 +274,7 @@ def run_fit(
         command=command,
         fit_dtype=str(backbone.dtype).removeprefix("torch."),
         lora=shipped_lora.config if shipped_lora is not None else None,
+        bi_encoder=bi_encoder,
     )
     out = Path(out)
     card = model_card(config)

@@ -49,7 +49,7 @@ def model_card(config: RouterArtifactConfig) -> str:
         "",
         *_depth_lines(config, training),
         *_lora_lines(config, training),
-        "## First-stage fusion and calibration (fitted on dev)",
+        "## First-stage fusion, bi-encoder and calibration (fitted on dev)",
         "",
         *_fusion_lines(config),
         "",
@@ -124,6 +124,12 @@ def _fusion_lines(config: RouterArtifactConfig) -> list[str]:
     if fusion.level_weight:
         lines.append(f"Attention level: the score adds {fusion.level_weight:g} x the heads' mass x the list's size (what "
                      "a passage draws against an even split), so it carries across lists.")
+    if config.bi_encoder is not None:
+        with_it = metrics.get("bi_encoder_routed_ndcg@10")
+        lines.append(f"Bi-encoder: the score adds {config.bi_encoder.weight:g} x the cosine of {config.bi_encoder.model} "
+                     f"(weight chosen by {config.bi_encoder.chosen_by or 'the caller'}; calibrated with it)"
+                     + (f"; dev nDCG@10 of the routed heads with it {with_it:.4f}, without "
+                        f"{metrics['routed_ndcg@10']:.4f}." if with_it is not None and "routed_ndcg@10" in metrics else "."))
     if config.calibration is None:
         lines.append("Calibration: none (raw attention scores).")
     else:

@@ -38,9 +38,8 @@ class Teacher:
         self.kind: str | None = None
 
     def _load(self):
-        from ..extras import require
+        import sentence_transformers as st
 
-        st = require("sentence_transformers", "dense")
         if self.name == "minilm":
             from ..data.first_stage import packaged_minilm_path
 

