@@ -50,7 +50,9 @@ class RouteHeadPostprocessor(BaseNodePostprocessor, OptionFields):
             or a loaded transformers model object to share (then pass ``tokenizer`` too).
         top_n: how many nodes to return, best first.
         score_threshold: drop nodes scoring below it (``None``: keep all ``top_n``). With the shipped router
-            (and any router fitted with a calibration) scores are probabilities of relevance.
+            (and any router fitted with a calibration) scores are probabilities of relevance, built from the routed
+            heads' attention and the router's bi-encoder cosine (all-MiniLM-L6-v2; ``bi_encoder=False`` leaves it
+            out, with ``scale_score=False``).
         keep_retrieval_score: keep the retriever's score in ``node.metadata["retrieval_score"]``
             (on a copy of the node; the caller's node is untouched).
         metadata_mode: which metadata goes into the passage text the LLM reads.

@@ -80,7 +80,9 @@ class RouteHeadRanker:
             be serialised).
         :param top_k: how many documents to return at most (``None``: all).
         :param score_threshold: return only documents whose score is ``>=`` this (``None``: no filter). With the
-            shipped router (and any router fitted with a calibration) scores are probabilities of relevance.
+            shipped router (and any router fitted with a calibration) scores are probabilities of relevance, built
+            from the routed heads' attention and the router's bi-encoder cosine (all-MiniLM-L6-v2; the option
+            ``bi_encoder=False`` leaves it out, with ``scale_score=False``).
         :param meta_fields_to_embed: meta fields whose values are put before the content in the text ranked.
         :param embedding_separator: joins the meta values and the content.
         :param device: where to load a model by name (``None``: cuda, then mps, then cpu). With a shared model:
