@@ -3,7 +3,8 @@
 For each given fit set, its queries are split as the fit splits them (group-aware, by hash); the train
 part is fitted on twice, once with its real relevance labels and once with the labels of a local teacher
 (``fit --teacher minilm``: the packaged all-MiniLM-L6-v2 bi-encoder; graded labels from its ranking, see
-``routehead_rag.fit.teacher``), with the shipped fit's settings; both routers and the shipped router then
+``routehead_rag.fit.teacher``), with the shipped fit's settings (the bi-encoder at its shipped weight
+included, as ``fit`` adds it by default); both routers and the shipped router then
 rank the held-out part (real labels for scoring only), beside BM25 and the teacher itself re-ranking the
 same candidates. Paired randomization tests of teacher-fit against label-fit and against BM25. The
 shipped router was fitted on every fit domain, this set's train part included (say so when reading it).
@@ -26,6 +27,7 @@ from pathlib import Path
 from common import RESULTS, console, machine, machine_line, seeded
 
 from routehead_rag import RouteHeadReranker
+from routehead_rag.bi_encoder import CHOSEN_BY, DEFAULT_WEIGHT, BiEncoderConfig
 from routehead_rag.data.protocol import PROTOCOL, Role, instruction_for
 from routehead_rag.eval.harness import prepare_set, rerank_set
 from routehead_rag.eval.metrics import paired_randomization_test, per_query, rankings_to_run
@@ -81,7 +83,8 @@ def main() -> int:
                 begun = time.time()
                 routers[label] = run_fit(backbone, [fit_source], Path(scratch) / f"{name}-{label}", search=SEARCHES,
                                          training=TrainingConfig(), cache_dir=cache, storage_dtype="float32",
-                                         report_dir=Path(scratch) / "reports").artifact
+                                         report_dir=Path(scratch) / "reports",
+                                         bi_encoder=BiEncoderConfig(weight=DEFAULT_WEIGHT, chosen_by=CHOSEN_BY)).artifact
                 console.print(name, label, f"{time.time() - begun:.0f} s")
             eval_set = prepare_set(name, role=Role.FIT)
             eval_set.qids = dev_qids
