@@ -109,6 +109,16 @@ def test_fit_then_routed_and_static_eval(model_dir, beir_dir, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["artifact"] == str(router) and "routed_ndcg@10" in summary
+    from routehead_rag.bi_encoder import CHOSEN_BY, DEFAULT_WEIGHT, BiEncoderConfig
+    from routehead_rag.router.artifact import read_artifact_config
+
+    # fit adds the packaged bi-encoder at the weight leaving domains out chose, unless told otherwise
+    assert read_artifact_config(router).bi_encoder == BiEncoderConfig(weight=DEFAULT_WEIGHT, chosen_by=CHOSEN_BY)
+    plain = tmp_path / "plain"
+    result = runner.invoke(app, ["fit", str(log), "--out", str(plain), "--model", str(model_dir), "--layer", "0",
+                                 "--epochs", "20", "--cache-dir", cache, "--bi-encoder", "none"])
+    assert result.exit_code == 0, result.output
+    assert read_artifact_config(plain).bi_encoder is None
     for strategy in ("routed", "static"):
         output = tmp_path / f"{strategy}.json"
         result = runner.invoke(app, [
