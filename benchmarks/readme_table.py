@@ -69,9 +69,13 @@ def table(results: Path = RESULTS) -> str:
                   + f"every head (ICR) {t['ICR (all heads)']:.2f} s, dense MiniLM "
                   f"{t['dense MiniLM']:.3f} s. Cross-domain average: shipped {cross[shipped]:.3f}, BM25 {cross['BM25']:.3f}, "
                   f"dense MiniLM {cross['dense MiniLM']:.3f}."]
+    dense = any("dense_first_stage" in s for s in tests["sets"])
     lines += ["", f"![quality against time per query](benchmarks/results/{PLOT})", "",
-              "Details: [`benchmarks/results/test_sets.md`](benchmarks/results/test_sets.md) (with the dense first stage "
-              "and the calibration tables)."]
+              "Details: [`benchmarks/results/test_sets.md`](benchmarks/results/test_sets.md) (with "
+              + ("the dense first stage and " if dense else "") + "the calibration tables)."
+              + ("" if dense or not (results / "test_sets_stop24.md").is_file() else
+                 " A dense first stage was last measured with the router shipped before the bi-encoder: "
+                 "[`benchmarks/results/test_sets_stop24.md`](benchmarks/results/test_sets_stop24.md).")]
     return "\n".join(lines)
 
 

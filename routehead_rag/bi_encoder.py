@@ -2,7 +2,7 @@
 
 A frozen 135M decoder's attention and a 22M bi-encoder trained contrastively on a billion pairs are
 right about different passages: on domains no router was fitted on, attention alone barely beats BM25,
-the bi-encoder beats both, and their sum beats the bi-encoder (``benchmarks/results/bi_encoder_weight.md``,
+the bi-encoder beats both, and their sum beats the bi-encoder (``benchmarks/results/lodo.md``,
 leave one domain out). A router fitted with a bi-encoder adds ``weight * cosine(query, passage)`` to its
 score (:func:`routehead_rag.recipe.final_scores`): the cosine is absolute (it means the same in a list
 of one and a list of twenty), so it is added as it is, not standardised over the list.
@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 PACKAGED_MINILM = "all-MiniLM-L6-v2"
 # What one unit of MiniLM cosine adds to the attention's z-score: chosen by leaving each fit domain out (every
-# fold's choice among 10..80, made on the other five domains, was 40): benchmarks/results/bi_encoder_weight.md
+# fold's choice among 10..80, made on the other five domains, was 40): benchmarks/bi_encoder_weight.py
 DEFAULT_WEIGHT = 40.0
 CHOSEN_BY = "benchmarks/bi_encoder_weight.py (leave one domain out)"
 

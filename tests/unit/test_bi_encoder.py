@@ -16,14 +16,14 @@ import torch
 from routehead_rag import RouteHeadReranker
 from routehead_rag.bi_encoder import BiEncoderConfig, load_bi_encoder
 from routehead_rag.engine.scorer import aggregate
-from routehead_rag.fusion import CalibrationConfig, FusionConfig
+from routehead_rag.fusion import FusionConfig
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
+from tests.unit.test_setting import FUSED, UNFUSED
+from tests.unit.test_setting import write_router as write_setting_router
 
 QUERY = "what moves the sea"
 DOCS = ["the moon pulls the sea", "stock prices fell", "tides follow the moon"]
 RETRIEVAL = [0.2, 0.9, 0.4]  # -> first-stage ranks 3, 1, 2
-FUSED = CalibrationConfig(slope=1.5, intercept=-0.3, count_slope=0.2)
-UNFUSED = CalibrationConfig(slope=0.8, intercept=0.4, count_slope=-0.1)
 V = 3.0
 
 
@@ -51,22 +51,8 @@ def shared():
 
 def write_router(shared, folder, bi_encoder: BiEncoderConfig | None):
     """A random router on the tiny backbone: global fusion, a level term, both calibrations, and ``bi_encoder``."""
-    from routehead_rag.engine.embedding import QueryEmbeddingConfig
-    from routehead_rag.engine.scorer import ScoringConfig
-    from routehead_rag.model.backbone import load_backbone
-    from routehead_rag.router.artifact import RouterArtifactConfig, save_artifact
-    from routehead_rag.router.model import Router, RouterConfig, SelectionConfig
-
-    model, tokenizer = shared
-    backbone = load_backbone(model, tokenizer=tokenizer)
-    torch.manual_seed(5)
-    routing = Router(RouterConfig(input_dim=backbone.hidden_size, num_layers=2, num_heads=4, dim=8, hidden=16))
-    config = RouterArtifactConfig(
-        backbone_name="tiny", backbone_fingerprint=backbone.fingerprint(), scoring=ScoringConfig(),
-        query_embedding=QueryEmbeddingConfig(layer=0), router=routing.config,
-        selection=SelectionConfig(k=3, max_heads=3), fusion=FusionConfig(mode="global", weight=0.7, level_weight=0.5),
-        calibration=FUSED, calibration_unfused=UNFUSED, bi_encoder=bi_encoder)
-    return save_artifact(folder, routing, config, "card")
+    return write_setting_router(shared, folder, FusionConfig(mode="global", weight=0.7, level_weight=0.5), FUSED,
+                                UNFUSED, bi_encoder)
 
 
 @pytest.fixture(scope="module")

@@ -53,8 +53,8 @@ def make(shared, **options) -> RouteHeadReranker:
     return RouteHeadReranker(model=model, tokenizer=tokenizer, **options)
 
 
-def write_router(shared, folder, fusion: FusionConfig, calibration, calibration_unfused):
-    """A random router on the tiny backbone with the given fusion and calibrations (config only, no fit)."""
+def write_router(shared, folder, fusion: FusionConfig, calibration, calibration_unfused, bi_encoder=None):
+    """A random router on the tiny backbone with the given fusion, calibrations and bi-encoder (config only, no fit)."""
     from routehead_rag.engine.embedding import QueryEmbeddingConfig
     from routehead_rag.engine.scorer import ScoringConfig
     from routehead_rag.model.backbone import load_backbone
@@ -69,7 +69,7 @@ def write_router(shared, folder, fusion: FusionConfig, calibration, calibration_
         backbone_name="tiny", backbone_fingerprint=backbone.fingerprint(), scoring=ScoringConfig(),
         query_embedding=QueryEmbeddingConfig(layer=0), router=routing.config,
         selection=SelectionConfig(k=3, max_heads=3), fusion=fusion, calibration=calibration,
-        calibration_unfused=calibration_unfused)
+        calibration_unfused=calibration_unfused, bi_encoder=bi_encoder)
     return save_artifact(folder, routing, config, "card")
 
 
