@@ -31,10 +31,10 @@ def test_default_reranker_routes_with_the_shipped_router(embedded_backbone):
     assert len(heads) == config.selection.k
     results = reranker.rank(QUERY, DOCS)
     assert results[0].index == 1, results
-    # unfused and unscaled, without its LoRA, the routed score is the sum of the routed heads' debiased scores
-    # of the base model's all-heads pass (standardised, plus the level term, when the router has a level weight)
+    # unfused and unscaled, without its LoRA and bi-encoder, the routed score is the sum of the routed heads'
+    # debiased scores of the base model's all-heads pass (standardised, plus the level term, when the router has one)
     raw = RouteHeadReranker(model=embedded_backbone.model, tokenizer=embedded_backbone.tokenizer,
-                            fuse_first_stage=False, scale_score=False, lora=False)
+                            fuse_first_stage=False, scale_score=False, lora=False, bi_encoder=False)
     assert raw.heads_for(QUERY) == heads
     results = raw.rank(QUERY, DOCS)
     everything = raw.scorer.head_scores(QUERY, DOCS)
@@ -42,6 +42,22 @@ def test_default_reranker_routes_with_the_shipped_router(embedded_backbone):
     expected = final_scores(mass, level_weight=config.fusion.level_weight)
     for r in results:
         assert r.score == pytest.approx(float(expected[r.index]), abs=1e-5)
+    if config.bi_encoder is not None:  # with it: plus its weight times the cosine, by sentence-transformers itself
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        from routehead_rag.model.packaged import packaged_minilm_path
+
+        assert config.bi_encoder.model == "all-MiniLM-L6-v2"
+        encoder = SentenceTransformer(str(packaged_minilm_path()), device="cpu")
+        embedded = torch.from_numpy(encoder.encode([QUERY, *DOCS], normalize_embeddings=True)).double()
+        cosine = embedded[1:] @ embedded[0]
+        with_cosine = RouteHeadReranker(model=embedded_backbone.model, tokenizer=embedded_backbone.tokenizer,
+                                        fuse_first_stage=False, scale_score=False, lora=False)
+        expected = final_scores(mass, level_weight=config.fusion.level_weight, cosine=cosine,
+                                cosine_weight=config.bi_encoder.weight)
+        for r in with_cosine.rank(QUERY, DOCS):
+            assert r.score == pytest.approx(float(expected[r.index]), abs=1e-3)
 
 
 def test_the_shipped_lora_moves_the_scores_not_the_generator(embedded_backbone):
