@@ -175,14 +175,15 @@ def check_attended(attended: Any) -> int | None:
 def explain_scored(reranker: Any, request: Any, head_scores: Any, attended: int | None) -> Explanation:
     """The :class:`Explanation` of one prepared and scored request (``RouteHeadReranker._prepare`` and its
     scoring pass with ``token_weights=True``): the ranking is ``_finish``'s, the scores ``_final``'s."""
-    ranking = reranker._finish(request, head_scores)
+    parts = None if head_scores is None else reranker._final(request, head_scores)  # one bi-encoder pass, not two
+    ranking = reranker._finish(request, head_scores, final=None if parts is None else parts[3])
     recipe = request.recipe
     if head_scores is None:  # no document had text: nothing was loaded or routed
         strategy = reranker.strategy
         return Explanation(request.query, ranking, strategy.name, strategy.describe(), (), None, False,
                            tuple(_blank(r) for r in ranking))
     strategy = reranker.resolved_strategy  # "auto" decided
-    attention, signal, cosine, final = reranker._final(request, head_scores)  # [text] each (cosine: or None)
+    attention, signal, cosine, final = parts  # [text] each (cosine: or None)
     fuse = reranker.options.fuse_first_stage
     fused = recipe.final_scores(attention, signal, fuse=fuse, scale=False, cosine=cosine)  # [text] before calibration
     # a constant first stage standardises to 0 and a zero cosine adds nothing: what is left is the attention's part

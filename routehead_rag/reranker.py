@@ -344,15 +344,16 @@ class RouteHeadReranker:
         return _Request(query, candidates, first_stage, recipe, texts, owner, spans, top_k, score_threshold, scale,
                         weights)
 
-    def _finish(self, request: _Request, head_scores: HeadScores | None, warn: bool = True) -> RankedResults:
-        """The recipe's final scores (a document in chunks scores as its best chunk), then the order, the
-        threshold and the cut."""
+    def _finish(self, request: _Request, head_scores: HeadScores | None, warn: bool = True,
+                final: torch.Tensor | None = None) -> RankedResults:
+        """The recipe's final scores (a document in chunks scores as its best chunk; ``final``: ``_final``'s,
+        already computed), then the order, the threshold and the cut."""
         scores = {c.index: EMPTY_PASSAGE_SCORE for c in request.candidates}
         best_span: dict[int, tuple[int, int] | None] = {}
         if head_scores is not None:
             if warn:
                 self._warn_cut([(head_scores, request)])
-            final = self._final(request, head_scores)[3]
+            final = self._final(request, head_scores)[3] if final is None else final
             for index, span, score in zip(request.owner, request.spans, final.tolist()):
                 score = float(score) if math.isfinite(score) else EMPTY_PASSAGE_SCORE
                 if index not in best_span or score > scores[index]:
