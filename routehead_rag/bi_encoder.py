@@ -13,6 +13,11 @@ passage up to its own limit (256 word pieces for MiniLM), whatever the attention
 
     encoder = load_bi_encoder("all-MiniLM-L6-v2")
     encoder.cosines("what is a tide", ["Tides are ...", "A volcano ..."])   # tensor([0.61, 0.05]) [passage]
+
+Cost (``benchmarks/bi_encoder_cost.py``): ``dtype="auto"`` runs it in bfloat16 where the backbone would (CUDA,
+CPUs with native bfloat16), float32 elsewhere; on a CPU it encodes in batches of :data:`CPU_BATCH_SIZE`
+(sentence-transformers sorts texts by length, so small batches pad little: a list of 20 short web passages
+with one long one is padded to the long one's length in a batch of 32).
 """
 
 from __future__ import annotations
@@ -27,10 +32,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 PACKAGED_MINILM = "all-MiniLM-L6-v2"
-# What one unit of MiniLM cosine adds to the attention's z-score: chosen by leaving each fit domain out (every
-# fold's choice among 10..80, made on the other five domains, was 40): benchmarks/bi_encoder_weight.py
+# What one unit of MiniLM cosine adds to the attention's z-score, chosen by leaving each fit domain out
+# (benchmarks/results/bi_encoder_weight.md): 40 and 50 tie at 0.727 mean nDCG@10 over the left-out domains; the
+# nested choice (made on the other five domains) is 40 in 5 of 6 folds with bfloat16 cosines (what dtype="auto"
+# runs on a CPU with native bfloat16) and 50 in 4 of 6 with float32 ones, 0.726 out of domain either way.
 DEFAULT_WEIGHT = 40.0
 CHOSEN_BY = "benchmarks/bi_encoder_weight.py (leave one domain out)"
+# Texts per forward pass on a CPU (accelerators: ACCELERATOR_BATCH_SIZE): the fastest per list of 20 candidates
+# in benchmarks/bi_encoder_cost.py; the batch size does not change the cosines (float32, to 1e-6).
+CPU_BATCH_SIZE = 4
+ACCELERATOR_BATCH_SIZE = 32
 
 
 class BiEncoderConfig(BaseModel):
@@ -46,11 +57,23 @@ class BiEncoderConfig(BaseModel):
 
 
 class BiEncoder:
-    """One sentence-transformers model, loaded on the first call (thread-safe); ``device`` ``None`` lets
-    sentence-transformers pick (an accelerator where there is one, else the CPU)."""
+    """One sentence-transformers model, loaded on the first call (thread-safe).
 
-    def __init__(self, model: str, device: str | None = None, batch_size: int = 32) -> None:
+    ``device`` ``None`` lets sentence-transformers pick (an accelerator where there is one, else the CPU);
+    ``dtype`` is ``"auto"`` (bfloat16 on CUDA and on CPUs with native bfloat16, float32 elsewhere: the rule the
+    backbone follows) or a floating dtype or its name; ``batch_size`` ``None``: :data:`CPU_BATCH_SIZE` on a CPU,
+    :data:`ACCELERATOR_BATCH_SIZE` elsewhere."""
+
+    def __init__(self, model: str, device: str | None = None, batch_size: int | None = None,
+                 dtype: torch.dtype | str = "auto") -> None:
+        from .model.devices import parse_dtype
+
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r}: pass a positive int (or None: {CPU_BATCH_SIZE} on a CPU, "
+                             f"{ACCELERATOR_BATCH_SIZE} on an accelerator)")
         self.model, self.device, self.batch_size = model, device, batch_size
+        self.requested_dtype = parse_dtype(dtype)  # "auto" or a dtype; resolved on the device at load
+        self.dtype: torch.dtype | None = None  # what it runs in, once loaded
         self._encoder: Any = None
         self._lock = threading.Lock()
 
@@ -60,13 +83,20 @@ class BiEncoder:
                 if self._encoder is None:
                     from sentence_transformers import SentenceTransformer
 
+                    from .model.devices import choose_dtype
+
                     path = resolve_bi_encoder(self.model)
-                    self._encoder = SentenceTransformer(path, device=self.device,
-                                                        local_files_only=Path(path).is_dir())
+                    encoder = SentenceTransformer(path, device=self.device, local_files_only=Path(path).is_dir())
+                    self.dtype = choose_dtype(self.requested_dtype, encoder.device)
+                    if self.dtype != torch.float32:
+                        encoder.to(self.dtype)
+                    if self.batch_size is None:
+                        self.batch_size = CPU_BATCH_SIZE if encoder.device.type == "cpu" else ACCELERATOR_BATCH_SIZE
+                    self._encoder = encoder
         return self._encoder
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """``[text, dim]`` L2-normalised float32 embeddings."""
+        """``[text, dim]`` L2-normalised float32 embeddings (computed in :attr:`dtype`)."""
         encoder = self._load()
         with torch.inference_mode():
             embedded = encoder.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
@@ -90,7 +120,15 @@ def resolve_bi_encoder(model: str) -> str:
     return model
 
 
-@lru_cache(maxsize=4)
-def load_bi_encoder(model: str = PACKAGED_MINILM, device: str | None = None) -> BiEncoder:
-    """The process's one :class:`BiEncoder` for ``model`` on ``device`` (shared by every re-ranker; loads lazily)."""
-    return BiEncoder(model, device)
+def load_bi_encoder(model: str = PACKAGED_MINILM, device: str | None = None,
+                    dtype: torch.dtype | str = "auto") -> BiEncoder:
+    """The process's one :class:`BiEncoder` for ``model`` on ``device`` in ``dtype`` (shared by every re-ranker;
+    loads lazily)."""
+    from .model.devices import dtype_name, parse_dtype
+
+    return _shared_bi_encoder(model, device, dtype_name(parse_dtype(dtype)))
+
+
+@lru_cache(maxsize=8)
+def _shared_bi_encoder(model: str, device: str | None, dtype: str) -> BiEncoder:
+    return BiEncoder(model, device, dtype=dtype)

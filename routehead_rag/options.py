@@ -70,8 +70,8 @@ class OptionFields(BaseModel):
         "to the score (False: attention alone, unscaled: pass scale_score=False)",
     )
     dtype: str = Field(
-        "auto", description="for a model loaded by name: 'auto' (bfloat16 on CUDA and on CPUs with native bfloat16, "
-        "float32 otherwise, also on Apple's mps), 'float32', 'bfloat16' or 'float16'",
+        "auto", description="for a model loaded by name and for the router's bi-encoder: 'auto' (bfloat16 on CUDA and "
+        "on CPUs with native bfloat16, float32 otherwise, also on Apple's mps), 'float32', 'bfloat16' or 'float16'",
     )
     device: str | None = Field(None, description="for a model loaded by name: None picks cuda, then mps, then cpu")
     use_peft_adapters: bool = Field(

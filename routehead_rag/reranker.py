@@ -386,7 +386,8 @@ class RouteHeadReranker:
         if recipe.bi_encoder is not None and self.options.bi_encoder:
             from .bi_encoder import load_bi_encoder
 
-            cosine = load_bi_encoder(recipe.bi_encoder.model, self.options.device).cosines(request.query, request.texts)
+            encoder = load_bi_encoder(recipe.bi_encoder.model, self.options.device, self.options.dtype)
+            cosine = encoder.cosines(request.query, request.texts)
         return attention, signal, cosine, recipe.final_scores(attention, signal, fuse=self.options.fuse_first_stage,
                                                               scale=request.scale_score, cosine=cosine)
 

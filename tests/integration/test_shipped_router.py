@@ -49,8 +49,13 @@ def test_default_reranker_routes_with_the_shipped_router(embedded_backbone):
         from routehead_rag.model.packaged import packaged_minilm_path
 
         assert config.bi_encoder.model == "all-MiniLM-L6-v2"
-        encoder = SentenceTransformer(str(packaged_minilm_path()), device="cpu")
-        embedded = torch.from_numpy(encoder.encode([QUERY, *DOCS], normalize_embeddings=True)).double()
+        from routehead_rag.bi_encoder import CPU_BATCH_SIZE
+        from routehead_rag.model.devices import choose_dtype
+
+        encoder = SentenceTransformer(str(packaged_minilm_path()), device="cpu")  # in the dtype "auto" picks here
+        encoder.to(choose_dtype("auto", torch.device("cpu")))
+        embedded = encoder.encode([QUERY, *DOCS], batch_size=CPU_BATCH_SIZE, normalize_embeddings=True,
+                                  convert_to_tensor=True).double()
         cosine = embedded[1:] @ embedded[0]
         with_cosine = RouteHeadReranker(model=embedded_backbone.model, tokenizer=embedded_backbone.tokenizer,
                                         fuse_first_stage=False, scale_score=False, lora=False)

@@ -2,7 +2,8 @@
 
 The reference for every cosine here is the packaged all-MiniLM-L6-v2 loaded with ``SentenceTransformer`` in the
 test itself (not :mod:`routehead_rag.bi_encoder`), and the reference for every score is the formula restated here
-(``z(mass) + w * z(-rank) + u * mass * n + v * cosine``, then the calibration).
+(``z(mass) + w * z(-rank) + u * mass * n + v * cosine``, then the calibration). The re-rankers here run the
+bi-encoder in float32 (``dtype="float32"``), as the reference does; ``dtype="auto"``'s bfloat16 is tested apart.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import pytest
 import torch
 
 from routehead_rag import RouteHeadReranker
-from routehead_rag.bi_encoder import BiEncoderConfig, load_bi_encoder
+from routehead_rag.bi_encoder import CPU_BATCH_SIZE, BiEncoder, BiEncoderConfig, load_bi_encoder
 from routehead_rag.engine.scorer import aggregate
 from routehead_rag.fusion import FusionConfig
+from routehead_rag.model.devices import cpu_has_native_bf16
 from tests.tiny_models import tiny_causal_lm, tiny_tokenizer
 from tests.unit.test_setting import FUSED, UNFUSED
 from tests.unit.test_setting import write_router as write_setting_router
@@ -62,7 +64,7 @@ def router(shared, tmp_path_factory):
 
 def make(shared, **options) -> RouteHeadReranker:
     model, tokenizer = shared
-    return RouteHeadReranker(model=model, tokenizer=tokenizer, **options)
+    return RouteHeadReranker(model=model, tokenizer=tokenizer, **{"dtype": "float32", **options})
 
 
 def z(values: torch.Tensor) -> torch.Tensor:
@@ -83,11 +85,43 @@ def expected_scores(reranker, reference, fuse: bool, scale: bool, cosine: bool =
 
 
 def test_cosines_are_sentence_transformers_cosines(reference):
-    got = load_bi_encoder().cosines(QUERY, DOCS)
+    encoder = load_bi_encoder(dtype="float32")
+    got = encoder.cosines(QUERY, DOCS)
     assert got.dtype == torch.float64 and got.shape == (len(DOCS),)
     assert np.allclose(got.numpy(), reference(QUERY, DOCS), atol=1e-5)
-    assert load_bi_encoder().cosines(QUERY, []).shape == (0,)
-    assert load_bi_encoder() is load_bi_encoder()  # one model per process, shared by every re-ranker
+    assert encoder.cosines(QUERY, []).shape == (0,)
+    assert encoder.batch_size == CPU_BATCH_SIZE  # on a CPU: small batches, little padding
+    assert load_bi_encoder(dtype=torch.float32) is encoder  # one model per process and dtype, shared by every re-ranker
+    one_at_a_time = BiEncoder("all-MiniLM-L6-v2", "cpu", batch_size=1, dtype="float32")
+    assert np.allclose(one_at_a_time.cosines(QUERY, DOCS).numpy(), reference(QUERY, DOCS), atol=1e-5)  # batching: same
+
+
+def test_auto_runs_in_bfloat16_where_the_cpu_has_it_and_stays_close(reference):
+    auto = load_bi_encoder()
+    got = auto.cosines(QUERY, DOCS)
+    assert auto.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert np.allclose(got.numpy(), reference(QUERY, DOCS), atol=2e-2)
+    half = BiEncoder("all-MiniLM-L6-v2", "cpu", dtype="bfloat16")  # a few texts: fine even where bf16 is emulated
+    cosines = half.cosines(QUERY, DOCS)
+    assert half.dtype == torch.bfloat16 and cosines.dtype == torch.float64
+    assert np.allclose(cosines.numpy(), reference(QUERY, DOCS), atol=2e-2)
+    assert not np.allclose(cosines.numpy(), reference(QUERY, DOCS), atol=1e-7)  # really computed in bfloat16
+
+
+def test_the_rerankers_dtype_reaches_its_bi_encoder(shared, router):
+    half_model = tiny_causal_lm("llama").to(torch.bfloat16)  # a shared model's dtype may only be restated
+    explanation = make((half_model, shared[1]), heads=router, dtype="bfloat16").explain(QUERY, DOCS)
+    cosines = BiEncoder("all-MiniLM-L6-v2", "cpu", dtype="bfloat16").cosines(QUERY, DOCS)
+    for passage in explanation:
+        assert passage.bi_encoder_part == pytest.approx(V * float(cosines[passage.document.index]), abs=1e-9)
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 1.5, True])
+def test_a_bad_batch_size_is_refused_by_name(batch_size):
+    with pytest.raises(ValueError, match=rf"batch_size={batch_size!r}: pass a positive int"):
+        BiEncoder("all-MiniLM-L6-v2", batch_size=batch_size)
+    with pytest.raises(ValueError, match="float16"):
+        BiEncoder("all-MiniLM-L6-v2", dtype="float8")
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -138,11 +172,12 @@ def test_the_frameworks_take_the_option_serialise_it_and_score_as_the_core(share
     model, tokenizer = shared
     core = {r.id: r.score for r in make(shared, heads=router).rank(
         QUERY, [(f"d{i}", t) for i, t in enumerate(DOCS)], first_stage_scores=RETRIEVAL)}
-    ranker = RouteHeadRanker(model=model, tokenizer=tokenizer, heads=str(router), top_k=None)
+    ranker = RouteHeadRanker(model=model, tokenizer=tokenizer, heads=str(router), top_k=None, dtype="float32")
     documents = [Document(id=f"d{i}", content=t, score=s) for i, (t, s) in enumerate(zip(DOCS, RETRIEVAL))]
     got = {d.id: d.score for d in ranker.run(query=QUERY, documents=documents)["documents"]}
     assert got == pytest.approx(core, abs=1e-6)
-    post = RouteHeadPostprocessor(model=model, tokenizer=tokenizer, heads=str(router), top_n=len(DOCS))
+    post = RouteHeadPostprocessor(model=model, tokenizer=tokenizer, heads=str(router), top_n=len(DOCS),
+                                  dtype="float32")
     nodes = [NodeWithScore(node=TextNode(text=t, id_=f"d{i}"), score=s) for i, (t, s) in enumerate(zip(DOCS, RETRIEVAL))]
     got = {n.node.node_id: n.score for n in post.postprocess_nodes(nodes, query_str=QUERY)}
     assert got == pytest.approx(core, abs=1e-6)
@@ -192,7 +227,7 @@ def test_fit_records_the_bi_encoder_and_calibrates_with_it(tmp_path, reference):
     assert 0.0 <= config.dev_metrics["bi_encoder_routed_ndcg@10"] <= 1.0
     # the routed heads are the same fit either way: the bi-encoder changes the score, not the router
     assert config.selection == plain.config.selection and config.static_heads == plain.config.static_heads
-    reranker = RouteHeadReranker(model=backbone, heads=with_cosine.artifact)
+    reranker = RouteHeadReranker(model=backbone, heads=with_cosine.artifact, dtype="float32")
     query = source.queries["q0"]
     ids = source.candidates["q0"]
     documents = list(zip(ids, source.passages("q0", ids)))
