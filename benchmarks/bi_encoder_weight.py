@@ -13,6 +13,10 @@ estimate. (The other folds' routers were fitted with this domain among their dat
 left-out queries' labels decide.) ``routehead_rag.bi_encoder.DEFAULT_WEIGHT`` is the value these choices
 support.
 
+The cosines are computed in float32 and, on a CPU with native bfloat16, in bfloat16 as well (what
+``dtype="auto"`` runs there: ``benchmarks/bi_encoder_cost.py`` measures what it saves); every row and the nested
+choice are reported for each, with a paired test of bfloat16 against float32 at each one's nested choice.
+
     python benchmarks/bi_encoder_weight.py --dtype bfloat16 --eval-queries 150 --routers ROUTERS
 
 Writes benchmarks/results/bi_encoder_weight.{json,md,png}.
@@ -32,7 +36,7 @@ from common import RESULTS, console, machine, machine_line, seeded
 from lodo import SEARCHES, capped, left_out_set, ndcg_per_query
 
 from routehead_rag import RouteHeadReranker
-from routehead_rag.bi_encoder import DEFAULT_WEIGHT, load_bi_encoder
+from routehead_rag.bi_encoder import DEFAULT_WEIGHT, PACKAGED_MINILM, BiEncoder
 from routehead_rag.data.protocol import PROTOCOL, Role, instruction_for
 from routehead_rag.engine.embedding import QueryEmbeddingConfig
 from routehead_rag.eval.harness import rerank_set
@@ -41,6 +45,7 @@ from routehead_rag.fit.pipeline import run_fit
 from routehead_rag.fit.sources import beir_source
 from routehead_rag.fit.training import TrainingConfig
 from routehead_rag.model.backbone import load_backbone
+from routehead_rag.model.devices import cpu_has_native_bf16
 from routehead_rag.paths import default_cache_dir
 from routehead_rag.recipe import final_scores
 
@@ -69,7 +74,8 @@ def main() -> int:
     started = time.time()
     backbone = load_backbone("smollm2-135m", dtype=args.dtype)
     cache = default_cache_dir()
-    encoder = load_bi_encoder()
+    dtypes = ["float32", "bfloat16"] if cpu_has_native_bf16() else ["float32"]
+    encoders = {dtype: BiEncoder(PACKAGED_MINILM, dtype=dtype) for dtype in dtypes}
     domains = PROTOCOL.domains(Role.FIT)
     sources = {name: beir_source(name) for names in domains.values() for name in names}
     ndcg: dict[str, dict[str, dict[str, float]]] = {}  # row -> domain -> {query key: nDCG@10}
@@ -86,34 +92,35 @@ def main() -> int:
                     ids = eval_set.candidates[qid].doc_ids
                     mass = {r.id: r.score for r in ranked.rankings[qid]}
                     attention = torch.tensor([mass[d] for d in ids], dtype=torch.float64)  # [passage]
-                    cosine = encoder.cosines(eval_set.dataset.queries[qid], eval_set.passages(ids))  # [passage]
                     orders["BM25"][qid] = list(ids)
-                    orders["dense MiniLM"][qid] = [ids[i] for i in torch.argsort(-cosine, stable=True).tolist()]
-                    for weight in GRID:
-                        score = final_scores(attention, cosine=cosine, cosine_weight=weight)
-                        orders.setdefault(f"v={weight:g}", {})[qid] = [ids[i] for i in torch.argsort(-score, stable=True).tolist()]
+                    for dtype, encoder in encoders.items():
+                        cosine = encoder.cosines(eval_set.dataset.queries[qid], eval_set.passages(ids))  # [passage]
+                        orders.setdefault(row_name("dense MiniLM", dtype), {})[qid] = [
+                            ids[i] for i in torch.argsort(-cosine, stable=True).tolist()]
+                        for weight in GRID:
+                            score = final_scores(attention, cosine=cosine, cosine_weight=weight)
+                            orders.setdefault(row_name(f"v={weight:g}", dtype), {})[qid] = [
+                                ids[i] for i in torch.argsort(-score, stable=True).tolist()]
                 for row, rankings in orders.items():
                     per = ndcg_per_query(eval_set, rankings)
                     ndcg.setdefault(row, {}).setdefault(domain, {}).update({f"{name}/{q}": v for q, v in per.items()})
             console.print(domain, {row: round(statistics.mean(ndcg[row][domain].values()), 4) for row in ndcg})
     mean = {row: {d: statistics.mean(v.values()) for d, v in by_domain.items()} for row, by_domain in ndcg.items()}
-    grid_rows = [f"v={w:g}" for w in GRID]
-    nested = {}
-    for domain in domains:
-        chosen = max(grid_rows, key=lambda r: (statistics.mean(mean[r][d] for d in domains if d != domain), r == "v=0"))
-        keys = list(ndcg[chosen][domain])
-        nested[domain] = {"chosen": chosen, "ndcg@10": mean[chosen][domain],
-                          "p vs dense": paired_randomization_test([ndcg[chosen][domain][k] for k in keys],
-                                                                  [ndcg["dense MiniLM"][domain][k] for k in keys]),
-                          "p vs BM25": paired_randomization_test([ndcg[chosen][domain][k] for k in keys],
-                                                                 [ndcg["BM25"][domain][k] for k in keys])}
+    nested = {dtype: nested_choice(ndcg, mean, list(domains), dtype) for dtype in dtypes}
+    comparison = None
+    if len(dtypes) == 2:  # bfloat16 against float32, each at its own nested choice, every left-out query pooled
+        pooled = {dtype: [ndcg[nested[dtype][d]["chosen"]][d][k] for d in domains for k in ndcg["BM25"][d]]
+                  for dtype in dtypes}
+        comparison = {"pooled_ndcg@10": {dtype: statistics.mean(v) for dtype, v in pooled.items()},
+                      "p": paired_randomization_test(pooled["bfloat16"], pooled["float32"])}
     result = {
         "command": f"python benchmarks/bi_encoder_weight.py --dtype {args.dtype} --eval-queries {args.eval_queries} "
                    "--routers ROUTERS",
         "machine": machine(), "seconds": round(time.time() - started), "grid": list(GRID),
         "shipped_weight": DEFAULT_WEIGHT, "mean": mean,
-        "macro": {row: statistics.mean(mean[row].values()) for row in mean}, "nested": nested,
-        "nested_macro": statistics.mean(n["ndcg@10"] for n in nested.values()),
+        "macro": {row: statistics.mean(mean[row].values()) for row in mean}, "dtypes": dtypes, "nested": nested,
+        "nested_macro": {dtype: statistics.mean(n["ndcg@10"] for n in nested[dtype].values()) for dtype in dtypes},
+        "bfloat16_vs_float32": comparison,
         "queries": {d: len(ndcg["BM25"][d]) for d in domains},
     }
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -122,31 +129,61 @@ def main() -> int:
     return 0
 
 
+def row_name(row: str, dtype: str) -> str:
+    """A row's name for cosines computed in ``dtype`` (float32's rows keep the plain name)."""
+    return row if dtype == "float32" else f"{row} ({dtype})"
+
+
+def nested_choice(ndcg: dict, mean: dict, domains: list[str], dtype: str) -> dict:
+    """Per left-out domain: the grid's ``v`` best on the other five domains, its nDCG@10 there and paired tests."""
+    grid_rows = [row_name(f"v={w:g}", dtype) for w in GRID]
+    dense = row_name("dense MiniLM", dtype)
+    nested = {}
+    for domain in domains:
+        chosen = max(grid_rows, key=lambda r: (statistics.mean(mean[r][d] for d in domains if d != domain),
+                                               r == grid_rows[0]))
+        keys = list(ndcg[chosen][domain])
+        nested[domain] = {"chosen": chosen, "ndcg@10": mean[chosen][domain],
+                          "p vs dense": paired_randomization_test([ndcg[chosen][domain][k] for k in keys],
+                                                                  [ndcg[dense][domain][k] for k in keys]),
+                          "p vs BM25": paired_randomization_test([ndcg[chosen][domain][k] for k in keys],
+                                                                 [ndcg["BM25"][domain][k] for k in keys])}
+    return nested
+
+
 def write_markdown(result: dict, path: Path) -> None:
-    domains = list(result["nested"])
-    rows = ["BM25", "dense MiniLM", *[f"v={w:g}" for w in result["grid"]]]
+    domains = list(result["queries"])
+    rows = ["BM25", *[row_name(r, dtype) for dtype in result["dtypes"]
+                      for r in ["dense MiniLM", *[f"v={w:g}" for w in result["grid"]]]]]
     lines = [
         "# The bi-encoder's weight, by leaving each domain out", "",
         f"`{result['command']}` ({result['seconds']} s; ROUTERS: the fold routers of `benchmarks/lodo.py "
         "--keep-routers`). Score `z(routed attention) + v * cosine(all-MiniLM-L6-v2)` on each left-out domain's "
-        "queries (BM25 top-20 candidates; v=0: the routed heads alone). nDCG@10.", "", machine_line(result), "",
+        "queries (BM25 top-20 candidates; v=0: the routed heads alone). nDCG@10. Rows marked (bfloat16): the "
+        "cosines computed in bfloat16 (`dtype=\"auto\"` on this CPU).", "", machine_line(result), "",
         "| row | " + " | ".join(f"{d} ({result['queries'][d]})" for d in domains) + " | mean over domains |",
         "|---|" + "---|" * (len(domains) + 1),
     ]
     for row in rows:
         lines.append(f"| {row} | " + " | ".join(f"{result['mean'][row][d]:.3f}" for d in domains)
                      + f" | {result['macro'][row]:.3f} |")
-    nested = result["nested"]
-    lines += ["", "Nested choice (v chosen on the other five domains, scored on the left-out one):", "",
-              "| left-out domain | v chosen | nDCG@10 | dense MiniLM | BM25 | p vs dense | p vs BM25 |",
-              "|---|---|---|---|---|---|---|"]
-    for d in domains:
-        n = nested[d]
-        lines.append(f"| {d} | {n['chosen']} | {n['ndcg@10']:.3f} | {result['mean']['dense MiniLM'][d]:.3f} | "
-                     f"{result['mean']['BM25'][d]:.3f} | {n['p vs dense']:.3f} | {n['p vs BM25']:.3f} |")
-    lines += [f"| **mean** | | **{result['nested_macro']:.3f}** | {result['macro']['dense MiniLM']:.3f} | "
-              f"{result['macro']['BM25']:.3f} | | |", "",
-              f"Shipped weight (`routehead_rag.bi_encoder.DEFAULT_WEIGHT`): v={result['shipped_weight']:g}.", ""]
+    for dtype in result["dtypes"]:
+        nested, dense = result["nested"][dtype], row_name("dense MiniLM", dtype)
+        lines += ["", f"Nested choice, cosines in {dtype} (v chosen on the other five domains, scored on the "
+                  "left-out one):", "",
+                  "| left-out domain | v chosen | nDCG@10 | dense MiniLM | BM25 | p vs dense | p vs BM25 |",
+                  "|---|---|---|---|---|---|---|"]
+        for d in domains:
+            n = nested[d]
+            lines.append(f"| {d} | {n['chosen']} | {n['ndcg@10']:.3f} | {result['mean'][dense][d]:.3f} | "
+                         f"{result['mean']['BM25'][d]:.3f} | {n['p vs dense']:.3f} | {n['p vs BM25']:.3f} |")
+        lines.append(f"| **mean** | | **{result['nested_macro'][dtype]:.3f}** | {result['macro'][dense]:.3f} | "
+                     f"{result['macro']['BM25']:.3f} | | |")
+    if result["bfloat16_vs_float32"]:
+        c = result["bfloat16_vs_float32"]
+        lines += ["", f"bfloat16 against float32 cosines, each at its nested choice, all left-out queries pooled: "
+                  f"{c['pooled_ndcg@10']['bfloat16']:.4f} vs {c['pooled_ndcg@10']['float32']:.4f} (paired p = {c['p']:.3f})."]
+    lines += ["", f"Shipped weight (`routehead_rag.bi_encoder.DEFAULT_WEIGHT`): v={result['shipped_weight']:g}.", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -158,7 +195,7 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     grid = result["grid"]
-    for domain in result["nested"]:
+    for domain in result["queries"]:
         ax.plot(grid, [result["mean"][f"v={w:g}"][domain] for w in grid], marker=".", label=domain)
     ax.plot(grid, [result["macro"][f"v={w:g}"] for w in grid], color="black", linewidth=2, label="mean over domains")
     ax.axhline(result["macro"]["dense MiniLM"], color="black", linestyle="--", label="dense MiniLM (mean)")
