@@ -72,10 +72,7 @@ def table(results: Path = RESULTS) -> str:
     dense = any("dense_first_stage" in s for s in tests["sets"])
     lines += ["", f"![quality against time per query](benchmarks/results/{PLOT})", "",
               "Details: [`benchmarks/results/test_sets.md`](benchmarks/results/test_sets.md) (with "
-              + ("the dense first stage and " if dense else "") + "the calibration tables)."
-              + ("" if dense or not (results / "test_sets_stop24.md").is_file() else
-                 " A dense first stage was last measured with the router shipped before the bi-encoder: "
-                 "[`benchmarks/results/test_sets_stop24.md`](benchmarks/results/test_sets_stop24.md).")]
+              + ("the dense first stage and " if dense else "") + "the calibration tables)."]
     return "\n".join(lines)
 
 
