@@ -2,7 +2,8 @@
 
 A full leave-one-domain-out refit with LoRA training is too slow for a 2-core CPU (a train query takes
 seconds, a fit has thousands), so every choice here gets the same reduced budget per fold: the fold's router
-(fitted on the other five domains, as in ``lodo.py``), then a LoRA trained on ``--train-queries`` of its train
+(fitted on the other five domains, as in ``lodo.py``, with the bi-encoder at its shipped weight as ``fit`` adds
+it), then a LoRA trained on ``--train-queries`` of its train
 queries (mixed over the five domains) for ``--epochs`` epochs, chosen on ``--dev-queries`` of its dev queries
 (epoch 0, no LoRA, can win: then none is kept), scored on ``--eval-queries`` queries of the left-out domain
 (the first by hash) live with the LoRA, beside the same router without it (what the fit would ship without a
@@ -28,6 +29,7 @@ from pathlib import Path
 from common import RESULTS, console, machine, machine_line, seeded
 
 from routehead_rag import RouteHeadReranker
+from routehead_rag.bi_encoder import CHOSEN_BY, DEFAULT_WEIGHT, BiEncoderConfig
 from routehead_rag.data.protocol import PROTOCOL, Role, instruction_for
 from routehead_rag.engine.embedding import QueryEmbeddingConfig
 from routehead_rag.eval.harness import prepare_set, rerank_set
@@ -82,7 +84,8 @@ def main() -> int:
                 fitted = run_fit(backbone, training, Path(scratch) / f"{scope}-{domain}", search=SEARCHES,
                                  training=TrainingConfig(), cache_dir=cache, storage_dtype="float32",
                                  query_embedding=QueryEmbeddingConfig(layer=backbone.num_layers // 2),
-                                 report_dir=Path(scratch) / "reports", lora=lora)
+                                 report_dir=Path(scratch) / "reports", lora=lora,
+                                 bi_encoder=BiEncoderConfig(weight=DEFAULT_WEIGHT, chosen_by=CHOSEN_BY))
                 record = FitRecords.of(fitted.config).training.lora
                 trained[scope] = {"kept": fitted.config.lora is not None, "dev_base": record.base_dev_ndcg,
                                   "dev_lora": record.dev_ndcg, "epoch": record.chosen_epoch,
