@@ -176,7 +176,7 @@ def fit(
     ),
     bi_encoder_weight: float = typer.Option(
         40.0, help="What one unit of the bi-encoder's cosine adds (the attention part is a z-score); 40 was chosen for "
-        "all-MiniLM-L6-v2 by leaving each fit domain out (benchmarks/bi_encoder_weight.py)."
+        "all-MiniLM-L6-v2 by leaving each fit domain out (benchmarks/results/bi_encoder_weight.md)."
     ),
     teacher: Optional[str] = typer.Option(
         None, help="Label the data with a local sentence-transformers model instead of its judgments (a bi-encoder or "
