@@ -11,7 +11,9 @@ Per fit query of a (sampled) train split, mixed over every source: the routed he
 is computed with the LoRA on (:meth:`AttentionScorer.head_scores` with ``differentiable=True``: the same
 scoring code as inference) and the loss is listwise: softmax cross-entropy of the recipe's fused score
 (:func:`routehead_rag.recipe.final_scores`, standardised attention where the router does not fuse) against
-the relevance grades; one AdamW step per ``batch_queries`` queries (their mean loss).
+the relevance grades; one AdamW step per ``batch_queries`` queries (their mean loss). Where the router has a
+bi-encoder (:mod:`routehead_rag.bi_encoder`), its term is part of that fused score, in training and on dev, as
+users get it: the LoRA is trained and chosen for what the cosine leaves to the attention.
 
 After every epoch the LoRA is scored on dev queries (the router's own dev split, sampled) with the scores a
 user gets (the router's first-stage fusion applied), and the best epoch over every (rank, learning rate)
@@ -95,6 +97,8 @@ class LoraQuery:
     first_stage: torch.Tensor  # [passage] first-stage signal (raw: scores, or minus the rank)
     fusion_weight: float | None  # the router's first-stage weight for it (None: no fusion)
     level_weight: float = 0.0  # the router's attention-level weight (routehead_rag.recipe.final_scores)
+    cosine: torch.Tensor | None = None  # [passage] the router's bi-encoder's cosines (None: the router has none)
+    cosine_weight: float = 0.0  # what one unit of cosine adds (the router's bi-encoder weight)
 
 
 @dataclass
@@ -111,6 +115,7 @@ class LoraFit:
     dev_attention: dict[str, torch.Tensor] = field(default_factory=dict)  # [passage] routed scores, chosen LoRA
     seconds_per_train_query: float | None = None
     seconds_per_dev_query: dict[str, float] = field(default_factory=dict)  # "base", "adapted"
+    last: Lora | None = None  # the last (rank, learning rate) run after its last epoch, kept or not (for ablations)
 
 
 def routed_attention(query: LoraQuery, adapter: Lora | None, differentiable: bool = False) -> torch.Tensor:
@@ -121,7 +126,8 @@ def routed_attention(query: LoraQuery, adapter: Lora | None, differentiable: boo
 
 def final_scores(query: LoraQuery, attention: torch.Tensor) -> torch.Tensor:
     """What a user ranks by ``[passage]``: the recipe's formula with the router's first-stage weight for the query."""
-    return recipe_final_scores(attention, query.first_stage, query.fusion_weight, level_weight=query.level_weight)
+    return recipe_final_scores(attention, query.first_stage, query.fusion_weight, level_weight=query.level_weight,
+                               cosine=query.cosine, cosine_weight=query.cosine_weight)
 
 
 def ndcg_at_10(scores: torch.Tensor, gains: torch.Tensor) -> float:
@@ -133,8 +139,10 @@ def ndcg_at_10(scores: torch.Tensor, gains: torch.Tensor) -> float:
 
 def listwise_loss(query: LoraQuery, attention: torch.Tensor) -> torch.Tensor:
     """Softmax cross-entropy of the recipe's fused scores ``[passage]`` (standardised attention where the router
-    does not fuse) against the grades (as a distribution)."""
-    scores = recipe_final_scores(attention, query.first_stage, query.fusion_weight or 0.0, level_weight=query.level_weight)
+    does not fuse; the bi-encoder's term added where the router has one, so the LoRA learns what the cosine
+    misses) against the grades (as a distribution)."""
+    scores = recipe_final_scores(attention, query.first_stage, query.fusion_weight or 0.0, level_weight=query.level_weight,
+                                 cosine=query.cosine, cosine_weight=query.cosine_weight)
     target = query.gains.double() / query.gains.double().sum()
     return -(target * torch.log_softmax(scores, dim=0)).sum()
 
@@ -172,6 +180,8 @@ def train_lora(
         key = _digest({"fingerprint": backbone.fingerprint(), "dtype": str(backbone.dtype), "config": settings,
                        "train": [(k, queries[k].text, [str(h) for h in queries[k].heads]) for k in train_keys],
                        "dev": [(k, queries[k].fusion_weight, [str(h) for h in queries[k].heads]) for k in dev_keys],
+                       "cosines": [(k, queries[k].cosine_weight, None if queries[k].cosine is None
+                                    else [round(float(c), 6) for c in queries[k].cosine]) for k in [*train_keys, *dev_keys]],
                        "prompts": sorted({queries[k].scorer.config.model_dump_json() for k in train_keys})})
         checkpoints = Path(checkpoint_dir) / f"adapter-{key}"
         checkpoints.mkdir(parents=True, exist_ok=True)
@@ -242,6 +252,7 @@ def train_lora(
             runs.append(run)
             if run_best["dev"] > best["dev"] + 1e-12:
                 best = {**run_best, "rank": rank, "lr": lr, "config": adapter_config}
+    adapter.eval().requires_grad_(False)  # the last run's, after its last epoch
     chosen = None
     if best["state"] is not None:
         chosen = Lora.for_decoder(backbone.decoder, best["config"])
@@ -253,4 +264,5 @@ def train_lora(
         seconds_per_train_query=statistics.median(train_seconds) if train_seconds else None,
         seconds_per_dev_query={"base": base_seconds, **({"adapted": statistics.median(adapted_seconds)}
                                                         if adapted_seconds else {})},
+        last=adapter,
     )

@@ -32,7 +32,7 @@ from .calibration import calibrate_router
 from .extract import PooledExtractions, extract_sources, passage_cosines
 from .fusion_fit import fit_fusion, query_weights
 from .labelled import LabelledSetBuilder, rank_heads, scratch_tensor
-from .lora import LoraQuery, LoraTrainingConfig, train_lora
+from .lora import LoraFit, LoraQuery, LoraTrainingConfig, train_lora
 from .records import DataRecord, FitRecords, LoraRecord, SearchGridRow, SearchRecord, TrainingRecord
 from .report import heatmap, model_card
 from .search import SearchConfig, search_heads
@@ -54,18 +54,45 @@ def select_static_heads(
     return rank_heads(data)[:k], len(data.qids)
 
 
+def _sample_rows(rows: Sequence, count: int | None, rng) -> list:
+    return sorted(rng.sample(list(rows), count)) if count is not None and count < len(rows) else list(rows)
+
+
+def _lora_query(key: str, pooled: PooledExtractions, source: FitSource, scorers: dict, scoring: ScoringConfig,
+                backbone, heads: Sequence[Head], fusion_weight: float | None, level_weight: float,
+                cosine: torch.Tensor | None, cosine_weight: float) -> LoraQuery:
+    """One query as LoRA training sees it; ``scorers`` caches one scorer per prompt wording."""
+    if source.instruction not in scorers:
+        scorers[source.instruction] = AttentionScorer(
+            backbone, scoring if source.instruction is None else scoring.with_instruction(source.instruction))
+    qid = key.split("/", 1)[1]
+    doc_ids, judged = pooled.doc_ids[key], pooled.qrels.get(key, {})
+    return LoraQuery(
+        key=key, text=pooled.texts[key], passages=source.passages(qid, doc_ids),
+        gains=torch.tensor([float(max(judged.get(d, 0), 0)) for d in doc_ids], dtype=torch.float64),
+        scorer=scorers[source.instruction], heads=list(heads),
+        first_stage=torch.tensor(pooled.first_stage[key], dtype=torch.float64), fusion_weight=fusion_weight,
+        level_weight=level_weight, cosine=cosine, cosine_weight=cosine_weight)
+
+
 def lora_queries(backbone, sources, scoring, pooled, data, routed, router, fusion, embeddings, train_rows, dev_rows,
-                    config: LoraTrainingConfig) -> tuple[dict[str, LoraQuery], list[str], list[str]]:
-    """The LoRA training's view of the sampled train and dev queries: text, passages, grades, routed heads, fusion weight."""
+                 config: LoraTrainingConfig, bi_encoder: BiEncoderConfig | None = None,
+                 cosines: torch.Tensor | None = None) -> tuple[dict[str, LoraQuery], list[str], list[str]]:
+    """The LoRA training's view of the sampled train and dev queries: text, passages, grades, routed heads, fusion
+    weight, and the bi-encoder's cosines where the router has one (``cosines`` ``[query, passage]``: rows already
+    computed, e.g. the dev rows; the sampled rows it lacks are computed here)."""
     import random
 
     rng = random.Random(config.seed)
-    sample = lambda rows, n: sorted(rng.sample(rows, n)) if n is not None and n < len(rows) else rows  # noqa: E731
-    train = sample(train_rows.tolist(), config.train_queries)
-    dev = sample(dev_rows.tolist(), config.dev_queries)
+    train = _sample_rows(train_rows.tolist(), config.train_queries, rng)
+    dev = _sample_rows(dev_rows.tolist(), config.dev_queries, rng)
+    if bi_encoder is not None:
+        missing = [r for r in [*train, *dev] if cosines is None or not bool(cosines[r].any())]
+        if missing:
+            computed = passage_cosines(bi_encoder, sources, pooled, data, missing)
+            cosines = computed if cosines is None else torch.where(computed != 0, computed, cosines)
     scorers: dict[str | None, AttentionScorer] = {}
     source_of = {source.name: source for source in sources}
-    signal = pooled.first_stage_signal(data)
     weights = None
     if fusion.mode == "per_query":
         with torch.no_grad():
@@ -73,19 +100,61 @@ def lora_queries(backbone, sources, scoring, pooled, data, routed, router, fusio
     queries = {}
     for row in [*train, *dev]:
         key = data.qids[row]
-        name, qid = key.split("/", 1)
-        source = source_of[name]
-        if source.instruction not in scorers:
-            scorers[source.instruction] = AttentionScorer(
-                backbone, scoring if source.instruction is None else scoring.with_instruction(source.instruction))
         count = len(pooled.doc_ids[key])
         weight = None if fusion.mode == "off" else fusion.weight if fusion.mode == "global" else float(weights[row])
-        queries[key] = LoraQuery(
-            key=key, text=pooled.texts[key], passages=source.passages(qid, pooled.doc_ids[key]),
-            gains=data.gains[row, :count].double().clone(), scorer=scorers[source.instruction],
-            heads=[Head(int(i) // data.num_heads, int(i) % data.num_heads) for i in routed[row].tolist()],
-            first_stage=signal[row, :count].clone(), fusion_weight=weight, level_weight=fusion.level_weight)
+        queries[key] = _lora_query(
+            key, pooled, source_of[key.split("/", 1)[0]], scorers, scoring, backbone,
+            [Head(int(i) // data.num_heads, int(i) % data.num_heads) for i in routed[row].tolist()], weight,
+            fusion.level_weight, None if bi_encoder is None else cosines[row, :count].clone(),
+            0.0 if bi_encoder is None else bi_encoder.weight)
     return queries, [data.qids[r] for r in train], [data.qids[r] for r in dev]
+
+
+def train_lora_for_router(backbone, router: str | Path, sources: Sequence[FitSource], config: LoraTrainingConfig,
+                          checkpoint_dir: str | Path | None = None,
+                          progress: Callable[[str, int, int], None] | None = None) -> LoraFit:
+    """Train a LoRA for an already-fitted router (its folder) on ``sources``, without refitting it: its train and
+    dev split of their labelled queries (the fit's rule, :func:`~routehead_rag.fit.training.split_train_dev`, with
+    the router's recorded seed and dev fraction), its routed heads, first-stage weight, level weight and bi-encoder
+    term per query, as the scores users get. The router's own fusion and calibration are not refitted: for
+    comparing LoRA choices on one router (``benchmarks/lora_lodo.py``); ``run_fit(lora=...)`` is the fit that
+    ships one."""
+    import random
+
+    from ..strategy import RoutedHeads
+    from .records import FitRecords
+    from .training import split_train_dev
+
+    strategy = RoutedHeads.from_folder(router).resolve(backbone).without_lora()
+    settings = FitRecords.of(strategy.config).training.settings
+    pooled = PooledExtractions.of_sources(sources)
+    keys = [k for k in pooled.doc_ids if any(g > 0 for g in pooled.qrels.get(k, {}).values())]
+    train_rows, dev_rows = split_train_dev([pooled.groups[k] for k in keys], settings.dev_fraction, settings.seed)
+    rng = random.Random(config.seed)
+    train = [keys[r] for r in _sample_rows(train_rows.tolist(), config.train_queries, rng)]
+    dev = [keys[r] for r in _sample_rows(dev_rows.tolist(), config.dev_queries, rng)]
+    bi_encoder = strategy.config.bi_encoder
+    encoder = None
+    if bi_encoder is not None:
+        from ..bi_encoder import load_bi_encoder
+
+        encoder = load_bi_encoder(bi_encoder.model)
+    scoring = strategy.config.scoring
+    source_of = {source.name: source for source in sources}
+    scorers: dict[str | None, AttentionScorer] = {}
+    queries = {}
+    for done, key in enumerate([*train, *dev], start=1):
+        source = source_of[key.split("/", 1)[0]]
+        recipe = strategy.route(backbone, pooled.texts[key])
+        cosine = None
+        if encoder is not None:
+            cosine = encoder.cosines(pooled.texts[key], source.passages(key.split("/", 1)[1], pooled.doc_ids[key]))
+        queries[key] = _lora_query(key, pooled, source, scorers, scoring, backbone, recipe.head_list,
+                                   recipe.fusion_weight, recipe.level_weight, cosine,
+                                   0.0 if bi_encoder is None else bi_encoder.weight)
+        if progress is not None:
+            progress("route", done, len(train) + len(dev))
+    return train_lora(backbone, queries, train, dev, config, checkpoint_dir, progress)
 
 
 @dataclass
@@ -218,7 +287,8 @@ def run_fit(
     lora_fit, lora_record, lora_dev = None, None, {}
     if lora is not None:
         queries, train_keys, dev_keys = lora_queries(backbone, sources, scoring, pooled, data, routed, router,
-                                                     fusion_config, embeddings, train_rows, dev_rows, lora)
+                                                     fusion_config, embeddings, train_rows, dev_rows, lora,
+                                                     bi_encoder, cosines)
         lora_fit = train_lora(backbone, queries, train_keys, dev_keys, lora,
                               Path(cache_dir) if cache_dir is not None else None, report)
         lora_record = LoraRecord(

@@ -333,6 +333,49 @@ def test_training_learns_the_train_queries(tmp_path):
     assert all(p.grad is None for p in backbone.model.parameters())  # the base model is never trained
 
 
+def test_training_and_the_dev_choice_score_with_the_routers_bi_encoder_term(tmp_path):
+    """Where the router has a bi-encoder, the LoRA's loss and its dev scores include ``v * cosine`` as users get it:
+    the loss is restated here, and a cosine equal to the grades at a large weight makes the dev ranking perfect."""
+    from routehead_rag.fit.lora import listwise_loss, routed_attention
+
+    backbone, queries, train, dev, config = adapter_setup(tmp_path)
+    key = train[0]
+    attention = routed_attention(queries[key], None).double()
+    cosine = torch.linspace(-0.3, 0.8, len(queries[key].passages), dtype=torch.float64)
+    with_cosine = dataclasses.replace(queries[key], cosine=cosine, cosine_weight=3.0)
+    z = (attention - attention.mean()) / attention.std(unbiased=False)
+    gains = queries[key].gains / queries[key].gains.sum()
+    expected = -(gains * torch.log_softmax(z + 3.0 * cosine, dim=0)).sum()
+    assert float(listwise_loss(with_cosine, attention)) == pytest.approx(float(expected), abs=1e-9)
+    assert float(listwise_loss(queries[key], attention)) != pytest.approx(float(expected), abs=1e-3)
+
+    oracle = {k: dataclasses.replace(q, cosine=q.gains.clone(), cosine_weight=1e4) for k, q in queries.items()}
+    assert train_lora(backbone, oracle, train, dev, config.model_copy(update={"epochs": 1})).base_dev_ndcg == 1.0
+    plain = train_lora(backbone, queries, train, dev, config.model_copy(update={"epochs": 1})).base_dev_ndcg
+    assert plain < 1.0
+
+
+@pytest.mark.parametrize("with_bi_encoder", [False, True])
+def test_a_lora_for_a_fitted_router_is_the_one_its_fit_would_train(tmp_path, with_bi_encoder):
+    """``train_lora_for_router`` (a LoRA for a router already fitted, without refitting it) rebuilds the fit's split,
+    routes, cosines and scores from the artifact: its runs equal those of the fit that trained one with the router."""
+    from routehead_rag.bi_encoder import BiEncoderConfig
+    from routehead_rag.fit.pipeline import train_lora_for_router
+
+    backbone = tiny_backbone("llama")
+    source = read_query_log(write_log(tmp_path / "log.jsonl"))
+    lora = LoraTrainingConfig(ranks=(2,), learning_rates=(1e-2,), epochs=2, train_queries=6, dev_queries=3)
+    fitted = run_fit(backbone, [source], tmp_path / "router", query_embedding=QueryEmbeddingConfig(layer=0),
+                     search=SearchConfig(pool_size=8, max_heads=3), training=TrainingConfig(epochs=20, ks=(1, 2)),
+                     cache_dir=tmp_path / "cache", storage_dtype="float32", calibrate=False, lora=lora,
+                     bi_encoder=BiEncoderConfig(weight=3.0) if with_bi_encoder else None)
+    record = FitRecords.of(fitted.config).training.lora
+    again = train_lora_for_router(backbone, fitted.artifact, [source], lora)
+    assert again.base_dev_ndcg == pytest.approx(record.base_dev_ndcg, abs=1e-9)
+    got = [h["dev_ndcg"] for h in again.runs[0]["history"]]
+    assert got == pytest.approx([h.dev_ndcg for h in record.runs[0].history], abs=1e-6)
+
+
 def test_killed_training_resumes_to_the_same_adapter(tmp_path):
     backbone, queries, train, dev, config = adapter_setup(tmp_path)
     uninterrupted = train_lora(backbone, queries, train, dev, config, tmp_path / "a")
