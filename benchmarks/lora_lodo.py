@@ -21,7 +21,7 @@ calibration are then the router's, not refitted for the LoRA (ranks move little:
     python benchmarks/lora_lodo.py --dtype bfloat16
     python benchmarks/lora_lodo.py --dtype bfloat16 --fold-routers ROUTERS
 
-Writes benchmarks/results/lora_lodo.{json,md}.
+Writes benchmarks/results/lora_lodo.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -99,6 +99,29 @@ def write(args, rows, folds, pooled, started) -> None:
     lines += ["", "Seconds per train query (median over folds): "
               + ", ".join(f"{scope} scope {statistics.median(v):.2f} s" for scope, v in seconds.items() if v) + "."]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plot(result, RESULTS / f"{args.name}.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    """nDCG@10 of every row per left-out domain and pooled, as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [*result["folds"], "all sampled queries"]
+    values = {**{d: f for d, f in result["folds"].items()}, "all sampled queries": result["pooled"]}
+    rows = result["rows"]
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, row in enumerate(rows):
+        ax.bar([g + i * width for g in range(len(groups))], [values[g][row] for g in groups], width, label=row)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, fontsize=7, rotation=15)
+    ax.set_ylabel("nDCG@10, left-out domain")
+    ax.set_title("Leave one domain out: LoRA choices at one reduced budget")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> int:

@@ -147,7 +147,8 @@ def fit(
     ),
     lora: bool = typer.Option(
         False, "--lora/--no-lora", "--adapter/--no-adapter",
-        help="Also train a LoRA for the router (kept only if it beats the router on dev). --adapter: deprecated alias.",
+        help="Also train a LoRA for the router (kept only if it beats the router on dev). Off by default: left out one "
+        "domain at a time, no LoRA beat the router (benchmarks/results/lora_lodo.md). --adapter: deprecated alias.",
     ),
     lora_scope: str = typer.Option(
         "query", help="What the LoRA reads with: 'query' (the query part only; the passages' pass stays the base "
