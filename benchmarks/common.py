@@ -1,5 +1,5 @@
 """What the benchmark scripts share: where results go, the console, the machine block every result records,
-and the seed.
+the seed, and the grouped bar plot.
 
 Each script runs as ``python benchmarks/<script>.py``, so this folder is on ``sys.path`` and they
 ``import common``. The scoring itself is the library's: every ranking a script reports comes from
@@ -36,3 +36,23 @@ def machine_line(result: dict) -> str:
 
 def seeded() -> None:
     torch.manual_seed(0)
+
+
+def grouped_bars(path: Path, groups: list[str], rows: list[str], value, ylabel: str, title: str,
+                 figsize: tuple[float, float] = (7, 4), tick_fontsize: float | None = None, rotation: float = 0) -> None:
+    """A bar per row within each group (``value(group, row)``), saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        ax.bar([g + i * width for g in range(len(groups))], [value(group, row) for group in groups], width, label=row)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, fontsize=tick_fontsize, rotation=rotation)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

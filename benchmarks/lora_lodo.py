@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, console, machine, machine_line, seeded
+from common import RESULTS, console, grouped_bars, machine, machine_line, seeded
 
 from routehead_rag import RouteHeadReranker
 from routehead_rag.bi_encoder import CHOSEN_BY, DEFAULT_WEIGHT, BiEncoderConfig
@@ -104,25 +104,10 @@ def write(args, rows, folds, pooled, started) -> None:
 
 def plot(result: dict, path: Path) -> None:
     """nDCG@10 of every row per left-out domain and pooled, as bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = [*result["folds"], "all sampled queries"]
-    values = {**{d: f for d, f in result["folds"].items()}, "all sampled queries": result["pooled"]}
-    rows = result["rows"]
-    width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for i, row in enumerate(rows):
-        ax.bar([g + i * width for g in range(len(groups))], [values[g][row] for g in groups], width, label=row)
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, fontsize=7, rotation=15)
-    ax.set_ylabel("nDCG@10, left-out domain")
-    ax.set_title("Leave one domain out: LoRA choices at one reduced budget")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
+    values = {**result["folds"], "all sampled queries": result["pooled"]}
+    grouped_bars(path, list(values), result["rows"], lambda group, row: values[group][row],
+                 "nDCG@10, left-out domain", "Leave one domain out: LoRA choices at one reduced budget",
+                 figsize=(9, 4), tick_fontsize=7, rotation=15)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, console, machine, machine_line, seeded
+from common import RESULTS, console, grouped_bars, machine, machine_line, seeded
 
 from routehead_rag import RouteHeadReranker
 from routehead_rag.bi_encoder import CHOSEN_BY, DEFAULT_WEIGHT, BiEncoderConfig
@@ -165,24 +165,8 @@ def main() -> int:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sets = list(result["sets"])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    rows = result["rows"]
-    width = 0.8 / len(rows)
-    for i, row in enumerate(rows):
-        ax.bar([s + i * width for s in range(len(sets))], [result["sets"][n][row] for n in sets], width, label=row)
-    ax.set_xticks([s + 0.4 - width / 2 for s in range(len(sets))], sets)
-    ax.set_ylabel("nDCG@10, held-out queries")
-    ax.set_title("Teacher labels vs real labels")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
+    grouped_bars(path, list(result["sets"]), result["rows"], lambda name, row: result["sets"][name][row],
+                 "nDCG@10, held-out queries", "Teacher labels vs real labels")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,7 +9,7 @@ benchmarks alike.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,17 @@ def scratch_tensor(shape: tuple[int, ...], dtype: torch.dtype, folder: bool | st
     return torch.from_numpy(array), backing  # zero-filled by the file system
 
 
+def labelled_queries(qids: Iterable[str], qrels: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """The queries of ``qids`` a labelled set keeps, in order: those with a relevant judged document (no head can
+    help the others)."""
+    return [q for q in qids if any(g > 0 for g in qrels.get(q, {}).values())]
+
+
+def grades(doc_ids: Sequence[str], judged: Mapping[str, int]) -> torch.Tensor:
+    """``[passage]`` float64: each candidate's relevance grade (unjudged and negative grades are 0)."""
+    return torch.tensor([float(max(judged.get(d, 0), 0)) for d in doc_ids], dtype=torch.float64)
+
+
 class LabelledSetBuilder:
     """Fills a :class:`LabelledSet` row by row as each query's scores arrive, in any order.
 
@@ -122,7 +133,7 @@ class LabelledSetBuilder:
         dtype: torch.dtype = torch.float64,
         on_disk: bool | str | Path = False,
     ):
-        qids = [q for q in doc_ids if any(g > 0 for g in qrels.get(q, {}).values())]
+        qids = labelled_queries(doc_ids, qrels)
         if not qids:
             raise ValueError("no query has a relevant judged document: nothing to search heads on")
         if dtype not in (torch.float16, torch.float32, torch.float64):
@@ -144,8 +155,7 @@ class LabelledSetBuilder:
         for row, qid in enumerate(qids):
             judged = qrels.get(qid, {})
             count = self.counts[qid]
-            self.gains[row, :count] = torch.tensor([float(max(judged.get(d, 0), 0)) for d in doc_ids[qid]],
-                                                   dtype=torch.float64)
+            self.gains[row, :count] = grades(doc_ids[qid], judged)
             self.valid[row, :count] = True
             self.ideal[row] = ideal_dcg(judged.values(), depth)
 
@@ -190,7 +200,7 @@ def build_labelled_set(
     owns and no longer needs) as it is copied, so peak memory holds one copy of the scores.
     ``dtype`` and ``on_disk`` as :class:`LabelledSetBuilder`.
     """
-    kept = [q for q in per_query_scores if any(g > 0 for g in qrels.get(q, {}).values())]
+    kept = labelled_queries(per_query_scores, qrels)
     if not kept:
         raise ValueError("no query has a relevant judged document: nothing to search heads on")
     num_layers, num_heads = per_query_scores[kept[0]].shape[:2]  # every query's shape is checked as it is put

@@ -31,7 +31,7 @@ from ..router.model import SelectionConfig
 from .calibration import calibrate_router
 from .extract import PooledExtractions, extract_sources, passage_cosines
 from .fusion_fit import fit_fusion, query_weights
-from .labelled import LabelledSetBuilder, rank_heads, scratch_tensor
+from .labelled import LabelledSetBuilder, grades, labelled_queries, rank_heads, scratch_tensor
 from .lora import LoraFit, LoraQuery, LoraTrainingConfig, train_lora
 from .records import DataRecord, FitRecords, LoraRecord, SearchGridRow, SearchRecord, TrainingRecord
 from .report import heatmap, model_card
@@ -65,12 +65,10 @@ def _lora_query(key: str, pooled: PooledExtractions, source: FitSource, scorers:
     if source.instruction not in scorers:
         scorers[source.instruction] = AttentionScorer(
             backbone, scoring if source.instruction is None else scoring.with_instruction(source.instruction))
-    qid = key.split("/", 1)[1]
-    doc_ids, judged = pooled.doc_ids[key], pooled.qrels.get(key, {})
+    doc_ids = pooled.doc_ids[key]
     return LoraQuery(
-        key=key, text=pooled.texts[key], passages=source.passages(qid, doc_ids),
-        gains=torch.tensor([float(max(judged.get(d, 0), 0)) for d in doc_ids], dtype=torch.float64),
-        scorer=scorers[source.instruction], heads=list(heads),
+        key=key, text=pooled.texts[key], passages=source.passages(key.split("/", 1)[1], doc_ids),
+        gains=grades(doc_ids, pooled.qrels.get(key, {})), scorer=scorers[source.instruction], heads=list(heads),
         first_stage=torch.tensor(pooled.first_stage[key], dtype=torch.float64), fusion_weight=fusion_weight,
         level_weight=level_weight, cosine=cosine, cosine_weight=cosine_weight)
 
@@ -89,8 +87,8 @@ def lora_queries(backbone, sources, scoring, pooled, data, routed, router, fusio
     if bi_encoder is not None:
         missing = [r for r in [*train, *dev] if cosines is None or not bool(cosines[r].any())]
         if missing:
-            computed = passage_cosines(bi_encoder, sources, pooled, data, missing)
-            cosines = computed if cosines is None else torch.where(computed != 0, computed, cosines)
+            computed = passage_cosines(bi_encoder, sources, pooled, data, missing)  # 0 outside the missing rows
+            cosines = computed if cosines is None else cosines + computed
     scorers: dict[str | None, AttentionScorer] = {}
     source_of = {source.name: source for source in sources}
     weights = None
@@ -128,7 +126,7 @@ def train_lora_for_router(backbone, router: str | Path, sources: Sequence[FitSou
     strategy = RoutedHeads.from_folder(router).resolve(backbone).without_lora()
     settings = FitRecords.of(strategy.config).training.settings
     pooled = PooledExtractions.of_sources(sources)
-    keys = [k for k in pooled.doc_ids if any(g > 0 for g in pooled.qrels.get(k, {}).values())]
+    keys = labelled_queries(pooled.doc_ids, pooled.qrels)
     train_rows, dev_rows = split_train_dev([pooled.groups[k] for k in keys], settings.dev_fraction, settings.seed)
     rng = random.Random(config.seed)
     train = [keys[r] for r in _sample_rows(train_rows.tolist(), config.train_queries, rng)]
@@ -144,14 +142,12 @@ def train_lora_for_router(backbone, router: str | Path, sources: Sequence[FitSou
     scorers: dict[str | None, AttentionScorer] = {}
     queries = {}
     for done, key in enumerate([*train, *dev], start=1):
-        source = source_of[key.split("/", 1)[0]]
         recipe = strategy.route(backbone, pooled.texts[key])
-        cosine = None
+        query = _lora_query(key, pooled, source_of[key.split("/", 1)[0]], scorers, scoring, backbone,
+                            recipe.head_list, recipe.fusion_weight, recipe.level_weight, None, 0.0)
         if encoder is not None:
-            cosine = encoder.cosines(pooled.texts[key], source.passages(key.split("/", 1)[1], pooled.doc_ids[key]))
-        queries[key] = _lora_query(key, pooled, source, scorers, scoring, backbone, recipe.head_list,
-                                   recipe.fusion_weight, recipe.level_weight, cosine,
-                                   0.0 if bi_encoder is None else bi_encoder.weight)
+            query.cosine, query.cosine_weight = encoder.cosines(query.text, query.passages), bi_encoder.weight
+        queries[key] = query
         if progress is not None:
             progress("route", done, len(train) + len(dev))
     return train_lora(backbone, queries, train, dev, config, checkpoint_dir, progress)
