@@ -26,7 +26,7 @@ import threading
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,6 +54,9 @@ class BiEncoderConfig(BaseModel):
     weight: float = Field(..., gt=0.0, le=1000.0, allow_inf_nan=False,
                           description="what one unit of cosine adds to the score (the attention part is a z-score)")
     chosen_by: str = Field("", description="how the weight was chosen (a benchmark, or 'given')")
+    mode: Literal["global", "per_query"] = Field(
+        "global", description="global: every query adds weight x cosine; per_query: the router predicts each "
+        "query's weight from its embedding (its bi-encoder head, trained from `weight` on the fit's train queries)")
 
 
 class BiEncoder:
@@ -94,6 +97,11 @@ class BiEncoder:
                         self.batch_size = CPU_BATCH_SIZE if encoder.device.type == "cpu" else ACCELERATOR_BATCH_SIZE
                     self._encoder = encoder
         return self._encoder
+
+    def run_dtype(self) -> torch.dtype:
+        """The dtype it runs in (``"auto"`` resolved on its device; loads the model if it is not loaded yet)."""
+        self._load()
+        return self.dtype
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """``[text, dim]`` L2-normalised float32 embeddings (computed in :attr:`dtype`)."""

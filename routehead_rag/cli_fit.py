@@ -179,6 +179,12 @@ def fit(
         40.0, help="What one unit of the bi-encoder's cosine adds (the attention part is a z-score); 40 was chosen for "
         "all-MiniLM-L6-v2 by leaving each fit domain out (benchmarks/results/bi_encoder_weight.md)."
     ),
+    bi_encoder_head: bool = typer.Option(
+        False, "--bi-encoder-head/--no-bi-encoder-head",
+        help="Also train the router to scale the bi-encoder weight per query (from the query embedding, on the train "
+        "queries' cosines), kept where it beats the one weight on dev. Off by default: see "
+        "benchmarks/results/bi_encoder_head.md (leave one domain out)."
+    ),
     teacher: Optional[str] = typer.Option(
         None, help="Label the data with a local sentence-transformers model instead of its judgments (a bi-encoder or "
         "cross-encoder folder, or 'minilm' for the packaged all-MiniLM-L6-v2): for query "
@@ -239,6 +245,9 @@ def fit(
         bi_encoder_config = None if bi_encoder.strip().lower() == "none" else BiEncoderConfig(
             model=bi_encoder, weight=bi_encoder_weight,
             chosen_by=CHOSEN_BY if bi_encoder_weight == DEFAULT_WEIGHT else "given (--bi-encoder-weight)")
+        if bi_encoder_head and bi_encoder_config is None:
+            raise ValueError("--bi-encoder-head scales the bi-encoder's weight per query, but --bi-encoder is 'none': "
+                             "name a bi-encoder, or leave --bi-encoder-head out")
         from .fit.sources import sources_from_arguments
 
         sources = sources_from_arguments(data, top_k, max_queries, instruction.value)
@@ -271,6 +280,7 @@ def fit(
             cache_dir=cache_dir or default_cache_dir(), command=_command(), progress=report, report_dir=report_dir,
             fusion=fuse_first_stage, calibrate=scale_score, executor=ray_executor(ray, ray_workers, model, backbone),
             storage_dtype=storage_dtype, lora=lora_training, bi_encoder=bi_encoder_config,
+            bi_encoder_head=bi_encoder_head,
         )
     if not quiet:
         console().print(escape(f"wrote {result.artifact} (report {result.report}, heatmap {result.heatmap})"))

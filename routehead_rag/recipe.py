@@ -15,6 +15,8 @@ The formula, over the passages of one list (``z`` standardises over the list's v
     fused = z(attention) + w * z(first stage) + u * attention * n + v * cosine   # w: the first-stage weight;
     p     = sigmoid(a * fused + d * log(n) + b)        # u: the level's; v: the bi-encoder's; the calibration
 
+``w`` and ``v`` are one number for every query, or the router's prediction for this one (per-query modes).
+
 ``z(first stage)`` standardises minus the first-stage rank; ``n`` is the list's size; ``attention * n`` is the
 heads' mass against an even split, which means the same in a list of one and a list of twenty; ``cosine`` is the
 bi-encoder's (:mod:`routehead_rag.bi_encoder`), absolute too. A router fitted without fusion, level term or
@@ -46,7 +48,7 @@ def final_scores(
     valid: torch.Tensor | None = None,  # [..., passage] bool; None: every passage is real
     level_weight: float = 0.0,  # weight of the attention level (mass x list size)
     cosine: torch.Tensor | None = None,  # [..., passage] the bi-encoder's cosine of each passage with the query
-    cosine_weight: float = 0.0,  # what one unit of cosine adds
+    cosine_weight: float | torch.Tensor = 0.0,  # what one unit of cosine adds: a float, or [...] one per list
 ) -> torch.Tensor:
     """The final score of every passage ``[..., passage]`` (float64; padding, where ``valid`` is False, is 0).
 
@@ -58,7 +60,7 @@ def final_scores(
     valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
     count = valid.sum(dim=-1).double()  # [...] passages per list
     fuses = weight is not None and first_stage is not None
-    adds_cosine = cosine is not None and cosine_weight != 0.0
+    adds_cosine = cosine is not None and (isinstance(cosine_weight, torch.Tensor) or cosine_weight != 0.0)
     if fuses or level_weight or adds_cosine:
         base = standardise(scores, valid)
         if fuses:
@@ -67,7 +69,8 @@ def final_scores(
         if level_weight:
             base = base + level_weight * scores * count.unsqueeze(-1)
         if adds_cosine:
-            base = base + cosine_weight * cosine.double()
+            cosine_weight = torch.as_tensor(cosine_weight, dtype=torch.float64)
+            base = base + (cosine_weight.unsqueeze(-1) if cosine_weight.dim() else cosine_weight) * cosine.double()
         scores = base
     if calibration is not None:
         scores = calibrate(scores, calibration, count)
@@ -78,7 +81,8 @@ def final_scores(
 class ScoringRecipe:
     """How one query is scored: its heads (``None``: every head), and, from a fitted router, the
     first-stage weight (``None``: no fusion), the calibration (``None``: raw scores), the LoRA
-    (``None``: the base model reads everything) and the bi-encoder (``None``: attention alone)."""
+    (``None``: the base model reads everything) and the bi-encoder (``None``: attention alone) with this
+    query's weight for it (``bi_encoder_weight``: the router's per-query weight; ``None``: the bi-encoder's own)."""
 
     heads: tuple[Head, ...] | None
     fusion_weight: float | None = None
@@ -87,6 +91,14 @@ class ScoringRecipe:
     level_weight: float = 0.0
     calibration_unfused: CalibrationConfig | None = None  # for the score without the first stage
     bi_encoder: BiEncoderConfig | None = None  # both calibrations were fitted with its term
+    bi_encoder_weight: float | None = None
+
+    @property
+    def cosine_weight(self) -> float:
+        """What one unit of the bi-encoder's cosine adds to this query's score (0: no bi-encoder)."""
+        if self.bi_encoder is None:
+            return 0.0
+        return self.bi_encoder.weight if self.bi_encoder_weight is None else self.bi_encoder_weight
 
     @property
     def head_list(self) -> list[Head] | None:
@@ -117,7 +129,7 @@ class ScoringRecipe:
         calibration = self.calibration if fused or self.fusion_weight is None else self.calibration_unfused
         return final_scores(attention, first_stage if fused else None, self.fusion_weight if fused else None,
                             calibration if scale else None, level_weight=self.level_weight, cosine=cosine,
-                            cosine_weight=self.bi_encoder.weight if self.bi_encoder is not None else 0.0)
+                            cosine_weight=self.cosine_weight)
 
     def can_scale(self, fuse: bool) -> bool:
         """Whether probabilities exist for this configuration (``scale_score=True`` is refused otherwise)."""

@@ -215,9 +215,13 @@ class RoutedHeads(HeadStrategy):
         if fusion.mode == "per_query":
             with torch.no_grad():
                 weight = float(self.router.fusion_weights(embedding.reshape(1, -1))[0])
+        bi_encoder, cosine_weight = self.config.bi_encoder, None
+        if bi_encoder is not None and bi_encoder.mode == "per_query":
+            with torch.no_grad():
+                cosine_weight = bi_encoder.weight * float(self.router.bi_encoder_scales(embedding.reshape(1, -1))[0])
         heads = tuple(self.router.select(embedding, self.config.selection))
         return ScoringRecipe(heads, weight, self.config.calibration, self.lora, fusion.level_weight,
-                             self.config.calibration_unfused, self.config.bi_encoder)
+                             self.config.calibration_unfused, bi_encoder, cosine_weight)
 
     def describe(self) -> str:
         lora = self.config.lora if self.lora is not None or self.lora_merged or self.router is None else None

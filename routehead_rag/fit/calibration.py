@@ -44,6 +44,14 @@ class Lists:
     weights: torch.Tensor | None
     ideal: torch.Tensor | None = None  # [list] ideal DCG (full lists only: where nDCG is measured)
     cosine: torch.Tensor | None = None  # [list, passage] the bi-encoder's cosines (None: the router has none)
+    cosine_weights: torch.Tensor | None = None  # [list] the bi-encoder weight of each list's query (with cosine)
+
+    @property
+    def cosine_weight(self) -> torch.Tensor | float:
+        """What :func:`~routehead_rag.recipe.final_scores` takes: the per-list weights, or 0 without a bi-encoder."""
+        if (self.cosine is None) != (self.cosine_weights is None):
+            raise ValueError("Lists.cosine and Lists.cosine_weights go together: pass both or neither")
+        return 0.0 if self.cosine_weights is None else self.cosine_weights
 
     @staticmethod
     def cat(parts: Sequence[Lists]) -> Lists:
@@ -54,9 +62,10 @@ class Lists:
 
         weights = None if parts[0].weights is None else torch.cat([p.weights for p in parts])
         cosine = None if parts[0].cosine is None else torch.cat([pad(p.cosine.double()) for p in parts])
+        cosine_weights = None if parts[0].cosine_weights is None else torch.cat([p.cosine_weights for p in parts])
         return Lists(torch.cat([pad(p.attention.double()) for p in parts]), torch.cat([pad(p.signal) for p in parts]),
                      torch.cat([pad(p.gains) for p in parts]), torch.cat([pad(p.valid, False) for p in parts]), weights,
-                     cosine=cosine)
+                     cosine=cosine, cosine_weights=cosine_weights)
 
 
 def sublist_sources(sources: Sequence[FitSource], keys: Sequence[str], seed: int = 0) -> tuple[list[FitSource], dict]:
@@ -121,9 +130,9 @@ def _logistic(scores: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor, 
 
 
 def fit_calibration(full: Lists, sub: Lists | None, fused: bool, relevant_grade: int = 1,
-                    tolerance: float = 0.002, level_grid: Sequence[float] = LEVEL_GRID, cosine_weight: float = 0.0):
+                    tolerance: float = 0.002, level_grid: Sequence[float] = LEVEL_GRID):
     """The level weight and the calibration of one configuration (``fused``: with the first stage); see the notes.
-    ``cosine_weight``: the router's bi-encoder weight (the lists' ``cosine`` is added at it).
+    The lists' ``cosine`` is added at their ``cosine_weights`` (the router's bi-encoder weight of each query).
 
     Returns ``(level_weight, CalibrationConfig, metrics)``; ``metrics`` hold the ECE on the dev lists (full and
     sub-lists), the nDCG@10 of each level weight tried and the cross-entropy."""
@@ -132,10 +141,10 @@ def fit_calibration(full: Lists, sub: Lists | None, fused: bool, relevant_grade:
     ndcg, fits = {}, {}
     for level in level_grid:
         on_full = final_scores(full.attention, full.signal, full.weights if fused else None, None, full.valid, level,
-                               full.cosine, cosine_weight)
+                               full.cosine, full.cosine_weight)
         ndcg[level] = float(batched_ndcg(on_full, full.gains, full.valid, full.ideal).mean())
         scores = final_scores(lists.attention, lists.signal, weights, None, lists.valid, level, lists.cosine,
-                              cosine_weight)  # [list, passage]
+                              lists.cosine_weight)  # [list, passage]
         counts = lists.valid.sum(dim=1, keepdim=True).double().expand_as(scores)
         fits[level] = _logistic(scores[lists.valid], counts[lists.valid], (lists.gains[lists.valid] >= relevant_grade).double())
     eligible = [u for u in level_grid if ndcg[u] >= ndcg[level_grid[0]] - tolerance]
@@ -144,7 +153,7 @@ def fit_calibration(full: Lists, sub: Lists | None, fused: bool, relevant_grade:
     config = CalibrationConfig(slope=slope, intercept=intercept, count_slope=count_slope,
                                target=f"grade >= {relevant_grade}")
     probabilities = final_scores(lists.attention, lists.signal, weights, config, lists.valid, level, lists.cosine,
-                                 cosine_weight)[lists.valid]
+                                 lists.cosine_weight)[lists.valid]
     labels = (lists.gains[lists.valid] >= relevant_grade).double()
     metrics = {"ece": expected_calibration_error(probabilities, labels), "pairs": float(len(labels)),
                "positive_rate": float(labels.mean()), "cross_entropy": loss,
@@ -153,7 +162,7 @@ def fit_calibration(full: Lists, sub: Lists | None, fused: bool, relevant_grade:
         single = sub.valid.sum(dim=1) == 1
         if bool(single.any()):
             p = final_scores(sub.attention, sub.signal, sub.weights if fused else None, config, sub.valid, level,
-                             sub.cosine, cosine_weight)[single, 0]
+                             sub.cosine, sub.cosine_weight)[single, 0]
             rel = sub.gains[single, 0] >= relevant_grade
             metrics["single_relevant_mean_p"] = float(p[rel].mean()) if bool(rel.any()) else float("nan")
             metrics["single_irrelevant_mean_p"] = float(p[~rel].mean()) if bool((~rel).any()) else float("nan")
@@ -188,7 +197,8 @@ def reliability(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 1
 def calibrate_router(backbone, sources: Sequence[FitSource], scoring, pooled, data, routed: torch.Tensor,
                      weights: torch.Tensor | None, rows: Sequence[int], cache_dir, progress, executor=None,
                      storage_dtype: str = "float16", lora=None, full_attention: dict[str, torch.Tensor] | None = None,
-                     queries: int = 200, seed: int = 0, cosines: torch.Tensor | None = None, bi_encoder=None):
+                     queries: int = 200, seed: int = 0, cosines: torch.Tensor | None = None, bi_encoder=None,
+                     cosine_weights: torch.Tensor | None = None):
     """The calibrations of a fitted router on the dev ``rows`` of ``data`` (see the module notes).
 
     ``routed`` ``[query, k]`` are the routed heads (flat indices) of every row, ``weights`` ``[query]`` the first-
@@ -196,10 +206,11 @@ def calibrate_router(backbone, sources: Sequence[FitSource], scoring, pooled, da
     the extraction cache (base model) or, with ``lora``, live with it, as ``full_attention`` (``{key: [passage]}``,
     the LoRA's dev scores) is for the full lists. ``bi_encoder`` (a :class:`~routehead_rag.bi_encoder.BiEncoderConfig`)
     adds its cosine at its weight: ``cosines`` ``[query, passage]`` for the full lists, the sub-lists' computed
-    here. Returns ``(level_weight, calibration, calibration_unfused,
+    here; ``cosine_weights`` ``[query]``: each row's weight for it (the router's per-query one; ``None``: the
+    bi-encoder's own weight for every row). Returns ``(level_weight, calibration, calibration_unfused,
     metrics)``; ``calibration_unfused`` is ``None`` without fusion (one configuration)."""
     from ..engine.scorer import AttentionScorer
-    from .extract import extract_sources
+    from .extract import cached_cosines, cosine_cache_folder, extract_sources
 
     rows = [r for r in rows if full_attention is None or data.qids[r] in full_attention]
     sample = sorted(rows, key=lambda r: random.Random(f"{seed}:{data.qids[r]}").random())[:queries]
@@ -211,13 +222,17 @@ def calibrate_router(backbone, sources: Sequence[FitSource], scoring, pooled, da
             attention[i, : scores.numel()] = scores.double()
     signal = pooled.first_stage_signal(data)[index]
     row_weights = None if weights is None else weights[index]
+    if bi_encoder is not None and cosine_weights is None:
+        cosine_weights = torch.full((len(data.qids),), bi_encoder.weight, dtype=torch.float64)
     full = Lists(attention, signal, data.gains[index], data.valid[index], row_weights, data.ideal_dcg[index],
-                 None if bi_encoder is None else cosines[index])
+                 None if bi_encoder is None else cosines[index],
+                 None if bi_encoder is None else cosine_weights[index].double())
     encoder = None
     if bi_encoder is not None:
         from ..bi_encoder import load_bi_encoder
 
         encoder = load_bi_encoder(bi_encoder.model)
+        folder = None if cache_dir is None else cosine_cache_folder(encoder, cache_dir)
     subs, parent = sublist_sources(sources, [data.qids[r] for r in sample], seed)
     row_of = {key: row for row, key in enumerate(data.qids)}
     heads_of = {key: data.grid.heads(routed[row_of[key]].tolist()) for key in set(parent.values())}
@@ -244,17 +259,17 @@ def calibrate_router(backbone, sources: Sequence[FitSource], scoring, pooled, da
         count = scores.numel()
         gains = torch.tensor([[float(max(grades.get(d, 0), 0)) for d in source.candidates[qid]]], dtype=torch.float64)
         weight = None if weights is None else weights[row_of[parent[key]]].reshape(1)
-        cosine = None if encoder is None else encoder.cosines(
-            source.queries[qid], source.passages(qid, source.candidates[qid])).reshape(1, count)
+        cosine = None if encoder is None else cached_cosines(
+            encoder, source.queries[qid], source.passages(qid, source.candidates[qid]), folder).reshape(1, count)
+        cosine_weight = None if encoder is None else cosine_weights[row_of[parent[key]]].double().reshape(1)
         parts.append(Lists(scores.double().reshape(1, count), -torch.arange(count, dtype=torch.float64).reshape(1, count),
-                           gains, torch.ones(1, count, dtype=torch.bool), weight, cosine=cosine))
+                           gains, torch.ones(1, count, dtype=torch.bool), weight, cosine=cosine,
+                           cosine_weights=cosine_weight))
     sub = Lists.cat(parts) if parts else None
-    cosine_weight = 0.0 if bi_encoder is None else bi_encoder.weight
-    level, calibration, metrics = fit_calibration(full, sub, fused=weights is not None, cosine_weight=cosine_weight)
+    level, calibration, metrics = fit_calibration(full, sub, fused=weights is not None)
     unfused = None
     if weights is not None:
-        _, unfused, unfused_metrics = fit_calibration(full, sub, fused=False, level_grid=(level,),
-                                                      cosine_weight=cosine_weight)
+        _, unfused, unfused_metrics = fit_calibration(full, sub, fused=False, level_grid=(level,))
         metrics.update({f"unfused_{k}": v for k, v in unfused_metrics.items() if not k.startswith("ndcg")})
     metrics["sublists"] = float(len(parts))
     return level, calibration, unfused, metrics

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
 from ..engine.lora import Lora, lora_digest
 from ..engine.scorer import AttentionScorer, ScoringConfig
 from ..fusion import first_stage_signal
-from ..offline.extraction import LocalExtractor, iter_extractions, storage_dtype_of
+from ..offline.extraction import LocalExtractor, content_sha256, iter_extractions, storage_dtype_of
 from .labelled import LabelledSet, build_labelled_set
 from .sources import FitSource
 
@@ -120,20 +121,56 @@ def extract_sources(
     return pooled
 
 
+COSINE_FORMAT = 1
+
+
+def cosine_cache_folder(encoder, cache_dir: str | Path) -> Path:
+    """Where ``encoder``'s cosines are cached under ``cache_dir``: one folder per model and the dtype it runs in
+    (loading it if it is not loaded yet, to know that dtype)."""
+    import hashlib
+    import json
+
+    payload = {"format": COSINE_FORMAT, "model": encoder.model, "dtype": str(encoder.run_dtype())}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir) / "cosines" / digest
+
+
+def cached_cosines(encoder, query: str, passages: Sequence[str], folder: Path | None) -> torch.Tensor:
+    """``encoder.cosines(query, passages)`` ``[passage]`` float64, read from (or written to) ``folder``, one file
+    per exact query and passage texts (:func:`~routehead_rag.offline.extraction.content_sha256`); ``None``: no
+    cache. A file that does not load, or holds the wrong number of cosines, is recomputed."""
+    if folder is None:
+        return encoder.cosines(query, passages)
+    path = folder / f"{content_sha256(query, passages)}.pt"
+    if path.is_file():
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if stored.dtype == torch.float64 and tuple(stored.shape) == (len(passages),):
+                return stored
+        except Exception:  # a corrupt or foreign file is recomputed, never trusted
+            pass
+    cosines = encoder.cosines(query, passages)
+    atomic_write(path, lambda temporary: torch.save(cosines, temporary))
+    return cosines
+
+
 def passage_cosines(bi_encoder, sources: Sequence[FitSource], pooled: PooledExtractions, data: LabelledSet,
-                    rows: Sequence[int], progress=None) -> torch.Tensor:
+                    rows: Sequence[int], progress=None, cache_dir: str | Path | None = None) -> torch.Tensor:
     """``[query, passage]`` float64: the bi-encoder's cosine of each candidate with its query, for the ``rows`` of
-    ``data`` (0 elsewhere and in padding). ``bi_encoder``: a :class:`~routehead_rag.bi_encoder.BiEncoderConfig`."""
+    ``data`` (0 elsewhere and in padding). ``bi_encoder``: a :class:`~routehead_rag.bi_encoder.BiEncoderConfig`;
+    ``cache_dir``: cache them there (:func:`cached_cosines`), so a refit or a second fit on the same queries
+    reads them instead of running the bi-encoder again."""
     from ..bi_encoder import load_bi_encoder
 
     encoder = load_bi_encoder(bi_encoder.model)
+    folder = None if cache_dir is None else cosine_cache_folder(encoder, cache_dir)
     source_of = {source.name: source for source in sources}
     out = torch.zeros(data.gains.shape, dtype=torch.float64)
     for done, row in enumerate(rows, start=1):
         key = data.qids[row]
         name, qid = key.split("/", 1)
         ids = pooled.doc_ids[key]
-        out[row, : len(ids)] = encoder.cosines(pooled.texts[key], source_of[name].passages(qid, ids))
+        out[row, : len(ids)] = cached_cosines(encoder, pooled.texts[key], source_of[name].passages(qid, ids), folder)
         if progress is not None:
             progress("bi-encoder", done, len(rows))
     return out

@@ -30,13 +30,13 @@ from ..router.artifact import RouterArtifactConfig, save_artifact
 from ..router.model import SelectionConfig
 from .calibration import calibrate_router
 from .extract import PooledExtractions, extract_sources, passage_cosines
-from .fusion_fit import fit_fusion, query_weights
 from .labelled import LabelledSetBuilder, grades, labelled_queries, rank_heads, scratch_tensor
 from .lora import LoraFit, LoraQuery, LoraTrainingConfig, train_lora
 from .records import DataRecord, FitRecords, LoraRecord, SearchGridRow, SearchRecord, TrainingRecord
 from .report import heatmap, model_card
 from .search import SearchConfig, search_heads
 from .sources import FitSource
+from .term_weights import fit_bi_encoder_weight, fit_fusion, query_weights
 from .training import TrainingConfig, choose_depth_cost, route_top_k, train_router
 
 
@@ -75,10 +75,12 @@ def _lora_query(key: str, pooled: PooledExtractions, source: FitSource, scorers:
 
 def lora_queries(backbone, sources, scoring, pooled, data, routed, router, fusion, embeddings, train_rows, dev_rows,
                  config: LoraTrainingConfig, bi_encoder: BiEncoderConfig | None = None,
-                 cosines: torch.Tensor | None = None) -> tuple[dict[str, LoraQuery], list[str], list[str]]:
+                 cosines: torch.Tensor | None = None, cosine_weights: torch.Tensor | None = None,
+                 cache_dir: str | Path | None = None) -> tuple[dict[str, LoraQuery], list[str], list[str]]:
     """The LoRA training's view of the sampled train and dev queries: text, passages, grades, routed heads, fusion
     weight, and the bi-encoder's cosines where the router has one (``cosines`` ``[query, passage]``: rows already
-    computed, e.g. the dev rows; the sampled rows it lacks are computed here)."""
+    computed, e.g. the dev rows; the sampled rows it lacks are computed here) at each query's weight
+    (``cosine_weights`` ``[query]``; ``None``: the bi-encoder's own)."""
     import random
 
     rng = random.Random(config.seed)
@@ -87,7 +89,8 @@ def lora_queries(backbone, sources, scoring, pooled, data, routed, router, fusio
     if bi_encoder is not None:
         missing = [r for r in [*train, *dev] if cosines is None or not bool(cosines[r].any())]
         if missing:
-            computed = passage_cosines(bi_encoder, sources, pooled, data, missing)  # 0 outside the missing rows
+            computed = passage_cosines(bi_encoder, sources, pooled, data, missing,  # 0 outside the missing rows
+                                       cache_dir=cache_dir)
             cosines = computed if cosines is None else cosines + computed
     scorers: dict[str | None, AttentionScorer] = {}
     source_of = {source.name: source for source in sources}
@@ -104,7 +107,7 @@ def lora_queries(backbone, sources, scoring, pooled, data, routed, router, fusio
             key, pooled, source_of[key.split("/", 1)[0]], scorers, scoring, backbone,
             [Head(int(i) // data.num_heads, int(i) % data.num_heads) for i in routed[row].tolist()], weight,
             fusion.level_weight, None if bi_encoder is None else cosines[row, :count].clone(),
-            0.0 if bi_encoder is None else bi_encoder.weight)
+            0.0 if bi_encoder is None else bi_encoder.weight if cosine_weights is None else float(cosine_weights[row]))
     return queries, [data.qids[r] for r in train], [data.qids[r] for r in dev]
 
 
@@ -146,7 +149,7 @@ def train_lora_for_router(backbone, router: str | Path, sources: Sequence[FitSou
         query = _lora_query(key, pooled, source_of[key.split("/", 1)[0]], scorers, scoring, backbone,
                             recipe.head_list, recipe.fusion_weight, recipe.level_weight, None, 0.0)
         if encoder is not None:
-            query.cosine, query.cosine_weight = encoder.cosines(query.text, query.passages), bi_encoder.weight
+            query.cosine, query.cosine_weight = encoder.cosines(query.text, query.passages), recipe.cosine_weight
         queries[key] = query
         if progress is not None:
             progress("route", done, len(train) + len(dev))
@@ -181,6 +184,7 @@ def run_fit(
     lora: LoraTrainingConfig | None = None,
     extraction_lora: Lora | None = None,
     bi_encoder: BiEncoderConfig | None = None,
+    bi_encoder_head: bool = False,
 ) -> FitResult:
     """Fit a router on ``sources`` and write the artifact and its fit report to ``out``.
 
@@ -204,8 +208,12 @@ def run_fit(
 
     ``bi_encoder`` adds a bi-encoder's cosine at its given weight (:mod:`routehead_rag.bi_encoder`; the weight is
     chosen across domains, ``benchmarks/bi_encoder_weight.py``, not on this fit's dev): the level term and both
-    calibrations are fitted with it, and the dev metrics report the routed heads with it.
+    calibrations are fitted with it, and the dev metrics report the routed heads with it. ``bi_encoder_head`` also
+    trains the router to scale that weight per query (:func:`~routehead_rag.fit.term_weights.fit_bi_encoder_weight`,
+    on the train queries' cosines), kept where it beats the global weight on dev.
     """
+    if bi_encoder_head and bi_encoder is None:
+        raise ValueError("bi_encoder_head=True scales a bi-encoder's weight per query: pass bi_encoder too")
     if lora is not None and extraction_lora is not None:
         raise ValueError("pass lora (train a LoRA for the router) or extraction_lora (fit the router on scores made "
                          "with a given one), not both")
@@ -263,11 +271,22 @@ def run_fit(
     fusion_config = fusion_config.model_copy(
         update={"first_stages": tuple(sorted({s.first_stage_kind or "order" for s in sources}))})
     weights = query_weights(router, fusion_config, embeddings)  # [query] or None
-    cosines, bi_encoder_dev = None, {}  # [query, passage] the bi-encoder's, on the dev rows
+    # [query, passage] the bi-encoder's cosines (dev rows; train rows too for its head), [query] each one's weight
+    cosines, cosine_weights, bi_encoder_dev = None, None, {}
     if bi_encoder is not None:
-        cosines = passage_cosines(bi_encoder, sources, pooled, data, dev_rows.tolist(), report)
+        rows = torch.cat([train_rows, dev_rows]) if bi_encoder_head else dev_rows
+        cosines = passage_cosines(bi_encoder, sources, pooled, data, rows.tolist(), report, cache_dir)
+        cosine_weights = torch.full((len(data.qids),), bi_encoder.weight, dtype=torch.float64)
+        if bi_encoder_head:
+            report("bi-encoder head", 0, 1)
+            scaled = fit_bi_encoder_weight(router, embeddings, data.sum_heads(routed).double(),
+                                           pooled.first_stage_signal(data), weights, cosines, bi_encoder, data,
+                                           train_rows, dev_rows, seed=training.seed)
+            router, bi_encoder, cosine_weights = scaled.router, scaled.bi_encoder, scaled.weights
+            bi_encoder_dev.update({f"bi_encoder_{mode}_ndcg@10": value for mode, value in scaled.dev.items()})
+            report("bi-encoder head", 1, 1)
         with_cosine = final_scores(data.sum_heads(routed[dev_rows], dev_rows), None, None, None, data.valid[dev_rows],
-                                   cosine=cosines[dev_rows], cosine_weight=bi_encoder.weight)
+                                   cosine=cosines[dev_rows], cosine_weight=cosine_weights[dev_rows])
         bi_encoder_dev["bi_encoder_routed_ndcg@10"] = float(batched_ndcg(
             with_cosine, data.gains[dev_rows], data.valid[dev_rows], data.ideal_dcg[dev_rows], search.depth).mean())
     calibration_kwargs = dict(cache_dir=cache_dir, progress=report, executor=executor, storage_dtype=storage_dtype,
@@ -277,14 +296,14 @@ def run_fit(
     if calibrate:
         level, calibration, calibration_unfused, calibration_dev = calibrate_router(
             backbone, sources, scoring, pooled, data, routed, weights, dev_rows.tolist(), lora=extraction_lora,
-            cosines=cosines, bi_encoder=bi_encoder, **calibration_kwargs)
+            cosines=cosines, bi_encoder=bi_encoder, cosine_weights=cosine_weights, **calibration_kwargs)
         fusion_config = fusion_config.model_copy(update={"level_weight": level})
     report("fusion + calibration", 1, 1)
     lora_fit, lora_record, lora_dev = None, None, {}
     if lora is not None:
         queries, train_keys, dev_keys = lora_queries(backbone, sources, scoring, pooled, data, routed, router,
                                                      fusion_config, embeddings, train_rows, dev_rows, lora,
-                                                     bi_encoder, cosines)
+                                                     bi_encoder, cosines, cosine_weights, cache_dir)
         lora_fit = train_lora(backbone, queries, train_keys, dev_keys, lora,
                               Path(cache_dir) if cache_dir is not None else None, report)
         lora_record = LoraRecord(
@@ -300,7 +319,7 @@ def run_fit(
             level, calibration, calibration_unfused, calibration_dev = calibrate_router(
                 backbone, sources, scoring, pooled, data, routed, weights, [rows[k] for k in dev_keys],
                 lora=lora_fit.lora, full_attention=lora_fit.dev_attention, cosines=cosines, bi_encoder=bi_encoder,
-                **calibration_kwargs)
+                cosine_weights=cosine_weights, **calibration_kwargs)
             fusion_config = fusion_config.model_copy(update={"level_weight": level})
     shipped_lora = lora_fit.lora if lora_fit is not None else extraction_lora
     counts = torch.zeros(data.num_layers * data.num_heads)

@@ -126,8 +126,13 @@ def _fusion_lines(config: RouterArtifactConfig) -> list[str]:
                      "a passage draws against an even split), so it carries across lists.")
     if config.bi_encoder is not None:
         with_it = metrics.get("bi_encoder_routed_ndcg@10")
-        lines.append(f"Bi-encoder: the score adds {config.bi_encoder.weight:g} x the cosine of {config.bi_encoder.model} "
-                     f"(weight chosen by {config.bi_encoder.chosen_by or 'the caller'}; calibrated with it)"
+        scaled = " (scaled per query by the router's bi-encoder head)" if config.bi_encoder.mode == "per_query" else ""
+        tried = [f"{name} {metrics[f'bi_encoder_{m}_ndcg@10']:.4f}" for m, name in (("global", "one weight"),
+                 ("per_query", "per query")) if f"bi_encoder_{m}_ndcg@10" in metrics]
+        lines.append(f"Bi-encoder: the score adds {config.bi_encoder.weight:g}{scaled} x the cosine of "
+                     f"{config.bi_encoder.model} (weight chosen by {config.bi_encoder.chosen_by or 'the caller'}; "
+                     "calibrated with it"
+                     + (f"; dev nDCG@10 {', '.join(tried)}" if tried else "") + ")"
                      + (f"; dev nDCG@10 of the routed heads with it {with_it:.4f}, without "
                         f"{metrics['routed_ndcg@10']:.4f}." if with_it is not None and "routed_ndcg@10" in metrics else "."))
     if config.calibration is None:

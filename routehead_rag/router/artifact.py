@@ -142,6 +142,10 @@ class RouterArtifactConfig(BaseModel):
         grid.check([Head.parse(h) for h in self.static_heads], "the router's backbone")
         if (self.fusion.mode == "per_query") != router.fusion_head:
             raise ValueError(f"fusion.mode is {self.fusion.mode!r} but router.fusion_head is {router.fusion_head}")
+        per_query = self.bi_encoder is not None and self.bi_encoder.mode == "per_query"
+        if per_query != router.bi_encoder_head:
+            mode = "no bi_encoder" if self.bi_encoder is None else f"bi_encoder.mode is {self.bi_encoder.mode!r}"
+            raise ValueError(f"{mode} but router.bi_encoder_head is {router.bi_encoder_head}")
         if max(self.selection.k, self.selection.min_heads) > grid.size:
             raise ValueError(f"selection asks for more heads than the backbone's {grid.size}")
         if self.lora is not None and max(self.lora.layers) >= fingerprint.num_layers:

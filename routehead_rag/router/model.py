@@ -14,7 +14,10 @@ the forward pass stops earlier (the cost is chosen on dev by ``fit``).
 
 With ``fusion_head``, the router also predicts how much this query should trust the first
 stage (:mod:`routehead_rag.fusion`): ``w = softplus(<u, layernorm(q)> + c)``, one more small
-linear map of the same query embedding.
+linear map of the same query embedding. With ``bi_encoder_head``, likewise how much it should trust
+the bi-encoder's cosine (:mod:`routehead_rag.bi_encoder`): its weight times
+``exp(<t, layernorm(q)> + e)``, a factor that starts at 1 (``t = 0``, ``e = 0``) and is clamped to
+``[exp(-MAX_LOG_SCALE), exp(MAX_LOG_SCALE)]``.
 Training lives in :mod:`routehead_rag.fit.training`; this module never imports it.
 """
 
@@ -29,6 +32,8 @@ from torch import nn
 
 from ..heads import Head, HeadGrid
 
+MAX_LOG_SCALE = 3.0  # the bi-encoder head scales the weight by at most e^3 (about 20) either way
+
 
 class RouterConfig(BaseModel):
     """Shape of a router; saved in the artifact's ``config.json``."""
@@ -41,6 +46,7 @@ class RouterConfig(BaseModel):
     dim: int = Field(64, ge=1, description="width of the projection and of each head embedding")
     hidden: int = Field(256, ge=1, description="hidden width of the projection MLP")
     fusion_head: bool = Field(False, description="also predict a per-query first-stage weight")
+    bi_encoder_head: bool = Field(False, description="also predict a per-query scale of the bi-encoder weight")
 
 
 class SelectionConfig(BaseModel):
@@ -81,6 +87,9 @@ class Router(nn.Module):
         if config.fusion_head:
             self.fusion_norm = nn.LayerNorm(config.input_dim)
             self.fusion = nn.Linear(config.input_dim, 1)
+        if config.bi_encoder_head:
+            self.bi_encoder_norm = nn.LayerNorm(config.input_dim)
+            self.bi_encoder = nn.Linear(config.input_dim, 1)
 
     @property
     def grid(self) -> HeadGrid:
@@ -105,6 +114,14 @@ class Router(nn.Module):
             raise ValueError("this router has no fusion head (RouterConfig.fusion_head is False)")
         q = self.fusion_norm(query_embeddings.float())
         return nn.functional.softplus(self.fusion(q)).squeeze(-1)  # [batch]
+
+    def bi_encoder_scales(self, query_embeddings: torch.Tensor) -> torch.Tensor:
+        """Per-query factors ``[batch]`` (> 0) of the bi-encoder weight for ``[batch, input_dim]``; needs
+        ``bi_encoder_head``."""
+        if not self.config.bi_encoder_head:
+            raise ValueError("this router has no bi-encoder head (RouterConfig.bi_encoder_head is False)")
+        q = self.bi_encoder_norm(query_embeddings.float())
+        return torch.exp(self.bi_encoder(q).squeeze(-1).clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE))  # [batch]
 
     def depth_penalty(self, depth_cost: float) -> torch.Tensor:
         """``[head]``: ``depth_cost * layer / (num_layers - 1)`` per flat head index (zeros when off)."""

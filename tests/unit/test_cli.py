@@ -119,6 +119,17 @@ def test_fit_then_routed_and_static_eval(model_dir, beir_dir, tmp_path):
                                  "--epochs", "20", "--cache-dir", cache, "--bi-encoder", "none"])
     assert result.exit_code == 0, result.output
     assert read_artifact_config(plain).bi_encoder is None
+    headless = tmp_path / "headless"
+    result = runner.invoke(app, ["fit", str(log), "--out", str(headless), "--model", str(model_dir), "--layer", "0",
+                                 "--epochs", "20", "--cache-dir", cache, "--bi-encoder", "none", "--bi-encoder-head"])
+    assert result.exit_code == 2 and "--bi-encoder-head scales the bi-encoder's weight per query, but --bi-encoder " \
+        "is 'none'" in result.output and not headless.exists()
+    headed = tmp_path / "headed"
+    result = runner.invoke(app, ["fit", str(log), "--out", str(headed), "--model", str(model_dir), "--layer", "0",
+                                 "--epochs", "20", "--cache-dir", cache, "--bi-encoder-head"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"bi_encoder_global_ndcg@10", "bi_encoder_per_query_ndcg@10"} <= set(summary)  # dev decided, on the record
     for strategy in ("routed", "static"):
         output = tmp_path / f"{strategy}.json"
         result = runner.invoke(app, [

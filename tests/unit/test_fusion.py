@@ -11,8 +11,8 @@ import torch
 
 from routehead_rag import RouteHeadReranker
 from routehead_rag.fit.calibration import Lists, expected_calibration_error, fit_calibration
-from routehead_rag.fit.fusion_fit import fit_fusion
 from routehead_rag.fit.labelled import build_labelled_set
+from routehead_rag.fit.term_weights import fit_fusion
 from routehead_rag.fusion import CalibrationConfig, calibrate, first_stage_signal, standardise
 from routehead_rag.recipe import final_scores
 from routehead_rag.router.model import Router, RouterConfig
