@@ -107,8 +107,8 @@ def grid_policy(embeddings, utility_train, utility_dev, train, dev, epochs=300, 
         chosen = torch.softmax(linear(norm(embeddings[train])), 1).double()
         (-(chosen * utility_train).sum(1).mean()).backward()
         optimizer.step()
-        if epoch % 10 == 0 and value(utility_dev, dev) > best[0] + 1e-12:
-            best = (value(utility_dev, dev), copy.deepcopy((norm.state_dict(), linear.state_dict())))
+        if epoch % 10 == 0 and (current := value(utility_dev, dev)) > best[0] + 1e-12:
+            best = (current, copy.deepcopy((norm.state_dict(), linear.state_dict())))
     norm.load_state_dict(best[1][0])
     linear.load_state_dict(best[1][1])
     return lambda e: torch.tensor(GRID, dtype=torch.float64)[linear(norm(e.float())).argmax(1)].detach()

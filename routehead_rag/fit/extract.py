@@ -5,6 +5,8 @@ bi-encoder, its cosines (:func:`passage_cosines`)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,9 +129,6 @@ COSINE_FORMAT = 1
 def cosine_cache_folder(encoder, cache_dir: str | Path) -> Path:
     """Where ``encoder``'s cosines are cached under ``cache_dir``: one folder per model and the dtype it runs in
     (loading it if it is not loaded yet, to know that dtype)."""
-    import hashlib
-    import json
-
     payload = {"format": COSINE_FORMAT, "model": encoder.model, "dtype": str(encoder.run_dtype())}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
     return Path(cache_dir) / "cosines" / digest

@@ -261,12 +261,13 @@ def run_fit(
     routed_dev = float(batched_ndcg(data.sum_heads(routed[dev_rows], dev_rows), data.gains[dev_rows],
                                     data.valid[dev_rows], data.ideal_dcg[dev_rows], search.depth).mean())
     report("fusion + calibration", 0, 1)
-    router, fusion_config, final = trained.router, FusionConfig(), data.sum_heads(routed).double()
+    attention, signal = data.sum_heads(routed).double(), pooled.first_stage_signal(data)  # [query, passage] each
+    router, fusion_config = trained.router, FusionConfig()
     fusion_dev: dict[str, float] = {}
     if fusion:
-        fitted = fit_fusion(trained.router, embeddings, final, pooled.first_stage_signal(data), data, train_rows,
+        fitted = fit_fusion(trained.router, embeddings, attention, signal, data, train_rows,
                             dev_rows, seed=training.seed)
-        router, fusion_config, final, fusion_dev = fitted.router, fitted.fusion, fitted.final, fitted.dev
+        router, fusion_config, fusion_dev = fitted.router, fitted.fusion, fitted.dev
     # what the weight was fitted with (a log's own order counts as "order"); any first stage's ranks are used alike
     fusion_config = fusion_config.model_copy(
         update={"first_stages": tuple(sorted({s.first_stage_kind or "order" for s in sources}))})
@@ -279,8 +280,7 @@ def run_fit(
         cosine_weights = torch.full((len(data.qids),), bi_encoder.weight, dtype=torch.float64)
         if bi_encoder_head:
             report("bi-encoder head", 0, 1)
-            scaled = fit_bi_encoder_weight(router, embeddings, data.sum_heads(routed).double(),
-                                           pooled.first_stage_signal(data), weights, cosines, bi_encoder, data,
+            scaled = fit_bi_encoder_weight(router, embeddings, attention, signal, weights, cosines, bi_encoder, data,
                                            train_rows, dev_rows, seed=training.seed)
             router, bi_encoder, cosine_weights = scaled.router, scaled.bi_encoder, scaled.weights
             bi_encoder_dev.update({f"bi_encoder_{mode}_ndcg@10": value for mode, value in scaled.dev.items()})

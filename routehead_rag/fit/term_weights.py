@@ -33,7 +33,13 @@ WEIGHT_GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
 def _ndcg(scores: torch.Tensor, data: LabelledSet, rows: torch.Tensor) -> float:
-    return float(batched_ndcg(scores[rows], data.gains[rows], data.valid[rows], data.ideal_dcg[rows]).mean())
+    """Mean nDCG@10 of ``rows``, from scores ``[query, passage]`` of every query."""
+    return _dev_ndcg(scores[rows], data, rows)
+
+
+def _dev_ndcg(scores: torch.Tensor, data: LabelledSet, rows: torch.Tensor) -> float:
+    """Mean nDCG@10 of ``rows``, from their own scores ``[row, passage]``."""
+    return float(batched_ndcg(scores, data.gains[rows], data.valid[rows], data.ideal_dcg[rows]).mean())
 
 
 def listwise_loss(scores: torch.Tensor, gains: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -60,7 +66,6 @@ def _train_head(
     """Train ``parameters`` of ``head`` listwise on ``train`` (full batch, AdamW); ``head`` ends at the state with
     the best dev nDCG@10 (epoch 0 included), which is returned."""
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-4)
-    everything = torch.arange(len(data.qids))
     best = (-1.0, None)
     for epoch in range(epochs + 1):
         if epoch:
@@ -70,7 +75,7 @@ def _train_head(
             optimizer.step()
         if epoch % eval_every == 0 or epoch == epochs:
             with torch.no_grad():
-                value = _ndcg(scores_of(everything, weights_of(embeddings).double()), data, dev)
+                value = _dev_ndcg(scores_of(dev, weights_of(embeddings[dev]).double()), data, dev)
             if value > best[0] + 1e-12:
                 best = (value, copy.deepcopy(head.state_dict()))
     head.load_state_dict(best[1])
@@ -90,7 +95,6 @@ class FusionFit:
     fusion: FusionConfig
     router: Router  # with a trained fusion head when fusion.mode == "per_query"
     dev: dict[str, float]  # dev nDCG@10 of each candidate: off, global (best w), per_query
-    final: torch.Tensor  # [query, passage] the chosen final scores (before calibration)
 
 
 def fit_fusion(
@@ -129,12 +133,10 @@ def fit_fusion(
 
     mode = max(("off", "global", "per_query"), key=lambda m: (scores[m], -("off", "global", "per_query").index(m)))
     if mode == "off":
-        return FusionFit(FusionConfig(), router, scores, final_scores(attention, valid=valid))
+        return FusionFit(FusionConfig(), router, scores)
     if mode == "global":
-        return FusionFit(FusionConfig(mode="global", weight=best_weight), router, scores, fused(best_weight))
-    with torch.no_grad():
-        weights = with_head.fusion_weights(embeddings).double()
-    return FusionFit(FusionConfig(mode="per_query"), with_head, scores, fused(weights))
+        return FusionFit(FusionConfig(mode="global", weight=best_weight), router, scores)
+    return FusionFit(FusionConfig(mode="per_query"), with_head, scores)
 
 
 def query_weights(router: Router, fusion: FusionConfig, embeddings: torch.Tensor) -> torch.Tensor | None:
@@ -184,8 +186,7 @@ def fit_bi_encoder_weight(
         return final_scores(attention[rows], signal[rows], fusion, None, valid[rows], cosine=cosines[rows],
                             cosine_weight=weights)
 
-    everything = torch.arange(len(data.qids))
-    scores = {"global": _ndcg(scored(everything, bi_encoder.weight), data, dev)}
+    scores = {"global": _dev_ndcg(scored(dev, bi_encoder.weight), data, dev)}
     torch.manual_seed(seed)
     with_head = _with_head(router, bi_encoder_head=True)
     with torch.no_grad():  # start at the global weight: exp(0) = 1, no query dependence yet
