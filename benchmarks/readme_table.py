@@ -58,6 +58,14 @@ def table(results: Path = RESULTS) -> str:
         lines += ["", "Leave one domain out (a router fitted on five fit domains, scored on the sixth; mean over the six "
                   "domains): " + ", ".join(f"{row} {macro[row]:.3f}" for row in lodo["rows"])
                   + ". Details: [`benchmarks/results/lodo.md`](benchmarks/results/lodo.md)."]
+    in_domain_path = results / "in_domain.json"
+    if in_domain_path.is_file():
+        in_domain = json.loads(in_domain_path.read_text())
+        lines += ["", "In domain, every test query the protocol names (the 30 above are the first of them): "
+                  + "; ".join(f"{name} ({t['queries']} queries) static top-8 {t['ndcg@10']['shipped router: static top-8']:.3f}, "
+                              f"shipped {t['ndcg@10']['shipped router: shipped']:.3f}, a router `fit` on the set alone "
+                              f"{t['ndcg@10']['set-alone fit: as fitted']:.3f}" for name, t in in_domain["test"].items())
+                  + ". Details: [`benchmarks/results/in_domain.md`](benchmarks/results/in_domain.md)."]
     latency = tests.get("latency")
     if latency:
         t = latency["median_seconds"]

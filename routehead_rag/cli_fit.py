@@ -175,9 +175,11 @@ def fit(
         "all-MiniLM-L6-v2", help="The bi-encoder whose cosine the router adds to its score: 'all-MiniLM-L6-v2' (packaged, "
         "offline), a sentence-transformers folder or id, or 'none' (attention alone)."
     ),
-    bi_encoder_weight: float = typer.Option(
-        40.0, help="What one unit of the bi-encoder's cosine adds (the attention part is a z-score); 40 was chosen for "
-        "all-MiniLM-L6-v2 by leaving each fit domain out (benchmarks/results/bi_encoder_weight.md)."
+    bi_encoder_weight: str = typer.Option(
+        "dev", help="What one unit of the bi-encoder's cosine adds (the attention part is a z-score): a number, kept as "
+        "given, or 'dev': 40 (chosen for all-MiniLM-L6-v2 by leaving each fit domain out, "
+        "benchmarks/results/bi_encoder_weight.md) unless this fit's dev queries prefer another of 5, 10, 20, 30, 60, 80 "
+        "significantly (paired test, p < 0.05; e.g. multi-hop questions want less: benchmarks/results/in_domain.md)."
     ),
     bi_encoder_head: bool = typer.Option(
         False, "--bi-encoder-head/--no-bi-encoder-head",
@@ -241,10 +243,18 @@ def fit(
                 batch_queries=lora_batch_queries, seed=seed)
         scoring = ScoringConfig().with_instruction("relevance" if instruction is Instruction.auto else instruction.value)
         from .bi_encoder import CHOSEN_BY, DEFAULT_WEIGHT, BiEncoderConfig
+        from .fit.term_weights import BI_ENCODER_WEIGHT_GRID
 
+        on_dev = bi_encoder_weight.strip().lower() == "dev"
+        try:
+            weight = DEFAULT_WEIGHT if on_dev else float(bi_encoder_weight)
+        except ValueError:
+            raise ValueError(f"--bi-encoder-weight {bi_encoder_weight!r} is neither a number nor 'dev': pass e.g. 40, or "
+                             "'dev' to let this fit's dev queries choose") from None
         bi_encoder_config = None if bi_encoder.strip().lower() == "none" else BiEncoderConfig(
-            model=bi_encoder, weight=bi_encoder_weight,
-            chosen_by=CHOSEN_BY if bi_encoder_weight == DEFAULT_WEIGHT else "given (--bi-encoder-weight)")
+            model=bi_encoder, weight=weight,
+            chosen_by=CHOSEN_BY if weight == DEFAULT_WEIGHT else "given (--bi-encoder-weight)")
+        bi_encoder_weights = BI_ENCODER_WEIGHT_GRID if on_dev and bi_encoder_config is not None else None
         if bi_encoder_head and bi_encoder_config is None:
             raise ValueError("--bi-encoder-head scales the bi-encoder's weight per query, but --bi-encoder is 'none': "
                              "name a bi-encoder, or leave --bi-encoder-head out")
@@ -280,7 +290,7 @@ def fit(
             cache_dir=cache_dir or default_cache_dir(), command=_command(), progress=report, report_dir=report_dir,
             fusion=fuse_first_stage, calibrate=scale_score, executor=ray_executor(ray, ray_workers, model, backbone),
             storage_dtype=storage_dtype, lora=lora_training, bi_encoder=bi_encoder_config,
-            bi_encoder_head=bi_encoder_head,
+            bi_encoder_head=bi_encoder_head, bi_encoder_weights=bi_encoder_weights,
         )
     if not quiet:
         console().print(escape(f"wrote {result.artifact} (report {result.report}, heatmap {result.heatmap})"))

@@ -36,7 +36,7 @@ from .records import DataRecord, FitRecords, LoraRecord, SearchGridRow, SearchRe
 from .report import heatmap, model_card
 from .search import SearchConfig, search_heads
 from .sources import FitSource
-from .term_weights import fit_bi_encoder_weight, fit_fusion, query_weights
+from .term_weights import choose_bi_encoder_weight, fit_bi_encoder_weight, fit_fusion, query_weights
 from .training import TrainingConfig, choose_depth_cost, route_top_k, train_router
 
 
@@ -185,6 +185,7 @@ def run_fit(
     extraction_lora: Lora | None = None,
     bi_encoder: BiEncoderConfig | None = None,
     bi_encoder_head: bool = False,
+    bi_encoder_weights: Sequence[float] | None = None,
 ) -> FitResult:
     """Fit a router on ``sources`` and write the artifact and its fit report to ``out``.
 
@@ -206,14 +207,24 @@ def run_fit(
     fits the router on scores made with a given LoRA (e.g. a previous fit's) and ships that LoRA with
     it, so the router is chosen for the scores it will be used with.
 
-    ``bi_encoder`` adds a bi-encoder's cosine at its given weight (:mod:`routehead_rag.bi_encoder`; the weight is
-    chosen across domains, ``benchmarks/bi_encoder_weight.py``, not on this fit's dev): the level term and both
-    calibrations are fitted with it, and the dev metrics report the routed heads with it. ``bi_encoder_head`` also
+    ``bi_encoder`` adds a bi-encoder's cosine at its given weight (:mod:`routehead_rag.bi_encoder`; the default was
+    chosen across domains, ``benchmarks/bi_encoder_weight.py``): the level term and both calibrations are fitted
+    with it, and the dev metrics report the routed heads with it. ``bi_encoder_weights`` lets this fit's dev queries
+    replace the given weight by one of these where they prefer it significantly
+    (:func:`~routehead_rag.fit.term_weights.choose_bi_encoder_weight`; ``None``: the given weight stays). ``bi_encoder_head`` also
     trains the router to scale that weight per query (:func:`~routehead_rag.fit.term_weights.fit_bi_encoder_weight`,
     on the train queries' cosines), kept where it beats the global weight on dev.
     """
     if bi_encoder_head and bi_encoder is None:
         raise ValueError("bi_encoder_head=True scales a bi-encoder's weight per query: pass bi_encoder too")
+    if bi_encoder_weights is not None:
+        if bi_encoder is None:
+            raise ValueError("bi_encoder_weights are weights of a bi-encoder to choose on dev: pass bi_encoder too, or "
+                             "leave bi_encoder_weights out")
+        bi_encoder_weights = tuple(float(v) for v in bi_encoder_weights)
+        if not bi_encoder_weights or any(not 0.0 < v <= 1000.0 for v in bi_encoder_weights):
+            raise ValueError(f"bi_encoder_weights={list(bi_encoder_weights)}: pass a non-empty list of weights in "
+                             "(0, 1000], or None to keep the given weight")
     if lora is not None and extraction_lora is not None:
         raise ValueError("pass lora (train a LoRA for the router) or extraction_lora (fit the router on scores made "
                          "with a given one), not both")
@@ -277,6 +288,12 @@ def run_fit(
     if bi_encoder is not None:
         rows = torch.cat([train_rows, dev_rows]) if bi_encoder_head else dev_rows
         cosines = passage_cosines(bi_encoder, sources, pooled, data, rows.tolist(), report, cache_dir)
+        if bi_encoder_weights is not None:
+            choice = choose_bi_encoder_weight(attention, signal, weights, cosines, bi_encoder, data, dev_rows,
+                                              bi_encoder_weights)
+            bi_encoder = choice.bi_encoder
+            bi_encoder_dev.update({f"bi_encoder_v{weight:g}_ndcg@10": value for weight, value in choice.dev.items()})
+            bi_encoder_dev["bi_encoder_weight"] = bi_encoder.weight
         cosine_weights = torch.full((len(data.qids),), bi_encoder.weight, dtype=torch.float64)
         if bi_encoder_head:
             report("bi-encoder head", 0, 1)

@@ -129,6 +129,10 @@ def _fusion_lines(config: RouterArtifactConfig) -> list[str]:
         scaled = " (scaled per query by the router's bi-encoder head)" if config.bi_encoder.mode == "per_query" else ""
         tried = [f"{name} {metrics[f'bi_encoder_{m}_ndcg@10']:.4f}" for m, name in (("global", "one weight"),
                  ("per_query", "per query")) if f"bi_encoder_{m}_ndcg@10" in metrics]
+        by_weight = sorted((float(key[len("bi_encoder_v"):-len("_ndcg@10")]), value) for key, value in metrics.items()
+                           if key.startswith("bi_encoder_v") and key.endswith("_ndcg@10"))
+        if by_weight:  # the weight was chosen on dev: every weight tried (before the level term)
+            tried.insert(0, "by weight " + ", ".join(f"{weight:g}: {value:.4f}" for weight, value in by_weight))
         lines.append(f"Bi-encoder: the score adds {config.bi_encoder.weight:g}{scaled} x the cosine of "
                      f"{config.bi_encoder.model} (weight chosen by {config.bi_encoder.chosen_by or 'the caller'}; "
                      "calibrated with it"

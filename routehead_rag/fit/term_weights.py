@@ -5,9 +5,12 @@ First stage (:func:`fit_fusion`): off, one global ``w`` from a grid, or a ``w`` 
 fusion head); whichever scores best on dev nDCG@10 wins (``w = 0`` is the same ranking as no fusion, so "off" is
 kept when nothing beats it).
 
-Bi-encoder (:func:`fit_bi_encoder_weight`): its global weight ``v`` is chosen across domains
-(:data:`routehead_rag.bi_encoder.DEFAULT_WEIGHT`), not here; a router may scale it per query (its bi-encoder
-head, ``v(q) = v * exp(<t, layernorm(q)> + e)``), kept where that beats the global ``v`` on dev nDCG@10.
+Bi-encoder: its global weight ``v`` starts at the one chosen across domains
+(:data:`routehead_rag.bi_encoder.DEFAULT_WEIGHT`); :func:`choose_bi_encoder_weight` replaces it by another of a grid
+only where this fit's dev queries prefer that one significantly (a domain's own fit: e.g. multi-hop questions,
+where the bi-encoder is weak, want a smaller ``v``), and :func:`fit_bi_encoder_weight` may scale it per query (the
+router's bi-encoder head, ``v(q) = v * exp(<t, layernorm(q)> + e)``), kept where that beats the global ``v`` on dev
+nDCG@10.
 
 Both heads train the same way (:func:`_train_head`): listwise softmax cross-entropy of the final scores against
 the grades on the train queries, starting where the global weight is (no query dependence yet), the epoch
@@ -30,6 +33,8 @@ from ..router.model import Router, RouterConfig
 from .labelled import LabelledSet
 
 WEIGHT_GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+BI_ENCODER_WEIGHT_GRID = (5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0)  # the bi-encoder weights a fit may choose on dev
+SIGNIFICANCE = 0.05  # a dev choice leaves the given weight only with a paired randomization test below this
 
 
 def _ndcg(scores: torch.Tensor, data: LabelledSet, rows: torch.Tensor) -> float:
@@ -201,6 +206,52 @@ def fit_bi_encoder_weight(
         return BiEncoderFit(bi_encoder.model_copy(update={"mode": "global"}), router, scores, weights)
     per_query = bi_encoder.model_copy(update={"mode": "per_query"})
     return BiEncoderFit(per_query, with_head, scores, cosine_weights(with_head, per_query, embeddings))
+
+
+@dataclass
+class BiEncoderWeightChoice:
+    bi_encoder: BiEncoderConfig  # with the chosen weight (and how it was chosen)
+    dev: dict[float, float]  # dev nDCG@10 of every weight tried
+    p_value: float | None  # of the chosen weight against the given one on dev (None: the given one kept as the best)
+
+
+def choose_bi_encoder_weight(
+    attention: torch.Tensor,  # [query, passage] routed attention scores
+    signal: torch.Tensor,  # [query, passage] first-stage signal
+    fusion_weights: torch.Tensor | None,  # [query] the first-stage weight of each query (None: no fusion)
+    cosines: torch.Tensor,  # [query, passage] the bi-encoder's (dev rows at least)
+    bi_encoder: BiEncoderConfig,  # the given weight, kept unless dev prefers another significantly
+    data: LabelledSet,
+    dev: torch.Tensor,
+    candidates: tuple[float, ...] = BI_ENCODER_WEIGHT_GRID,
+) -> BiEncoderWeightChoice:
+    """The bi-encoder weight with the best dev nDCG@10 among ``candidates`` and the given one, taken only where a
+    paired randomization test of it against the given weight on the dev queries is below :data:`SIGNIFICANCE`;
+    else the given weight stays (ties: the given one, then the smaller). Scored without the level term (the
+    calibration fits that afterwards, with the chosen weight, and may not let it cost the ranking)."""
+    from ..eval.metrics import paired_randomization_test
+
+    bad = [v for v in candidates if not 0.0 < v <= 1000.0]
+    if not candidates or bad:
+        raise ValueError(f"bi-encoder weight candidates must be a non-empty list of numbers in (0, 1000], got "
+                         f"{list(candidates)}")
+    fusion = None if fusion_weights is None else fusion_weights[dev]
+    per_query = {}  # weight -> [dev] nDCG@10
+    for weight in sorted({bi_encoder.weight, *candidates}):
+        scores = final_scores(attention[dev], signal[dev], fusion, None, data.valid[dev], cosine=cosines[dev],
+                              cosine_weight=weight)
+        per_query[weight] = batched_ndcg(scores, data.gains[dev], data.valid[dev], data.ideal_dcg[dev])
+    dev_ndcg = {weight: float(values.mean()) for weight, values in per_query.items()}
+    best = max(dev_ndcg, key=lambda v: (round(dev_ndcg[v], 12), v == bi_encoder.weight, -v))
+    if best == bi_encoder.weight:
+        return BiEncoderWeightChoice(bi_encoder, dev_ndcg, None)
+    p_value = paired_randomization_test(per_query[best].tolist(), per_query[bi_encoder.weight].tolist())
+    if p_value >= SIGNIFICANCE:
+        return BiEncoderWeightChoice(bi_encoder, dev_ndcg, p_value)
+    chosen = bi_encoder.model_copy(update={
+        "weight": best, "chosen_by": f"this fit's dev queries ({len(dev)}): nDCG@10 {dev_ndcg[best]:.4f} against "
+        f"{dev_ndcg[bi_encoder.weight]:.4f} at {bi_encoder.weight:g} (p = {p_value:.3f})"})
+    return BiEncoderWeightChoice(chosen, dev_ndcg, p_value)
 
 
 def cosine_weights(router: Router, bi_encoder: BiEncoderConfig, embeddings: torch.Tensor) -> torch.Tensor:

@@ -110,10 +110,25 @@ def test_fit_then_routed_and_static_eval(model_dir, beir_dir, tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["artifact"] == str(router) and "routed_ndcg@10" in summary
     from routehead_rag.bi_encoder import CHOSEN_BY, DEFAULT_WEIGHT, BiEncoderConfig
+    from routehead_rag.fit.term_weights import BI_ENCODER_WEIGHT_GRID
     from routehead_rag.router.artifact import read_artifact_config
 
-    # fit adds the packaged bi-encoder at the weight leaving domains out chose, unless told otherwise
-    assert read_artifact_config(router).bi_encoder == BiEncoderConfig(weight=DEFAULT_WEIGHT, chosen_by=CHOSEN_BY)
+    # fit adds the packaged bi-encoder at the weight leaving domains out chose, unless this fit's dev queries prefer
+    # another significantly: every weight's dev figure and the one kept are on the record
+    assert {f"bi_encoder_v{v:g}_ndcg@10" for v in BI_ENCODER_WEIGHT_GRID} <= set(summary)
+    kept = read_artifact_config(router).bi_encoder
+    assert kept.weight == summary["bi_encoder_weight"]
+    if kept.weight == DEFAULT_WEIGHT:
+        assert kept == BiEncoderConfig(weight=DEFAULT_WEIGHT, chosen_by=CHOSEN_BY)
+    else:
+        assert kept.chosen_by.startswith("this fit's dev queries")
+    card = (router / "README.md").read_text()
+    assert f"by weight 5: {summary['bi_encoder_v5_ndcg@10']:.4f}" in card and f"adds {kept.weight:g} x" in card
+    given = tmp_path / "given"
+    result = runner.invoke(app, ["fit", str(log), "--out", str(given), "--model", str(model_dir), "--layer", "0",
+                                 "--epochs", "20", "--cache-dir", cache, "--bi-encoder-weight", "forty"])
+    assert result.exit_code == 2 and "--bi-encoder-weight 'forty' is neither a number nor 'dev'" in result.output
+    assert not given.exists()
     plain = tmp_path / "plain"
     result = runner.invoke(app, ["fit", str(log), "--out", str(plain), "--model", str(model_dir), "--layer", "0",
                                  "--epochs", "20", "--cache-dir", cache, "--bi-encoder", "none"])
