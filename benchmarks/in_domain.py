@@ -152,13 +152,10 @@ def main() -> int:
                 by_v = {v: ndcg(scored(attention, rows, lvl, v), rows) for v in ORACLE_GRID}
                 oracle[label] = max(ORACLE_GRID, key=lambda v: statistics.mean(by_v[v]))
                 values[f"{label}: best single v (oracle)"] = by_v[oracle[label]]
-            static_of = lambda row: values["set-alone fit: static top-8" if row.startswith("set-alone") else  # noqa: E731
-                                           "shipped router: static top-8"]
             sets[name] = {
                 "dev_queries": len(rows), "fit_queries": len(mine), "fit_seconds": round(fit_seconds),
                 "ndcg@10": {row: statistics.mean(v) for row, v in values.items()},
-                "p vs own static": {row: paired_randomization_test(v, static_of(row)) for row, v in values.items()
-                                    if "static" not in row and row not in ("BM25", "dense MiniLM")},
+                "p vs own static": p_vs_own_static(values),
                 "oracle_v": oracle,
                 "head": {"kept_on_dev": head.bi_encoder.mode == "per_query", "dev": head.dev,
                          "weight_mean": float(head.weights[rows].mean()), "weight_sd": float(head.weights[rows].std())},
@@ -168,7 +165,7 @@ def main() -> int:
                                   "dev_metrics": alone_config.dev_metrics},
             }
             console.print(name, "dev", {row: round(v, 4) for row, v in sets[name]["ndcg@10"].items()})
-            tests[name] = test_rows(backbone, name, alone_dir, config.static_heads, alone_config.static_heads,
+            tests[name] = score_test_queries(backbone, name, alone_dir, config.static_heads, alone_config.static_heads,
                                     encoder, cache)
             console.print(name, "test", {row: round(v, 4) for row, v in tests[name]["ndcg@10"].items()})
     lodo = leave_one_out(args.fold_routers, data, embeddings, cosines, signal, domain_of_row, pooled) \
@@ -190,7 +187,16 @@ def main() -> int:
     return 0
 
 
-def test_rows(backbone, name: str, alone_dir: Path, shipped_static: list[str], alone_static: list[str], encoder,
+def p_vs_own_static(values: dict[str, list[float]]) -> dict[str, float]:
+    """Paired test of each router's rows (per-query nDCG@10) against that router's static top-8."""
+    def static_of(row: str) -> list[float]:
+        return values["set-alone fit: static top-8" if row.startswith("set-alone") else "shipped router: static top-8"]
+
+    return {row: paired_randomization_test(v, static_of(row)) for row, v in values.items()
+            if "static" not in row and row not in ("BM25", "dense MiniLM")}
+
+
+def score_test_queries(backbone, name: str, alone_dir: Path, shipped_static: list[str], alone_static: list[str], encoder,
               cache: Path) -> dict:
     """Part 3: every test query of the set, live through ``RouteHeadReranker`` (cached extractions)."""
     eval_set = prepare_set(name, role=Role.IN_DOMAIN_TEST)
@@ -217,11 +223,8 @@ def test_rows(backbone, name: str, alone_dir: Path, shipped_static: list[str], a
         rankings[row] = {q: r.ids() for q, r in ranked.rankings.items()}
     per = {row: ndcg_per_query(eval_set, r) for row, r in rankings.items()}
     values = {row: [per[row][q] for q in eval_set.qids] for row in rankings}
-    static_of = lambda row: values["set-alone fit: static top-8" if row.startswith("set-alone") else  # noqa: E731
-                                   "shipped router: static top-8"]
     return {"queries": len(eval_set.qids), "ndcg@10": {row: statistics.mean(v) for row, v in values.items()},
-            "p vs own static": {row: paired_randomization_test(v, static_of(row)) for row, v in values.items()
-                                if "static" not in row and row not in ("BM25", "dense MiniLM")},
+            "p vs own static": p_vs_own_static(values),
             "p set-alone vs shipped": paired_randomization_test(values["set-alone fit: as fitted"],
                                                                 values["shipped router: shipped"])}
 
@@ -259,8 +262,21 @@ def leave_one_out(folder: Path, data, embeddings, cosines, signal, domain_of_row
             "p": paired_randomization_test(pooled_values["v chosen on the fold's dev"], pooled_values["v=40"])}
 
 
+def fmt_p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.3f}"
+
+
+def ndcg_table(columns: dict[str, dict]) -> list[str]:
+    """A row per configuration, a column pair (nDCG@10, p against its own static top-8) per set."""
+    rows = list(next(iter(columns.values()))["ndcg@10"])
+    lines = ["| row | " + " | ".join(f"{label} | p" for label in columns) + " |", "|---|" + "---|---|" * len(columns)]
+    for row in rows:
+        lines.append(f"| {row} | " + " | ".join(f"{c['ndcg@10'][row]:.3f} | {fmt_p(c['p vs own static'].get(row))}"
+                                                for c in columns.values()) + " |")
+    return lines
+
+
 def write_markdown(result: dict, path: Path) -> None:
-    fmt_p = lambda p: "-" if p is None else f"{p:.3f}"  # noqa: E731
     lines = [
         "# The in-domain target: the shipped router and a fit on the set alone", "",
         f"`{result['command']}` ({result['seconds']} s; ROUTERS: the \"all queries\" fold routers of "
@@ -271,12 +287,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "## The test queries (every one the protocol names; no choice was made on them)", "",
     ]
     tests = result["test"]
-    rows = list(next(iter(tests.values()))["ndcg@10"])
-    lines += ["| row | " + " | ".join(f"{name} ({t['queries']} q) | p" for name, t in tests.items()) + " |",
-              "|---|" + "---|---|" * len(tests)]
-    for row in rows:
-        lines.append(f"| {row} | " + " | ".join(f"{t['ndcg@10'][row]:.3f} | {fmt_p(t['p vs own static'].get(row))}"
-                                                for t in tests.values()) + " |")
+    lines += ndcg_table({f"{name} ({t['queries']} q)": t for name, t in tests.items()})
     lines.append("| **target: shipped router's static + 4 / set-alone static + 4** | " + " | ".join(
         f"{t['ndcg@10']['shipped router: static top-8'] + TARGET:.3f} / "
         f"{t['ndcg@10']['set-alone fit: static top-8'] + TARGET:.3f} | " for t in tests.values()) + "|")
@@ -284,12 +295,7 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{name} p = {t['p set-alone vs shipped']:.3f}" for name, t in tests.items()) + ".", "",
         "## Fit dev queries (the same queries in both fits)", ""]
     dev = result["dev"]
-    rows = list(next(iter(dev.values()))["ndcg@10"])
-    lines += ["| row | " + " | ".join(f"{name} ({s['dev_queries']} dev q) | p" for name, s in dev.items()) + " |",
-              "|---|" + "---|---|" * len(dev)]
-    for row in rows:
-        lines.append(f"| {row} | " + " | ".join(f"{s['ndcg@10'][row]:.3f} | {fmt_p(s['p vs own static'].get(row))}"
-                                                for s in dev.values()) + " |")
+    lines += ndcg_table({f"{name} ({s['dev_queries']} dev q)": s for name, s in dev.items()})
     for name, s in dev.items():
         f = s["set_alone_fit"]
         lines += ["", f"{name}: set-alone fit of {s['fit_queries']} queries in {s['fit_seconds']} s: k {f['k']}, depth "
