@@ -108,6 +108,7 @@ def main() -> int:
         return data.sum_heads(top).double()
 
     shipped_attention = routed_attention(shipped, config)
+    shipped_static = data.sum_heads(flat_heads(grid, config.static_heads).expand(len(data.qids), -1)).double()
     bi_encoder = BiEncoderConfig(weight=DEFAULT_WEIGHT, chosen_by=CHOSEN_BY)
     head = fit_bi_encoder_weight(shipped, embeddings, shipped_attention, signal, None, cosines, bi_encoder, data,
                                  train, dev, seed=settings["seed"])
@@ -129,7 +130,6 @@ def main() -> int:
             if sorted(mine[i] for i in alone_split.tolist()) != rows.tolist():
                 raise AssertionError(f"{name}: the set-alone fit's dev queries differ from the shipped fit's")
             alone_attention = routed_attention(alone, alone_config)
-            shipped_static = data.sum_heads(flat_heads(grid, config.static_heads).expand(len(data.qids), -1)).double()
             alone_static = data.sum_heads(flat_heads(grid, alone_config.static_heads).expand(len(data.qids), -1)).double()
             level, alone_level = config.fusion.level_weight, alone_config.fusion.level_weight
             values = {
@@ -166,7 +166,7 @@ def main() -> int:
             }
             console.print(name, "dev", {row: round(v, 4) for row, v in sets[name]["ndcg@10"].items()})
             tests[name] = score_test_queries(backbone, name, alone_dir, config.static_heads, alone_config.static_heads,
-                                    encoder, cache)
+                                             config.scoring.prompt, encoder, cache)
             console.print(name, "test", {row: round(v, 4) for row, v in tests[name]["ndcg@10"].items()})
     lodo = leave_one_out(args.fold_routers, data, embeddings, cosines, signal, domain_of_row, pooled) \
         if args.fold_routers else None
@@ -196,12 +196,11 @@ def p_vs_own_static(values: dict[str, list[float]]) -> dict[str, float]:
             if "static" not in row and row not in ("BM25", "dense MiniLM")}
 
 
-def score_test_queries(backbone, name: str, alone_dir: Path, shipped_static: list[str], alone_static: list[str], encoder,
-              cache: Path) -> dict:
+def score_test_queries(backbone, name: str, alone_dir: Path, shipped_static_heads: list[str], alone_static_heads: list[str],
+                       prompt, encoder, cache: Path) -> dict:
     """Part 3: every test query of the set, live through ``RouteHeadReranker`` (cached extractions)."""
     eval_set = prepare_set(name, role=Role.IN_DOMAIN_TEST)
     instruction = instruction_for("auto", name)
-    prompt = load_artifact(SHIPPED_ROUTER)[1].scoring.prompt
 
     def make(heads, **options):
         return RouteHeadReranker(model=backbone, heads=heads, instruction=instruction, **options)
@@ -212,9 +211,9 @@ def score_test_queries(backbone, name: str, alone_dir: Path, shipped_static: lis
         cosine = encoder.cosines(eval_set.dataset.queries[q], eval_set.passages(ids))
         rankings["dense MiniLM"][q] = [ids[i] for i in torch.argsort(-cosine, stable=True).tolist()]
     configurations = {
-        "shipped router: static top-8": make(list(shipped_static), prompt=prompt),
+        "shipped router: static top-8": make(list(shipped_static_heads), prompt=prompt),
         "shipped router: shipped": make(SHIPPED_ROUTER),
-        "set-alone fit: static top-8": make(list(alone_static), prompt=prompt),
+        "set-alone fit: static top-8": make(list(alone_static_heads), prompt=prompt),
         "set-alone fit: RouteHead (paper)": make(alone_dir, fuse_first_stage=False, scale_score=False, bi_encoder=False),
         "set-alone fit: as fitted": make(alone_dir),
     }

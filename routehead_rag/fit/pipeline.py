@@ -36,7 +36,13 @@ from .records import DataRecord, FitRecords, LoraRecord, SearchGridRow, SearchRe
 from .report import heatmap, model_card
 from .search import SearchConfig, search_heads
 from .sources import FitSource
-from .term_weights import choose_bi_encoder_weight, fit_bi_encoder_weight, fit_fusion, query_weights
+from .term_weights import (
+    check_bi_encoder_weights,
+    choose_bi_encoder_weight,
+    fit_bi_encoder_weight,
+    fit_fusion,
+    query_weights,
+)
 from .training import TrainingConfig, choose_depth_cost, route_top_k, train_router
 
 
@@ -221,10 +227,7 @@ def run_fit(
         if bi_encoder is None:
             raise ValueError("bi_encoder_weights are weights of a bi-encoder to choose on dev: pass bi_encoder too, or "
                              "leave bi_encoder_weights out")
-        bi_encoder_weights = tuple(float(v) for v in bi_encoder_weights)
-        if not bi_encoder_weights or any(not 0.0 < v <= 1000.0 for v in bi_encoder_weights):
-            raise ValueError(f"bi_encoder_weights={list(bi_encoder_weights)}: pass a non-empty list of weights in "
-                             "(0, 1000], or None to keep the given weight")
+        bi_encoder_weights = check_bi_encoder_weights(bi_encoder_weights, "bi_encoder_weights")  # before any extraction
     if lora is not None and extraction_lora is not None:
         raise ValueError("pass lora (train a LoRA for the router) or extraction_lora (fit the router on scores made "
                          "with a given one), not both")

@@ -208,6 +208,15 @@ def fit_bi_encoder_weight(
     return BiEncoderFit(per_query, with_head, scores, cosine_weights(with_head, per_query, embeddings))
 
 
+def check_bi_encoder_weights(weights, name: str) -> tuple[float, ...]:
+    """``weights`` as floats, refused (naming ``name`` and the values) unless a non-empty list in (0, 1000], the
+    range of :class:`~routehead_rag.bi_encoder.BiEncoderConfig`'s weight."""
+    weights = tuple(float(v) for v in weights)
+    if not weights or any(not 0.0 < v <= 1000.0 for v in weights):
+        raise ValueError(f"{name}={list(weights)}: pass a non-empty list of bi-encoder weights in (0, 1000]")
+    return weights
+
+
 @dataclass
 class BiEncoderWeightChoice:
     bi_encoder: BiEncoderConfig  # with the chosen weight (and how it was chosen)
@@ -231,10 +240,7 @@ def choose_bi_encoder_weight(
     calibration fits that afterwards, with the chosen weight, and may not let it cost the ranking)."""
     from ..eval.metrics import paired_randomization_test
 
-    bad = [v for v in candidates if not 0.0 < v <= 1000.0]
-    if not candidates or bad:
-        raise ValueError(f"bi-encoder weight candidates must be a non-empty list of numbers in (0, 1000], got "
-                         f"{list(candidates)}")
+    check_bi_encoder_weights(candidates, "candidates")
     fusion = None if fusion_weights is None else fusion_weights[dev]
     per_query = {}  # weight -> [dev] nDCG@10
     for weight in sorted({bi_encoder.weight, *candidates}):
